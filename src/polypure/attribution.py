@@ -1,0 +1,231 @@
+"""Conditional relevance of lower layers to target neurons, many (neuron, image) pairs per backward pass.
+
+For target channel k of layer L and a lower layer l (METHOD.md section 2)::
+
+    R_i^l = sum over positions of  A_i^l * G_i^l,   G^l = VJP of A^L w.r.t. A^l with max(A_k^L, 0) on channel k
+
+then ``R / (sum_i |R_i| + 1e-10)``. This is zennit-crp's ``CondAttribution`` with ``start_layer=L`` and
+``init_rel=lambda a: a.clamp(min=0)``, but
+
+* every attribution layer is recorded by one backward pass (crp's users ran one per layer),
+* the backward stops at the lowest attribution layer instead of running down to the input,
+* each image is forwarded once up to the lowest attribution layer, however many neurons use it as a
+  reference; only above it does every (neuron, image) pair get a row of its own,
+* the forward stops at the target layer.
+
+Example
+-------
+>>> import torch, torchvision
+>>> from polypure.attribution import ConditionalRelevance, channel_init
+>>> net = torchvision.models.resnet18().eval()
+>>> engine = ConditionalRelevance(net, {"layer4": net.layer4}, "layer4",
+...                               {"layer2": net.layer2, "layer3": net.layer3})
+>>> images = torch.randn(2, 3, 64, 64)
+>>> rows, neurons = torch.tensor([0, 1, 1]), torch.tensor([5, 5, 9])
+>>> with engine:
+...     out = engine(images, rows, channel_init(neurons))
+>>> out.relevance["layer3"].shape
+torch.Size([3, 256])
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, PolypureError
+from .hooks import forward_to, probe_layers, tap_layers
+
+#: Name of the model input, usable as an attribution layer (input-level heatmaps).
+INPUT = "input"
+_TARGET = "\0target"
+
+
+def normalize_l1(relevance: torch.Tensor) -> torch.Tensor:
+    """Sum a relevance map over positions and divide by its L1 norm over channels (plus 1e-10).
+
+    This is zennit-crp's ``ChannelConcept().attribute(R, abs_norm=True)``.
+    """
+    per_channel = relevance.flatten(2).sum(-1) if relevance.ndim > 2 else relevance
+    return per_channel / (per_channel.abs().sum(-1, keepdim=True) + 1e-10)
+
+
+def spatial_mean(activation: torch.Tensor) -> torch.Tensor:
+    """The activation baseline: clamped at 0 and averaged over positions, one value per channel."""
+    clamped = activation.clamp(min=0)
+    return clamped.flatten(2).mean(-1) if clamped.ndim > 2 else clamped
+
+
+def channel_init(neurons: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Initial relevance of real neurons: row j gets ``max(A[j, neurons[j]], 0)`` on that channel only."""
+    def init(target: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(len(target), device=target.device)
+        channels = neurons.to(target.device)
+        grad = torch.zeros_like(target)
+        grad[rows, channels] = target[rows, channels].clamp(min=0)
+        return grad
+    return init
+
+
+@dataclass
+class RelevanceBatch:
+    """The result for P (neuron, image) rows.
+
+    Attributes
+    ----------
+    relevance : dict of str to Tensor
+        Per attribution layer, (P, C_layer) L1-normalised relevance vectors.
+    activation : Tensor
+        (P, C_target) activation baseline.
+    maps : dict of str to Tensor
+        Unreduced relevance maps, only for layers asked for in ``keep_maps``.
+    """
+
+    relevance: dict[str, torch.Tensor]
+    activation: torch.Tensor
+    maps: dict[str, torch.Tensor]
+
+
+class ConditionalRelevance:
+    """Computes conditional relevance for batches of (neuron, image) rows.
+
+    Parameters
+    ----------
+    model : Module
+        The network (its parameters are frozen while the engine is entered).
+    target : dict of str to Module
+        One entry: the target layer's name and module.
+    attribution_layers : dict of str to Module
+        Lower layers to record (``"input"`` for the model input, with any module value).
+    composite : zennit.core.Composite, optional
+        None for the plain gradient.
+    times_activation : bool
+        Multiply the backward signal by the activation (Gradient x Activation); False when the composite
+        already propagates relevance (LRP).
+    """
+
+    def __init__(self, model: nn.Module, target: dict[str, nn.Module], attribution_layers: dict[str, nn.Module],
+                 composite=None, times_activation: bool = True):
+        if len(target) != 1:
+            raise ValueError("target must name exactly one layer")
+        self.model = model
+        (self.target_name, self.target_module), = target.items()
+        self.layers = dict(attribution_layers)
+        if not self.layers:
+            raise ConfigError(f"target {self.target_name!r}: no attribution layers given")
+        self.composite = composite
+        self.times_activation = times_activation
+        self.order: list[str] | None = None
+        self.share_forward = True
+        self._entered = 0
+        self._grad_flags: list[bool] = []
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "ConditionalRelevance":
+        if self._entered == 0:
+            self._grad_flags = [p.requires_grad for p in self.model.parameters()]
+            self.model.requires_grad_(False)
+            if self.composite is not None:
+                self.composite.register(self.model)
+        self._entered += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._entered -= 1
+        if self._entered == 0:
+            if self.composite is not None:
+                self.composite.remove()
+            for param, flag in zip(self.model.parameters(), self._grad_flags):
+                param.requires_grad_(flag)
+
+    def _module_taps(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in self.layers.items() if name != INPUT}
+
+    def check_order(self, sample: torch.Tensor) -> list[str]:
+        """Order the attribution layers by the forward pass and check they all lie below the target."""
+        taps = {**self._module_taps(), _TARGET: self.target_module}
+        _, order = probe_layers(self.model, taps, sample[:1])
+        position = {name: i for i, name in enumerate(order)}
+        above = [n for n in self._module_taps() if position[n] > position[_TARGET]]
+        if above:
+            raise ConfigError(f"attribution layer(s) {', '.join(above)} run after the target layer "
+                              f"{self.target_name!r}; attribution layers must lie below the target")
+        self.order = ([INPUT] if INPUT in self.layers else []) + [n for n in order if n in self.layers]
+        return self.order
+
+    # -- computation -------------------------------------------------------------------------------
+
+    def __call__(self, images: torch.Tensor, rows: torch.Tensor,
+                 init: Callable[[torch.Tensor], torch.Tensor],
+                 keep_maps: tuple[str, ...] = ()) -> RelevanceBatch:
+        """Relevance for P rows, row j explaining image ``images[rows[j]]``.
+
+        Parameters
+        ----------
+        images : Tensor, shape (U, C, H, W)
+            Each image once (already on the model's device).
+        rows : Tensor, shape (P,)
+            Image index of every row.
+        init : callable
+            ``init(target_output) -> initial relevance`` for the (P, ...) target output; see
+            :func:`channel_init`.
+        keep_maps : tuple of str
+            Attribution layers whose unreduced relevance maps are returned too.
+
+        Returns
+        -------
+        RelevanceBatch
+        """
+        if self._entered == 0:
+            raise RuntimeError("use the engine inside 'with engine:'")
+        if self.order is None:
+            self.check_order(images)
+        rows = rows.to(images.device)
+        if self.share_forward:
+            try:
+                return self._compute(images, rows, init, keep_maps, share=True)
+            except RuntimeError as exc:
+                if "size" not in str(exc) and "shape" not in str(exc):
+                    raise
+                warnings.warn(f"the model cannot take a batch that grows at layer {self.order[0]!r} ({exc}); "
+                              "forwarding each (neuron, image) row separately from now on", stacklevel=2)
+                self.share_forward = False
+        return self._compute(images, rows, init, keep_maps, share=False)
+
+    def _compute(self, images, rows, init, keep_maps, share: bool) -> RelevanceBatch:
+        lowest = self.order[0]
+        x = images if share else images[rows]
+
+        def expand(output):
+            # cut the graph here: nothing below the lowest attribution layer is needed for the backward
+            output = output.detach()
+            return (output[rows] if share else output).requires_grad_(True)
+
+        taps = {**self._module_taps(), _TARGET: self.target_module}
+        transforms = {} if lowest == INPUT else {lowest: expand}
+        if lowest == INPUT:
+            x = expand(x)
+        with torch.enable_grad(), tap_layers(taps, transforms=transforms) as outputs:
+            forward_to(self.model, x, outputs)
+            if _TARGET not in outputs:
+                raise PolypureError(f"target layer {self.target_name!r} did not run in the forward pass")
+            target = outputs[_TARGET]
+            if not target.requires_grad:
+                raise PolypureError(f"target layer {self.target_name!r} does not depend on the attribution layers")
+            inputs = {name: (x if name == INPUT else outputs[name]) for name in self.layers}
+            grads = torch.autograd.grad(target, list(inputs.values()), init(target.detach()), allow_unused=True)
+        relevance, maps = {}, {}
+        for (name, activation), grad in zip(inputs.items(), grads):
+            if grad is None:
+                raise ConfigError(f"attribution layer {name!r} does not lie on a path to the target "
+                                  f"{self.target_name!r}")
+            rel_map = grad * activation.detach() if self.times_activation else grad
+            relevance[name] = normalize_l1(rel_map)
+            if name in keep_maps:
+                maps[name] = rel_map.detach()
+        return RelevanceBatch(relevance, spatial_mean(target.detach()), maps)

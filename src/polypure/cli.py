@@ -1,0 +1,139 @@
+"""The ``polypure`` command.
+
+::
+
+    polypure run [CONFIG] [--set KEY=VALUE ...]   every stage (no CONFIG: the bundled demo)
+    polypure topk CONFIG                          one stage alone (also: relevance)
+    polypure inspect STORE                        what a store holds
+    polypure list [KIND]                          registered models, composites, canonizers, ...
+
+Exit status: 0 success, 1 runtime failure, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from . import __version__
+from .errors import ConfigError, PolypureError
+
+STAGE_HELP = {
+    "topk": "find each layer's top-K most-activating samples",
+    "relevance": "compute conditional relevance of the references at the attribution layers",
+}
+
+
+def _add_run_options(parser: argparse.ArgumentParser, config_optional: bool) -> None:
+    if config_optional:
+        parser.add_argument("config", nargs="?", default=None,
+                            help="YAML config file or bundled config name (default: demo)")
+    else:
+        parser.add_argument("config", help="YAML config file or bundled config name (e.g. demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, value read as YAML (repeatable), e.g. --set topk.k=20")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing store made with a different config")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``polypure`` command."""
+    parser = argparse.ArgumentParser(prog="polypure", description="Split polysemantic neurons into pure "
+                                     "sub-features by clustering conditional relevance (PURE) at any layer.")
+    parser.add_argument("--version", action="version", version=f"polypure {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run every stage of a config (default: the bundled demo)",
+                         description="Run every stage of a config in order, skipping work already complete "
+                                     "in its store.")
+    _add_run_options(run, config_optional=True)
+    run.add_argument("--stages", default=None, help="comma-separated subset of stages to run, in order")
+
+    for stage, text in STAGE_HELP.items():
+        p = sub.add_parser(stage, help=text, description=text[0].upper() + text[1:] + ".")
+        _add_run_options(p, config_optional=False)
+
+    inspect = sub.add_parser("inspect", help="show what a store holds", description="Show a store's layers, "
+                             "shapes, completeness and the config that made it.")
+    inspect.add_argument("store", help="HDF5 store written by polypure")
+    inspect.add_argument("--no-config", action="store_true", help="leave out the config")
+
+    lister = sub.add_parser("list", help="list registered names", description="List registered models, "
+                            "composites, canonizers, clusterers and evaluators (plugins included).")
+    lister.add_argument("kind", nargs="?", default=None,
+                        choices=["models", "composites", "canonizers", "clusterers", "evaluators"])
+    return parser
+
+
+def _registries():
+    from .composites import CANONIZERS, COMPOSITES
+    from .models import MODELS
+    out = {"models": MODELS, "composites": COMPOSITES, "canonizers": CANONIZERS}
+    try:
+        from .clustering import CLUSTERERS
+        out["clusterers"] = CLUSTERERS
+    except ImportError:
+        pass
+    try:
+        from .evaluators import EVALUATORS
+        out["evaluators"] = EVALUATORS
+    except ImportError:
+        pass
+    return out
+
+
+def _run(args) -> int:
+    from .experiment import STAGES, Experiment
+
+    if args.command == "run":
+        stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+        if stages:
+            unknown = [s for s in stages if s not in STAGES]
+            if unknown:
+                raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    else:
+        stages = [args.command]
+    exp = Experiment(args.config, overrides=args.overrides, overwrite=args.overwrite, progress=not args.quiet)
+    exp.run(stages)
+    if not args.quiet:
+        print(f"store: {exp.config.store_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``polypure`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="polypure: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "inspect":
+            from .inspect import describe
+            print(describe(args.store, show_config=not args.no_config))
+            return 0
+        if args.command == "list":
+            for kind, registry in _registries().items():
+                if args.kind in (None, kind):
+                    print(f"{kind}: {', '.join(registry.names())}")
+            return 0
+        return _run(args)
+    except ConfigError as exc:
+        print(f"polypure: config error: {exc}", file=sys.stderr)
+        return 2
+    except PolypureError as exc:
+        print(f"polypure: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("polypure: interrupted; finished work is saved in the store, rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    except Exception:  # a bug, not a user error: show where
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""The run configuration: a validated YAML file, overridable key by key.
+
+Every key is checked before any work starts: an unknown key, a wrong type or a missing file stops the
+run with one line that names the key and the problem.
+
+Example
+-------
+>>> from polypure.config import load_config
+>>> cfg = load_config(None, ["topk.k=10", "model.name=torchvision:resnet18"])  # the bundled demo, changed
+>>> cfg.topk.k
+10
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+#: Keys that change how fast a run goes but not what it computes; a store made with other values of
+#: these keys is still the same result.
+RUNTIME_KEYS = (
+    "name", "device", "store",
+    "data.batch_size", "data.num_workers",
+    "topk.checkpoint_every",
+    "relevance.batch_size",
+    "report",
+)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_file(path: Path | None, what: str) -> Path | None:
+    if path is not None and not Path(path).exists():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    return path
+
+
+class ModelSection(_Section):
+    """Which network to explain and where its layers are."""
+
+    name: str = "torchvision:resnet34"
+    weights: Union[str, bool, None] = None
+    layers: dict[str, str] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_file(cls, value: str) -> str:
+        if value.startswith("python:"):
+            parts = value.split(":")
+            if len(parts) != 3 or not all(parts[1:]):
+                raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
+            if parts[1].endswith(".py"):
+                _check_file(Path(parts[1]), "model file")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file(cls, value):
+        if value is True:
+            return "DEFAULT"
+        if value is False:
+            return None
+        if isinstance(value, str) and (value.endswith(_WEIGHT_SUFFIXES) or "/" in value):
+            _check_file(Path(value), "weights file")
+        return value
+
+
+class NormalizeSpec(_Section):
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.mean) != len(self.std):
+            raise ValueError("normalize.mean and normalize.std must have the same length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("normalize.std must be positive")
+        return self
+
+
+class DataSection(_Section):
+    """Which images, and how they are prepared for the model."""
+
+    kind: str = "imagefolder"
+    root: Path | None = None
+    path: Path | None = None
+    images_key: str = "images"
+    labels_key: str | None = "labels"
+    labels: Literal["auto", "none", "prefix"] = "auto"
+    classes: Path | None = None
+    image_size: int | None = Field(224, ge=1)
+    resize: int | None = Field(None, ge=1)
+    normalize: Union[Literal["auto", "imagenet", "none"], NormalizeSpec] = "auto"
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    limit: int | None = Field(None, ge=1)
+    synthetic: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value.startswith("python:"):
+            parts = value.split(":")
+            if len(parts) != 3 or not all(parts[1:]):
+                raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
+            if parts[1].endswith(".py"):
+                _check_file(Path(parts[1]), "data file")
+        elif value not in ("imagefolder", "images", "npz", "synthetic"):
+            raise ValueError(f"unknown data kind {value!r}; use imagefolder, images, npz, synthetic or "
+                             "python:MODULE:FACTORY")
+        return value
+
+    @model_validator(mode="after")
+    def _paths(self):
+        if self.kind in ("imagefolder", "images"):
+            if self.root is None:
+                raise ValueError(f"data.root is required for data.kind {self.kind!r}")
+            if not Path(self.root).is_dir():
+                raise ValueError(f"data.root: folder {str(self.root)!r} does not exist")
+        if self.kind == "npz":
+            if self.path is None:
+                raise ValueError("data.path (the .npz file) is required for data.kind 'npz'")
+            if not Path(self.path).is_file():
+                raise ValueError(f"data.path: file {str(self.path)!r} does not exist")
+        if self.labels == "prefix" and self.kind != "images":
+            raise ValueError("data.labels: 'prefix' applies to data.kind 'images' only")
+        if self.classes is not None and not Path(self.classes).is_file():
+            raise ValueError(f"data.classes: file {str(self.classes)!r} does not exist")
+        return self
+
+    @property
+    def resize_to(self) -> int | None:
+        """Side the short edge is resized to before the centre crop (256 for 224, as in METHOD.md)."""
+        if self.image_size is None:
+            return None
+        return self.resize if self.resize is not None else round(self.image_size * 256 / 224)
+
+
+class TopKSection(_Section):
+    """Which channels' most-activating samples to find."""
+
+    layers: list[str] = Field(default_factory=lambda: ["block_3"])
+    k: int = Field(50, ge=1)
+    statistic: Literal["max", "mean"] = "max"
+    checkpoint_every: int = Field(50, ge=1)
+
+
+NeuronSpec = Union[Literal["all"], list[int], str, int]
+
+
+def _check_neurons(value):
+    if isinstance(value, str) and value != "all" and not re.fullmatch(r"\s*\d*\s*:\s*\d*\s*", value):
+        raise ValueError(f"neurons must be 'all', a list of channel ids or 'start:stop', not {value!r}")
+    if isinstance(value, int):
+        return [value]
+    return value
+
+
+class TargetSection(_Section):
+    """One target layer, which of its neurons to explain, and at which lower layers."""
+
+    layer: str
+    neurons: NeuronSpec = "all"
+    attribution_layers: list[str]
+
+    _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
+
+
+class PlantedSection(_Section):
+    """Virtual neurons made from pairs of real channels, with a known split (METHOD.md section 6)."""
+
+    pairs: int = Field(16, ge=1)
+    layer: str = "block_3"
+    mode: Union[Literal["sum", "max"], list[Literal["sum", "max"]]] = "sum"
+    seed: int = 0
+    max_overlap: float = Field(0.1, ge=0, le=1)
+    attribution_layers: list[str] | None = None
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes as a list, in the order given."""
+        return [self.mode] if isinstance(self.mode, str) else list(dict.fromkeys(self.mode))
+
+
+class RelevanceSection(_Section):
+    """Conditional relevance of lower layers to target neurons (METHOD.md section 2)."""
+
+    target_layer: str = "block_3"
+    neurons: NeuronSpec = "all"
+    attribution_layers: list[str] = Field(default_factory=lambda: ["block_0", "block_1", "block_2"])
+    targets: list[TargetSection] | None = None
+    n_refs: int = Field(50, ge=1)
+    composite: str = "gradient"
+    canonizers: list[str] = Field(default_factory=list)
+    times_activation: Union[Literal["auto"], bool] = "auto"
+    batch_size: int = Field(64, ge=1)
+    planted: Union[PlantedSection, list[PlantedSection], None] = None
+
+    _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        short = {"target_layer", "neurons", "attribution_layers"} & self.model_fields_set
+        if self.targets is not None and short:
+            raise ValueError(f"give either relevance.targets or relevance.{'/'.join(sorted(short))}, not both")
+        return self
+
+    @property
+    def target_list(self) -> list[TargetSection]:
+        """The real targets, whichever form the config used."""
+        if self.targets is not None:
+            return list(self.targets)
+        return [TargetSection(layer=self.target_layer, neurons=self.neurons,
+                              attribution_layers=self.attribution_layers)]
+
+    @property
+    def planted_list(self) -> list[PlantedSection]:
+        if self.planted is None:
+            return []
+        return [self.planted] if isinstance(self.planted, PlantedSection) else list(self.planted)
+
+
+class ClusterMethod(BaseModel):
+    """One clusterer: its registered ``name``, an optional storage ``id`` and its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    id: str | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def method_id(self) -> str:
+        return self.id or self.name
+
+
+class ClusterSection(_Section):
+    """How each neuron's references are clustered, per feature space (METHOD.md section 3)."""
+
+    spaces: list[str] | None = None
+    methods: list[ClusterMethod] = Field(
+        default_factory=lambda: [ClusterMethod(name="kmeans", n_clusters=2)])
+
+    @model_validator(mode="after")
+    def _unique_ids(self):
+        seen = set()
+        for i, method in enumerate(self.methods):
+            if method.method_id in seen:
+                raise ValueError(f"cluster.methods[{i}]: two methods would be stored as {method.method_id!r}; "
+                                 "give each an 'id'")
+            seen.add(method.method_id)
+        return self
+
+
+class EvaluateSection(BaseModel):
+    """Reference spaces and metrics (METHOD.md section 4). Extra keys configure evaluators by name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    references: list[str] = Field(default_factory=list)
+    labels: list[str] = Field(default_factory=list)
+    batch_size: int = Field(32, ge=1)
+
+    def settings(self, name: str) -> dict[str, Any]:
+        value = (self.model_extra or {}).get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"evaluate.{name}: expected a mapping of settings, got {value!r}")
+        return dict(value)
+
+
+class ReportSection(_Section):
+    """The browsable HTML report written at the end of ``polypure run``."""
+
+    enabled: bool = True
+    out: Path | None = None
+    neurons: int | None = Field(None, ge=1)
+
+
+class Config(_Section):
+    """A whole run. See the README's config reference for every key."""
+
+    name: str = "run"
+    store: Path | None = None
+    device: str = "auto"
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection | None = None
+    topk: TopKSection = Field(default_factory=TopKSection)
+    relevance: RelevanceSection = Field(default_factory=RelevanceSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _refs_within_k(self):
+        if self.relevance.n_refs > self.topk.k:
+            raise ValueError(f"relevance.n_refs ({self.relevance.n_refs}) must be at most topk.k ({self.topk.k})")
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        """Where the HDF5 store goes: ``store``, or ``storage/<name>.h5``."""
+        return Path(self.store) if self.store is not None else Path("storage") / f"{self.name}.h5"
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text (what the store keeps as its ``config`` attribute)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def bundled_config_dir() -> Path:
+    """The folder holding the configs that ship with polypure (``configs/`` of the source tree)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parents[1] / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("the bundled configs are missing from this installation of polypure")
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """Find a config: a file path, the name of a bundled config (``demo``), or None for the demo."""
+    if path is None:
+        path = "demo"
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix == "" and "/" not in str(path):
+        bundled = bundled_config_dir() / f"{path}.yaml"
+        if bundled.is_file():
+            return bundled
+    raise ConfigError(f"config file {str(path)!r} does not exist")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. topk.k=20")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values are parsed as YAML) to a raw config mapping."""
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad key and its problem."""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "literal")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "missing required key"
+        elif "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append(f"{loc}: {msg}" if loc else msg)
+    # a Union reports one error per branch; keep each message once
+    return "; ".join(dict.fromkeys(problems))
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Validate a raw mapping into a :class:`Config`.
+
+    Raises
+    ------
+    ConfigError
+        With one line naming every bad key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config.
+
+    Parameters
+    ----------
+    path : str or Path or None
+        A YAML file, the name of a bundled config (``demo``, ...), or None for the bundled demo.
+    overrides : list of str, optional
+        ``KEY=VALUE`` items such as ``relevance.neurons=[1,2]``; values are read as YAML.
+
+    Returns
+    -------
+    Config
+    """
+    file = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of keys at the top level")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, source=str(file))
+
+
+def config_differences(old: dict, new: dict, ignore=RUNTIME_KEYS) -> list[str]:
+    """Keys whose values differ between two resolved configs, skipping runtime-only keys.
+
+    Returns
+    -------
+    list of str
+        ``"key: old -> new"`` items, in key order.
+    """
+    out = []
+
+    def walk(a, b, prefix):
+        if prefix and any(prefix == key or prefix.startswith(key + ".") for key in ignore):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            out.append(f"{prefix}: {a!r} -> {b!r}")
+
+    walk(old, new, "")
+    return out

@@ -1,0 +1,350 @@
+"""Datasets: images with stable ids, labels, and the two views polypure needs of each sample.
+
+Every dataset here gives, for sample ``i``,
+
+* ``view(i)``: the image after resizing and cropping, as floats in [0, 1] (what evaluators embed and
+  what figures show),
+* ``dataset[i]``: ``(view normalised for the model, label)`` (what the explained model sees),
+
+plus ``ids`` (stable strings: the path relative to the data root, or ``index:<i>``), ``labels`` (int64,
+-1 where unknown) and, for generated data, ``factors`` (name -> per-sample codes and value names).
+
+Example
+-------
+>>> from polypure.data import ArrayDataset
+>>> import numpy as np
+>>> ds = ArrayDataset(np.zeros((4, 28, 28), np.uint8), labels=np.arange(4))
+>>> ds[2][0].shape, ds.ids[2]
+(torch.Size([1, 28, 28]), 'index:2')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode
+
+from .errors import ConfigError, PolypureError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PolypureDataset(Dataset):
+    """Base class: ids, labels, optional factors, a [0, 1] view and a normalised model input per sample.
+
+    Parameters
+    ----------
+    ids : sequence of str
+        Stable sample ids.
+    labels : array-like of int, optional
+        Class per sample, -1 where unknown.
+    mean, std : sequence of float, optional
+        Normalisation for the model input; None keeps the [0, 1] view.
+    image_size : int, optional
+        Output side after the centre crop; None keeps the native size.
+    resize : int, optional
+        Side the short edge is resized to before cropping (default: ``image_size``).
+    """
+
+    def __init__(self, ids: Sequence[str], labels=None, mean=None, std=None,
+                 image_size: int | None = None, resize: int | None = None):
+        self.ids = list(ids)
+        n = len(self.ids)
+        self.labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64).reshape(n)
+        self.factors: dict[str, tuple[np.ndarray, list[str]]] = {}
+        self.class_names: list[str] | None = None
+        self.image_size = image_size
+        self.resize = resize if resize is not None else image_size
+        self.set_normalization(mean, std)
+
+    def set_normalization(self, mean=None, std=None) -> None:
+        """Set (or with None, remove) the normalisation applied to model inputs."""
+        if (mean is None) != (std is None):
+            raise ConfigError("data.normalize: give both mean and std")
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _raw(self, index: int) -> torch.Tensor:
+        """The image as float (C, H, W) in [0, 1], before resizing."""
+        raise NotImplementedError
+
+    def _geometry(self, img: torch.Tensor) -> torch.Tensor:
+        if self.image_size is None:
+            return img
+        if min(img.shape[-2:]) != self.resize:
+            img = TF.resize(img, self.resize, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if tuple(img.shape[-2:]) != (self.image_size, self.image_size):
+            img = TF.center_crop(img, [self.image_size, self.image_size])
+        return img
+
+    def view(self, index: int) -> torch.Tensor:
+        """The sample as the model sees it before normalisation: float (C, H, W) in [0, 1]."""
+        return self._geometry(self._raw(index)).clamp_(0, 1)
+
+    def normalize(self, img: torch.Tensor) -> torch.Tensor:
+        """Apply the model normalisation to a view (or a batch of views)."""
+        if self.mean is None:
+            return img
+        if img.shape[-3] != self.mean.shape[0] and self.mean.shape[0] != 1:
+            raise PolypureError(f"data.normalize has {self.mean.shape[0]} channels but the images have "
+                                f"{img.shape[-3]}")
+        return (img - self.mean) / self.std
+
+    def __getitem__(self, index: int):
+        if index < 0 or index >= len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        return self.normalize(self.view(index)), int(self.labels[index])
+
+    def subset(self, count: int) -> "PolypureDataset":
+        """Keep the first ``count`` samples (in place) and return self."""
+        keep = min(count, len(self))
+        self._keep(keep)
+        self.ids = self.ids[:keep]
+        self.labels = self.labels[:keep]
+        self.factors = {k: (codes[:keep], names) for k, (codes, names) in self.factors.items()}
+        return self
+
+    def _keep(self, count: int) -> None:
+        """Drop per-sample storage beyond ``count`` (subclasses with their own storage override)."""
+
+
+class FileDataset(PolypureDataset):
+    """Images read from files (any format PIL reads), converted to RGB.
+
+    Parameters
+    ----------
+    root : Path
+        Folder the ids are relative to.
+    files : sequence of Path
+        The image files, in sample order.
+    **kwargs
+        See :class:`PolypureDataset`.
+    """
+
+    def __init__(self, root: Path, files: Sequence[Path], **kwargs):
+        self.root = Path(root)
+        self.files = [Path(f) for f in files]
+        super().__init__([f.relative_to(self.root).as_posix() for f in self.files], **kwargs)
+
+    def _raw(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                return TF.pil_to_tensor(img.convert("RGB")).float().div_(255)
+        except (OSError, ValueError) as exc:
+            raise PolypureError(f"image {str(path)!r} (sample {index}) cannot be read: {exc}") from None
+
+    def _keep(self, count: int) -> None:
+        self.files = self.files[:count]
+
+
+class ArrayDataset(PolypureDataset):
+    """Images held in a uint8 array of shape (N, H, W) or (N, H, W, C).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 pixels.
+    labels : array-like, optional
+        Class per image.
+    ids : sequence of str, optional
+        Default ``index:<i>``.
+    **kwargs
+        See :class:`PolypureDataset`.
+    """
+
+    def __init__(self, images: np.ndarray, labels=None, ids=None, **kwargs):
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise PolypureError(f"image array must be uint8 of shape (N, H, W) or (N, H, W, C), "
+                                f"got {images.dtype} {images.shape}")
+        self.images = images
+        ids = ids if ids is not None else [f"index:{i}" for i in range(len(images))]
+        super().__init__(ids, labels=labels, **kwargs)
+
+    def _raw(self, index: int) -> torch.Tensor:
+        img = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+        img = img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)
+        return img.float().div_(255)
+
+    def _keep(self, count: int) -> None:
+        self.images = self.images[:count]
+
+
+class WrappedDataset(PolypureDataset):
+    """A user's torch dataset whose items are ``image`` or ``(image, ...)`` with float images in [0, 1].
+
+    Labels come from the dataset's ``labels`` or ``targets`` attribute when it has one (else -1), ids
+    from ``ids`` and generative factors from ``factors``, so nothing has to be read twice.
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs):
+        self.dataset = dataset
+        n = len(dataset)
+        ids = list(getattr(dataset, "ids", [f"index:{i}" for i in range(n)]))
+        labels = getattr(dataset, "labels", getattr(dataset, "targets", None))
+        super().__init__(ids, labels=None if labels is None else np.asarray(labels), **kwargs)
+        self.factors = dict(getattr(dataset, "factors", {}) or {})
+
+    def _raw(self, index: int) -> torch.Tensor:
+        item = self.dataset[index]
+        img = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(img, Image.Image):
+            img = TF.pil_to_tensor(img.convert("RGB")).float().div_(255)
+        if not isinstance(img, torch.Tensor) or img.ndim != 3:
+            raise PolypureError(f"dataset item {index} is not an image tensor (C, H, W)")
+        return img.float()
+
+    def _keep(self, count: int) -> None:
+        self.dataset = torch.utils.data.Subset(self.dataset, range(count))
+
+
+# ---------------------------------------------------------------------------------------------------
+# building from the config
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_folder(root: Path, **kwargs) -> FileDataset:
+    """One subfolder per class (sorted names give class indices), like torchvision's ImageFolder."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [index] * len(found)
+    if not files:
+        raise ConfigError(f"data.root: no images in class subfolders of {str(root)!r}")
+    ds = FileDataset(root, files, labels=labels, **kwargs)
+    ds.class_names = classes
+    return ds
+
+
+def prefix_labels(names: Sequence[str], classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Class indices from file-name prefixes (the text before the first ``_``).
+
+    The class index is the position of the prefix in ``classes`` if given, else in the sorted list of
+    distinct prefixes. For ImageNet files named ``<wnid>_<name>`` with all 1000 classes present this is
+    the usual ImageNet order (``n01440764`` is class 0).
+    """
+    prefixes = [Path(name).name.split("_", 1)[0] for name in names]
+    order = list(classes) if classes is not None else sorted(set(prefixes))
+    position = {p: i for i, p in enumerate(order)}
+    return np.array([position.get(p, -1) for p in prefixes], np.int64), order
+
+
+def flat_images(root: Path, labels: str = "none", classes: Path | None = None, **kwargs) -> FileDataset:
+    """All images of one folder, sorted by file name; labels from name prefixes or none."""
+    root = Path(root)
+    files = _image_files(root)
+    if not files:
+        raise ConfigError(f"data.root: no images in {str(root)!r}")
+    ds = FileDataset(root, files, **kwargs)
+    if labels == "prefix":
+        order = None
+        if classes is not None:
+            order = [line.split()[0] for line in Path(classes).read_text().splitlines() if line.strip()]
+        ds.labels, ds.class_names = prefix_labels([f.name for f in files], order)
+    return ds
+
+
+def npz_images(path: Path, images_key: str, labels_key: str | None, **kwargs) -> ArrayDataset:
+    """Images (and labels) from arrays in a ``.npz`` file."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.path: {str(path)!r} is not a readable .npz file: {exc}") from None
+    with archive:
+        if images_key not in archive:
+            raise ConfigError(f"data.images_key: {str(path)!r} has no array {images_key!r} "
+                              f"(it has {', '.join(archive.files)})")
+        images = archive[images_key]
+        labels = None
+        if labels_key is not None and labels_key in archive:
+            labels = archive[labels_key]
+        elif labels_key is not None and labels_key != "labels":
+            raise ConfigError(f"data.labels_key: {str(path)!r} has no array {labels_key!r} "
+                              f"(it has {', '.join(archive.files)})")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ConfigError(f"data.images_key: {images_key!r} in {str(path)!r} must be uint8 (N, H, W) or "
+                          f"(N, H, W, C), got {images.dtype} {images.shape}")
+    if labels is not None and len(labels) != len(images):
+        raise ConfigError(f"data.labels_key: {len(labels)} labels for {len(images)} images in {str(path)!r}")
+    return ArrayDataset(images, labels=labels, **kwargs)
+
+
+def resolve_normalization(spec, model_preprocessing: dict[str, Any] | None, channels: int):
+    """(mean, std) for ``data.normalize``; ``auto`` takes the model's own, else ImageNet for RGB data."""
+    if spec == "none":
+        return None, None
+    if spec == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if spec == "auto":
+        if model_preprocessing and "mean" in model_preprocessing:
+            return tuple(model_preprocessing["mean"]), tuple(model_preprocessing["std"])
+        return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (None, None)
+    return tuple(spec.mean), tuple(spec.std)
+
+
+def build_dataset(cfg, model=None) -> PolypureDataset:
+    """Build the dataset a :class:`~polypure.config.DataSection` describes.
+
+    Parameters
+    ----------
+    cfg : polypure.config.DataSection
+    model : polypure.models.ExplainedModel, optional
+        Supplies the normalisation when ``normalize`` is ``auto``.
+
+    Returns
+    -------
+    PolypureDataset
+    """
+    geometry = {"image_size": cfg.image_size, "resize": cfg.resize_to}
+    if cfg.kind == "imagefolder":
+        ds = image_folder(cfg.root, **geometry)
+    elif cfg.kind == "images":
+        ds = flat_images(cfg.root, labels="prefix" if cfg.labels == "prefix" else "none",
+                         classes=cfg.classes, **geometry)
+    elif cfg.kind == "npz":
+        ds = npz_images(cfg.path, cfg.images_key, cfg.labels_key, **geometry)
+    elif cfg.kind == "synthetic":
+        from .synthetic import synthetic_dataset
+        ds = synthetic_dataset(cfg.synthetic, **geometry)
+    elif cfg.kind.startswith("python:"):
+        from .models import import_factory
+        made = import_factory(cfg.kind.split(":", 1)[1], "data.kind")(**cfg.kwargs)
+        ds = made if isinstance(made, PolypureDataset) else WrappedDataset(made, **geometry)
+    else:  # pragma: no cover - the config validator rejects other kinds
+        raise ConfigError(f"unknown data kind {cfg.kind!r}")
+    if len(ds) == 0:
+        raise ConfigError(f"data: the dataset ({cfg.kind}) is empty")
+    if cfg.limit is not None:
+        ds.subset(cfg.limit)
+    channels = ds.view(0).shape[0]
+    mean, std = resolve_normalization(cfg.normalize, getattr(model, "preprocessing", None), channels)
+    ds.set_normalization(mean, std)
+    if mean is not None and len(mean) not in (1, channels):
+        raise ConfigError(f"data.normalize: {len(mean)} channels given but the images have {channels}")
+    return ds
+
+
+def dataset_summary(ds: PolypureDataset) -> dict[str, Any]:
+    """Size, label count and factor names, for ``inspect`` and logs."""
+    known = ds.labels[ds.labels >= 0]
+    return {"samples": len(ds), "labelled": int(known.size),
+            "classes": int(np.unique(known).size), "factors": sorted(ds.factors)}
+

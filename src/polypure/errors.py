@@ -1,0 +1,18 @@
+"""Exceptions that carry a message meant for the user.
+
+Every error a user can cause (a bad config, a missing file, an unknown name, a store made by another
+config) is raised as one of these, with a one-line message that names the file, key, layer or neuron
+involved. The command line prints the message without a traceback.
+"""
+
+
+class PolypureError(Exception):
+    """A runtime failure with a message for the user (command-line exit status 1)."""
+
+
+class ConfigError(PolypureError):
+    """A usage or configuration problem (command-line exit status 2)."""
+
+
+class StoreError(PolypureError):
+    """A store that cannot be read or does not fit the current run."""

@@ -1,0 +1,214 @@
+"""The front door: one object that holds a run's config, model, data and store, and runs its stages.
+
+From a config file (what ``polypure run`` does)::
+
+    from polypure import Experiment
+    Experiment("configs/demo.yaml").run()
+
+From a notebook, with an in-memory model and dataset and no YAML::
+
+    import torchvision
+    exp = Experiment(model=torchvision.models.resnet18(), dataset=my_dataset, store="r18.h5",
+                     topk={"k": 20}, relevance={"neurons": "0:8", "n_refs": 20})
+    exp.topk()
+    exp.relevance()
+
+Each stage reads what the one before wrote to the store, skips work that is already complete for the
+same config, and can run alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, config_from_dict, load_config
+from .data import PolypureDataset, WrappedDataset, build_dataset
+from .errors import ConfigError
+from .models import ExplainedModel, create_model
+from .store import Store
+
+log = logging.getLogger("polypure")
+
+#: Stage names in the order ``run`` executes them.
+STAGES = ("topk", "relevance", "cluster", "evaluate", "report")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device")
+    return torch.device(name)
+
+
+class Experiment:
+    """A run: config, model, dataset and store, with one method per stage.
+
+    Parameters
+    ----------
+    config : Config, dict, str, Path or None
+        A validated config, a raw mapping, a YAML file or bundled config name, or None. With an
+        in-memory ``model`` and ``dataset`` the config may be left out.
+    model : torch.nn.Module or ExplainedModel, optional
+        Explain this network instead of building ``config.model``.
+    dataset : torch Dataset or PolypureDataset, optional
+        Use these samples instead of building ``config.data``; items are ``(image, label)`` with
+        images already prepared for the model.
+    store : str or Path, optional
+        Where to write (overrides ``config.store``).
+    overwrite : bool
+        Replace an existing store made by another config instead of refusing.
+    progress : bool
+        Show progress bars.
+    overrides : list of str, optional
+        ``KEY=VALUE`` overrides applied to a config file.
+    **sections
+        Config sections as keyword arguments (``topk={"k": 20}``), merged over ``config``.
+    """
+
+    def __init__(self, config: Config | dict | str | Path | None = None, *, model=None, dataset=None,
+                 store: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+                 overrides: list[str] | None = None, **sections: Any):
+        in_memory = model is not None or dataset is not None
+        if isinstance(config, Config):
+            raw = config.model_dump(mode="json")
+        elif isinstance(config, dict):
+            raw = dict(config)
+        elif config is None and in_memory:
+            raw = {}
+        else:
+            raw = load_config(config, overrides).model_dump(mode="json")
+        for key, value in sections.items():
+            raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) \
+                else value
+        if model is not None:
+            module = model.module if isinstance(model, ExplainedModel) else model
+            raw.setdefault("model", {})["name"] = getattr(model, "name", None) if isinstance(
+                model, ExplainedModel) else f"in-memory:{type(module).__name__}"
+        if dataset is not None:
+            raw["data"] = None
+        if store is not None:
+            raw["store"] = str(store)
+        self.config = config_from_dict(raw)
+        if self.config.data is None and dataset is None:
+            raise ConfigError("config: data: missing required section")
+        self._model_arg = model
+        self._dataset_arg = dataset
+        self.overwrite = overwrite
+        self.progress = progress
+        self.device = resolve_device(self.config.device)
+        self._model: ExplainedModel | None = None
+        self._dataset: PolypureDataset | None = None
+        self._shapes: dict[str, tuple] = {}
+        self._store_checked = False
+
+    # -- parts -------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> ExplainedModel:
+        """The explained model, built on first use (random weights are seeded by ``config.seed``)."""
+        if self._model is None:
+            arg = self._model_arg
+            if isinstance(arg, ExplainedModel):
+                model = arg
+                model.layers = {**model.layers, **self.config.model.layers}
+            elif isinstance(arg, nn.Module):
+                from .models import default_layers, _default_canonizers
+                model = ExplainedModel(arg, {**default_layers(arg), **self.config.model.layers},
+                                       name=self.config.model.name, canonizers=_default_canonizers(arg))
+            else:
+                torch.manual_seed(self.config.seed)
+                spec = self.config.model
+                model = create_model(spec.name, spec.weights, spec.layers, **spec.kwargs)
+            model.module.eval().to(self.device)
+            self._model = model
+        return self._model
+
+    @property
+    def dataset(self) -> PolypureDataset:
+        """The samples, built on first use."""
+        if self._dataset is None:
+            arg = self._dataset_arg
+            if arg is None:
+                self._dataset = build_dataset(self.config.data, self.model)
+            elif isinstance(arg, PolypureDataset):
+                self._dataset = arg
+            else:
+                self._dataset = WrappedDataset(arg)
+        return self._dataset
+
+    @property
+    def num_workers(self) -> int:
+        return self.config.data.num_workers if self.config.data is not None else 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.data.batch_size if self.config.data is not None else 32
+
+    @contextlib.contextmanager
+    def open_store(self):
+        """The store, opened for writing (created, or checked against the config, on first use)."""
+        path = self.config.store_path
+        if not self._store_checked:
+            store = Store.open_for_run(path, self.config.to_yaml(), overwrite=self.overwrite)
+            self._store_checked = True
+            # overwriting happens once per experiment, not at every stage
+            self.overwrite = False
+        else:
+            store = Store(path, "a")
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def layer_shapes(self, layers: list[str]) -> dict[str, tuple]:
+        """Output shapes (without batch) of layers, probed once with the first sample."""
+        missing = [name for name in layers if name not in self._shapes]
+        if missing:
+            from .hooks import probe_layers
+            modules = {name: self.model.submodule(name) for name in missing}
+            x = self.dataset[0][0].unsqueeze(0).to(self.device)
+            shapes, _ = probe_layers(self.model.module, modules, x)
+            self._shapes.update(shapes)
+        return {name: self._shapes[name] for name in layers}
+
+    def virtual_neurons(self, planted, store: Store | None = None):
+        """The planted virtual neurons of one ``relevance.planted`` entry, from the store's pairs."""
+        from .planted import VirtualNeurons
+
+        group = f"planted/{planted.layer}"
+        with (contextlib.nullcontext(store) if store is not None else self.open_store()) as st:
+            pairs, scales = st.read(f"{group}/pairs"), st.read(f"{group}/scales")
+        return VirtualNeurons.build(pairs, scales, planted.modes)
+
+    def log(self, message: str) -> None:
+        log.info(message)
+
+    # -- stages ------------------------------------------------------------------------------------
+
+    def topk(self) -> "Experiment":
+        """Find each needed layer's top-K references (streaming, resumable)."""
+        from . import topk
+        topk.run_stage(self)
+        return self
+
+    def relevance(self) -> "Experiment":
+        """Compute the conditional relevance of every selected neuron's references."""
+        from . import relevance
+        relevance.run_stage(self)
+        return self
+
+    def run(self, stages: list[str] | None = None) -> "Experiment":
+        """Run stages in order (default: every stage)."""
+        for stage in stages or [s for s in STAGES if hasattr(self, s)]:
+            if stage not in STAGES:
+                raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+            getattr(self, stage)()
+        return self

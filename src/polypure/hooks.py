@@ -1,0 +1,118 @@
+"""Forward hooks that record layer outputs, optionally rewrite one, and stop the forward early.
+
+Stopping once every requested layer has produced its output skips the rest of the network (for a
+block_2 target, layer4 and the head never run). Rewriting the output of the lowest attribution layer
+is how the relevance stage forwards each reference image once and still gives every (neuron,
+reference) pair its own row above that layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import PolypureError
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once every needed layer has run."""
+
+
+@contextmanager
+def tap_layers(modules: dict[str, nn.Module], transforms: dict[str, Callable] | None = None,
+               stop: bool = True):
+    """Record the outputs of named modules during forward passes inside the context.
+
+    Parameters
+    ----------
+    modules : dict of str to Module
+        Layer name to module.
+    transforms : dict of str to callable, optional
+        ``fn(output) -> output`` applied to (and replacing) a layer's output before it is recorded.
+    stop : bool
+        Raise :class:`StopForward` as soon as every module has produced its output.
+
+    Yields
+    ------
+    dict
+        Filled with ``name -> output`` as the forward runs; cleared by the caller between passes.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    transforms = transforms or {}
+    handles = []
+    names_by_module: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        names_by_module.setdefault(id(module), []).append(name)
+
+    def make_hook(names):
+        def hook(module, args, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if not isinstance(output, torch.Tensor):
+                raise PolypureError(f"layer {names[0]!r} does not output a tensor")
+            for name in names:
+                if name in outputs:
+                    raise PolypureError(f"layer {name!r} runs more than once per forward pass (a module reused "
+                                        "inside the network, like a shared ReLU); choose a module that runs once")
+                if name in transforms:
+                    output = transforms[name](output)
+                outputs[name] = output
+            if stop and len(outputs) == len(modules):
+                raise StopForward
+            return output
+        return hook
+
+    seen = set()
+    try:
+        for name, module in modules.items():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            handles.append(module.register_forward_hook(make_hook(names_by_module[id(module)])))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_to(model: nn.Module, x: torch.Tensor, outputs: dict) -> None:
+    """Run ``model(x)`` inside :func:`tap_layers`, treating an early stop as normal completion."""
+    outputs.clear()
+    try:
+        model(x)
+    except StopForward:
+        pass
+
+
+def probe_layers(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> tuple[dict, list[str]]:
+    """Shapes (without batch) and forward order of layers, checked to run exactly once.
+
+    Parameters
+    ----------
+    model : Module
+    modules : dict of str to Module
+    x : Tensor
+        One input batch (a single sample is enough).
+
+    Returns
+    -------
+    shapes : dict of str to tuple
+    order : list of str
+        Layer names in the order their outputs appear.
+
+    Raises
+    ------
+    PolypureError
+        If a layer does not run or runs more than once.
+    """
+    with torch.no_grad(), tap_layers(modules, stop=False) as out:
+        forward_to(model, x, out)
+        missing = [name for name in modules if name not in out]
+        if missing:
+            raise PolypureError(f"layer(s) {', '.join(missing)} did not run in a forward pass of the model")
+        order = list(out)
+        shapes = {name: tuple(out[name].shape[1:]) for name in modules}
+    return shapes, order

@@ -1,0 +1,73 @@
+"""A readable summary of a store: what it holds, how complete it is, and the config that made it.
+
+Example
+-------
+>>> from polypure.inspect import describe   # doctest: +SKIP
+>>> print(describe("storage/demo.h5"))     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+
+from .store import Store, read_attr
+
+
+def _shape(ds: h5py.Dataset) -> str:
+    return "x".join(str(s) for s in ds.shape) or "scalar"
+
+
+def describe(path: str | Path, show_config: bool = True) -> str:
+    """Describe the store at ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+    show_config : bool
+        Append the resolved config the store was made with.
+
+    Returns
+    -------
+    str
+    """
+    lines = []
+    with Store(path, "r") as store:
+        f = store.file
+        attrs = {k: read_attr(v) for k, v in f.attrs.items() if k != "config"}
+        lines.append(f"store {path}  (format {attrs.get('format')} v{attrs.get('format_version')}, "
+                     f"polypure {attrs.get('polypure_version')}, created {attrs.get('created')})")
+        if "samples/ids" in f:
+            labels = f["samples/labels"][()]
+            factors = list(f["samples/factors"].keys()) if "samples/factors" in f else []
+            lines.append(f"samples: {len(labels)}, labelled {int((labels >= 0).sum())}"
+                         + (f", factors: {', '.join(factors)}" if factors else ""))
+        if "topk" in f:
+            lines.append("top-K:")
+            for name, group in f["topk"].items():
+                done = int(group.attrs.get("samples_done", 0))
+                state = "complete" if group.attrs.get("complete") else f"partial ({done} samples seen)"
+                lines.append(f"  {name:<24} {_shape(group['indices']):>10}  {read_attr(group.attrs['statistic'])}  "
+                             f"{state}")
+        if "relevance" in f:
+            lines.append("relevance:")
+            for name, group in f["relevance"].items():
+                complete = group["complete"][()]
+                a = {k: read_attr(v) for k, v in group.attrs.items()}
+                lines.append(f"  {name}: {int(complete.sum())}/{len(complete)} neurons complete, composite "
+                             f"{a.get('composite')}, canonizers {a.get('canonizers') or '[]'}, "
+                             f"n_refs {a.get('n_refs')}")
+                for layer in [*a.get("attribution_layers", []), "activation"]:
+                    if layer in group:
+                        lines.append(f"    {layer:<22} {_shape(group[layer])}")
+        for section in ("planted", "clusters", "embeddings", "metrics"):
+            if section in f:
+                lines.append(f"{section}:")
+                f[section].visititems(lambda name, obj, s=section: lines.append(
+                    f"  {name:<40} {_shape(obj)} {obj.dtype}") if isinstance(obj, h5py.Dataset) else None)
+        if show_config:
+            lines.append("config:")
+            lines += ["  " + line for line in store.config_yaml.rstrip().splitlines()]
+    return "\n".join(lines)
+

@@ -1,0 +1,337 @@
+"""Models to explain: one ``create_model`` front door with a registry behind it.
+
+A model name is one of
+
+* ``torchvision:NAME`` -- any ``torchvision.models`` builder (``torchvision:resnet34``),
+* ``timm:NAME`` -- any timm model (``timm:resnet34.a1_in1k``),
+* ``python:MODULE:FACTORY`` -- a factory function in an importable module or a ``.py`` file,
+* a registered name (``polypure list models``), such as ``demo_resnet`` or ``efficientnet_lite0``.
+
+Weights are explicit: ``None`` for random initialisation, a library tag (``DEFAULT``) that the library
+downloads, or a local file (safetensors, or a state dict that ``torch.load(weights_only=True)`` reads).
+
+Example
+-------
+>>> from polypure.models import create_model
+>>> model = create_model("torchvision:resnet18")          # random weights
+>>> model.layers["block_3"]
+'layer4'
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, PolypureError
+from .registry import Registry
+
+#: Registered model factories: ``factory(weights=None, **kwargs) -> nn.Module | ExplainedModel``.
+MODELS = Registry("model", group="polypure.models")
+
+
+@dataclass
+class ExplainedModel:
+    """A network together with what polypure needs to know about it.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network, in eval mode.
+    layers : dict of str to str
+        Layer aliases (``block_3``) mapped to module paths (``layer4``).
+    name : str
+        How the model was named in the config.
+    preprocessing : dict, optional
+        Input preparation that belongs to the weights: ``mean``, ``std`` and optionally ``image_size``;
+        used when ``data.normalize`` is ``auto``.
+    canonizers : list of str
+        Canonizer names applied automatically when an LRP composite is asked for.
+    """
+
+    module: nn.Module
+    layers: dict[str, str] = field(default_factory=dict)
+    name: str = "in-memory"
+    preprocessing: dict[str, Any] | None = None
+    canonizers: list[str] = field(default_factory=list)
+
+    def module_path(self, layer: str) -> str:
+        """The module path behind an alias, or ``layer`` itself if it is already a module path.
+
+        Raises
+        ------
+        ConfigError
+            If neither an alias nor a module of that name exists.
+        """
+        path = self.layers.get(layer, layer)
+        if path == "":
+            return path
+        try:
+            self.module.get_submodule(path)
+        except AttributeError:
+            aliases = ", ".join(sorted(self.layers)) or "none"
+            raise ConfigError(f"layer {layer!r} is neither an alias ({aliases}) nor a module of {self.name}") from None
+        return path
+
+    def submodule(self, layer: str) -> nn.Module:
+        """The module behind an alias or module path."""
+        return self.module.get_submodule(self.module_path(layer))
+
+
+def default_layers(module: nn.Module) -> dict[str, str]:
+    """Aliases for well-known architectures: ResNet stages as ``block_0`` .. ``block_3`` plus ``logits``."""
+    children = dict(module.named_children())
+    if all(f"layer{i}" in children for i in range(1, 5)):
+        aliases = {f"block_{i}": f"layer{i + 1}" for i in range(4)}
+        if isinstance(children.get("fc"), nn.Linear):
+            aliases["logits"] = "fc"
+        return aliases
+    return {}
+
+
+def _default_canonizers(module: nn.Module) -> list[str]:
+    return ["resnet"] if default_layers(module) else []
+
+
+# ---------------------------------------------------------------------------------------------------
+# weights
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors file or a ``torch.save`` file, never through plain pickle.
+
+    A checkpoint that wraps the state dict under ``state_dict`` or ``model`` is unwrapped.
+
+    Raises
+    ------
+    PolypureError
+        If the file cannot be read as weights.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PolypureError(f"weights file {str(path)!r} could not be read: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PolypureError(f"weights file {str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` strictly, with an error that names what does not fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise PolypureError(f"weights {source!r} do not fit the model: {'; '.join(parts)}")
+    module.load_state_dict(state)
+
+
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` answers on its port; used to fail fast where there is no internet."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def download_error(what: str, tag: str, key: str, reason: str) -> PolypureError:
+    """The one-line error for weights that cannot be downloaded, saying how to supply a local file."""
+    return PolypureError(
+        f"{key}: could not get the {tag!r} weights of {what} ({reason}); without internet, download them "
+        f"on another machine and set {key} to the local file (.safetensors or a torch state dict)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# builders per scheme
+
+
+def _torchvision(arch: str, weights: str | None, **kwargs) -> ExplainedModel:
+    import torchvision
+
+    try:
+        builder_weights = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        known = ", ".join(torchvision.models.list_models()[:8])
+        raise ConfigError(f"model.name: torchvision has no model {arch!r} (e.g. {known}, ...)") from None
+    if weights is None:
+        module = torchvision.models.get_model(arch, weights=None, **kwargs)
+        return ExplainedModel(module, name=f"torchvision:{arch}")
+    try:
+        entry = builder_weights[weights.replace(builder_weights.__name__ + ".", "")]
+    except KeyError:
+        tags = ", ".join(["DEFAULT"] + [w.name for w in builder_weights])
+        raise ConfigError(f"model.weights: torchvision has no weights {weights!r} for {arch}; tags: {tags}") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(entry.url).path).name
+    if not cached.exists() and not host_reachable(entry.url):
+        raise download_error(f"torchvision:{arch}", weights, "model.weights", f"{urlparse(entry.url).hostname} unreachable")
+    try:
+        module = torchvision.models.get_model(arch, weights=entry, **kwargs)
+    except OSError as exc:
+        raise download_error(f"torchvision:{arch}", weights, "model.weights", str(exc).splitlines()[0]) from None
+    meta = entry.transforms()
+    preprocessing = {"mean": list(meta.mean), "std": list(meta.std), "image_size": int(meta.crop_size[0]),
+                     "resize": int(meta.resize_size[0])}
+    return ExplainedModel(module, name=f"torchvision:{arch}", preprocessing=preprocessing)
+
+
+def _timm(arch: str, weights: str | None, **kwargs) -> ExplainedModel:
+    import timm
+
+    if weights is not None and weights not in ("DEFAULT", "pretrained"):
+        raise ConfigError(f"model.weights: timm models take the weights tag in the name (timm:{arch}.TAG); "
+                          f"use weights: DEFAULT or a local file, not {weights!r}")
+    pretrained = weights is not None
+    if pretrained and not host_reachable("https://huggingface.co"):
+        try:
+            module = _timm_cached(timm, arch, **kwargs)
+        except Exception:
+            raise download_error(f"timm:{arch}", "DEFAULT", "model.weights", "huggingface.co unreachable") from None
+    else:
+        try:
+            module = timm.create_model(arch, pretrained=pretrained, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise ConfigError(f"model.name: timm has no model {arch!r}") from None
+            raise
+        except OSError as exc:
+            raise download_error(f"timm:{arch}", "DEFAULT", "model.weights", str(exc).splitlines()[0]) from None
+    cfg = module.pretrained_cfg or {}
+    preprocessing = None
+    if pretrained and "mean" in cfg:
+        size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        preprocessing = {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "image_size": size,
+                         "resize": round(size / cfg.get("crop_pct", 0.875))}
+    return ExplainedModel(module, name=f"timm:{arch}", preprocessing=preprocessing)
+
+
+def _timm_cached(timm, arch, **kwargs):
+    """Create a pretrained timm model from the local Hugging Face cache only (no network)."""
+    import os
+
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return timm.create_model(arch, pretrained=True, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def import_factory(spec: str, key: str) -> Callable[..., Any]:
+    """Import ``MODULE:FACTORY`` where MODULE is a dotted module name or a ``.py`` file path."""
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            name = f"polypure_user_{path.stem}_{abs(hash(str(path)))}"
+            if name in sys.modules:
+                module = sys.modules[name]
+            else:
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise ImportError(f"cannot load {path}")
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module
+                loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file {module_name!r} does not exist") from None
+    except ImportError as exc:
+        raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{key}: {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _as_explained(obj: Any, name: str) -> ExplainedModel:
+    if isinstance(obj, ExplainedModel):
+        return obj
+    if isinstance(obj, nn.Module):
+        return ExplainedModel(obj, name=name)
+    raise ConfigError(f"model.name: {name} returned {type(obj).__name__}, not a torch.nn.Module")
+
+
+def create_model(name: str, weights: str | None = None, layers: dict[str, str] | None = None,
+                 **kwargs) -> ExplainedModel:
+    """Build a model by name, with explicit weights, ready to explain.
+
+    Parameters
+    ----------
+    name : str
+        ``torchvision:NAME``, ``timm:NAME``, ``python:MODULE:FACTORY`` or a registered name.
+    weights : str, optional
+        None (random initialisation), a library tag such as ``DEFAULT``, or a local weights file.
+    layers : dict, optional
+        Extra or replacing layer aliases (alias to module path), merged over the model's defaults.
+    **kwargs
+        Passed to the model's builder (``num_classes=10``, ...).
+
+    Returns
+    -------
+    ExplainedModel
+        In eval mode, with default layer aliases and canonizers filled in.
+    """
+    weight_file = None
+    if isinstance(weights, (str, Path)) and (Path(weights).is_file() or str(weights).endswith(
+            (".safetensors", ".pt", ".pth", ".bin", ".ckpt"))):
+        weight_file, weights = Path(weights), None
+        if not weight_file.is_file():
+            raise ConfigError(f"model.weights: file {str(weight_file)!r} does not exist")
+
+    if name.startswith("torchvision:"):
+        model = _torchvision(name.split(":", 1)[1], weights, **kwargs)
+    elif name.startswith("timm:"):
+        model = _timm(name.split(":", 1)[1], weights, **kwargs)
+    elif name.startswith("python:"):
+        factory = import_factory(name.split(":", 1)[1], "model.name")
+        call_kwargs = dict(kwargs)
+        if weights is not None:
+            call_kwargs["weights"] = weights
+        model = _as_explained(factory(**call_kwargs), name)
+        model.name = name
+    else:
+        factory = MODELS.get(name)
+        model = _as_explained(factory(weights=weights, **kwargs), name)
+        model.name = name
+
+    if weight_file is not None:
+        apply_state_dict(model.module, load_state_dict_file(weight_file), str(weight_file))
+    model.layers = {**default_layers(model.module), **model.layers, **(layers or {})}
+    if not model.canonizers:
+        model.canonizers = _default_canonizers(model.module)
+    for alias in model.layers:
+        model.module_path(alias)
+    model.module.eval()
+    return model

@@ -1,0 +1,119 @@
+"""Name-to-implementation registries, extensible through Python entry points.
+
+A registry maps the names used in configs (``kmeans``, ``clip``, ``efficientnet_lite0``) to the code
+behind them. Built-ins register with a decorator; installed packages add entries through the entry-point
+group of the registry (for example ``polypure.clusterers``), which is read the first time a name is looked
+up that is not built in.
+
+Example
+-------
+>>> from polypure.registry import Registry
+>>> SHAPES = Registry("shape")
+>>> @SHAPES.register("square")
+... def square(side):
+...     return side * side
+>>> SHAPES.get("square")(3)
+9
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any, Callable, Iterator
+
+from .errors import ConfigError
+
+
+class Registry:
+    """A mapping from names to objects, filled by decorators and entry points.
+
+    Parameters
+    ----------
+    kind : str
+        What the registry holds, used in error messages ("clusterer", "evaluator", ...).
+    group : str, optional
+        Entry-point group scanned for plugins, e.g. ``"polypure.clusterers"``.
+    """
+
+    def __init__(self, kind: str, group: str | None = None):
+        self.kind = kind
+        self.group = group
+        self._entries: dict[str, Any] = {}
+        self._plugins_loaded = group is None
+
+    def register(self, name: str, obj: Any = None) -> Callable[[Any], Any] | Any:
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator that does so.
+
+        Parameters
+        ----------
+        name : str
+            The name configs use.
+        obj : object, optional
+            The implementation. When omitted, ``register`` works as a decorator.
+
+        Returns
+        -------
+        object or callable
+            ``obj`` itself, or the decorator.
+        """
+        if obj is None:
+            def decorator(target):
+                self._entries[name] = target
+                return target
+            return decorator
+        self._entries[name] = obj
+        return obj
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for entry in entry_points(group=self.group):
+            # built-ins win over plugins of the same name, so a plugin cannot silently replace them
+            if entry.name in self._entries:
+                continue
+            try:
+                self._entries[entry.name] = entry.load()
+            except Exception as exc:  # a broken plugin must not take the built-ins down with it
+                self._entries[entry.name] = _BrokenPlugin(self.kind, entry.name, entry.value, exc)
+
+    def get(self, name: str) -> Any:
+        """Return the object registered under ``name``.
+
+        Raises
+        ------
+        ConfigError
+            If no built-in or plugin of that name exists, listing the names that do.
+        """
+        if name not in self._entries:
+            self._load_plugins()
+        if name not in self._entries:
+            known = ", ".join(sorted(self.names())) or "none"
+            raise ConfigError(f"unknown {self.kind} {name!r}; known: {known}")
+        obj = self._entries[name]
+        if isinstance(obj, _BrokenPlugin):
+            obj.fail()
+        return obj
+
+    def names(self) -> list[str]:
+        """All registered names, plugins included."""
+        self._load_plugins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        if name not in self._entries:
+            self._load_plugins()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+class _BrokenPlugin:
+    """Stands in for an entry point that failed to import, and reports it when used."""
+
+    def __init__(self, kind: str, name: str, target: str, exc: Exception):
+        self.message = f"{kind} plugin {name!r} ({target}) failed to load: {type(exc).__name__}: {exc}"
+
+    def fail(self):
+        raise ConfigError(self.message)

@@ -1,0 +1,219 @@
+"""The relevance stage: conditional relevance vectors of every selected neuron's references.
+
+For each target (a layer's real channels, or its planted virtual neurons) and each selected neuron,
+the n_refs first references of its top-K are explained at every attribution layer with one backward
+pass per batch (:mod:`polypure.attribution`). Whole neurons are written at a time and flagged in
+``/relevance/<target>/complete``, so an interrupted run continues where it stopped and the work can be
+split by ranges of neurons.
+
+Example
+-------
+>>> from polypure import Experiment            # doctest: +SKIP
+>>> Experiment("configs/demo.yaml").relevance()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .attribution import ConditionalRelevance, channel_init
+from .composites import make_composite, times_activation
+from .errors import ConfigError
+from .planted import target_name
+
+INIT_REL = "clamp(min=0)"
+
+
+def select_neurons(spec, channels: int, key: str = "relevance.neurons") -> np.ndarray:
+    """Channel ids from ``all``, a list of ids, or ``"start:stop"`` (slice semantics)."""
+    if spec == "all":
+        return np.arange(channels, dtype=np.int64)
+    if isinstance(spec, str):
+        start, _, stop = spec.partition(":")
+        ids = np.arange(channels, dtype=np.int64)[slice(int(start) if start.strip() else None,
+                                                         int(stop) if stop.strip() else None)]
+        if len(ids) == 0:
+            raise ConfigError(f"{key}: {spec!r} selects no neuron of a layer with {channels} channels")
+        return ids
+    ids = np.asarray(spec, dtype=np.int64).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= channels)]
+    if len(bad):
+        raise ConfigError(f"{key}: neuron {int(bad[0])} out of range for a layer with {channels} channels")
+    if len(np.unique(ids)) != len(ids):
+        raise ConfigError(f"{key}: neuron ids repeat")
+    return ids
+
+
+@dataclass
+class TargetPlan:
+    """One target of the relevance stage.
+
+    Attributes
+    ----------
+    name : str
+        Store name (``block_3`` or ``block_3@planted``).
+    layer : str
+        The real layer whose output is the backward pass's start.
+    neurons : ndarray (M,)
+        Channel ids, or virtual-neuron ids for a planted target.
+    attribution_layers : list of str
+    make_init : callable
+        ``make_init(neuron_ids) -> init function`` for rows explaining those neurons.
+    init_rel : str
+        Description stored with the results.
+    """
+
+    name: str
+    layer: str
+    neurons: np.ndarray
+    attribution_layers: list[str]
+    make_init: Callable[[torch.Tensor], Callable]
+    init_rel: str = INIT_REL
+
+
+def plan_targets(ctx) -> list[TargetPlan]:
+    """The targets the config asks for, real ones first, then planted ones."""
+    cfg = ctx.config.relevance
+    plans = []
+    for spec in cfg.target_list:
+        channels = ctx.layer_shapes([spec.layer])[spec.layer][0]
+        plans.append(TargetPlan(spec.layer, spec.layer, select_neurons(spec.neurons, channels),
+                                list(spec.attribution_layers), lambda ids: channel_init(ids)))
+    for planted in cfg.planted_list:
+        layers = planted.attribution_layers
+        if layers is None:
+            same = [t for t in cfg.target_list if t.layer == planted.layer]
+            if not same:
+                raise ConfigError(f"relevance.planted: give attribution_layers for layer {planted.layer!r} "
+                                  "(no real target on that layer to take them from)")
+            layers = list(same[0].attribution_layers)
+        virtual = ctx.virtual_neurons(planted)
+        plans.append(TargetPlan(target_name(planted.layer), planted.layer, np.arange(len(virtual), dtype=np.int64),
+                                list(layers), virtual.init, f"planted: {', '.join(planted.modes)}, {INIT_REL}"))
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise ConfigError("relevance.targets: a target layer is listed twice")
+    return plans
+
+
+def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+class _ImageLoader:
+    """Loads model inputs by sample index on worker threads, one chunk ahead of the computation."""
+
+    def __init__(self, dataset, workers: int):
+        self.dataset = dataset
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+
+    def submit(self, indices: np.ndarray):
+        futures = [self.pool.submit(lambda i: self.dataset[int(i)][0], i) for i in indices]
+        return indices, futures
+
+    @staticmethod
+    def result(pending) -> tuple[np.ndarray, torch.Tensor]:
+        indices, futures = pending
+        return indices, torch.stack([f.result() for f in futures])
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def compute_target(ctx, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, engine: ConditionalRelevance,
+                   write: Callable[[np.ndarray, dict[str, np.ndarray]], None]) -> None:
+    """Explain rows ``todo`` of a target and hand each finished chunk of whole neurons to ``write``.
+
+    Parameters
+    ----------
+    ctx : Experiment
+    plan : TargetPlan
+    refs : ndarray (M, n_refs)
+        Sample index of every reference of every neuron.
+    todo : ndarray
+        Rows (positions in ``plan.neurons``) still to do.
+    engine : ConditionalRelevance
+        Entered (``with engine:``).
+    write : callable
+        ``write(rows, arrays)`` with arrays shaped (len(rows), n_refs, C).
+    """
+    cfg = ctx.config.relevance
+    n_refs = refs.shape[1]
+    batch = cfg.batch_size
+    per_chunk = max(1, batch // n_refs)
+    chunks = list(_chunks(todo, per_chunk))
+    loader = _ImageLoader(ctx.dataset, ctx.num_workers)
+    device = ctx.device
+    bar = tqdm(total=len(todo), desc=f"relevance {plan.name}", unit="neuron", disable=not ctx.progress, leave=False)
+    try:
+        pending = loader.submit(np.unique(refs[chunks[0]])) if chunks else None
+        for number, chunk in enumerate(chunks):
+            unique, images = loader.result(pending)
+            if number + 1 < len(chunks):
+                pending = loader.submit(np.unique(refs[chunks[number + 1]]))
+            images = images.to(device)
+            flat_samples = refs[chunk].reshape(-1)
+            flat_neurons = torch.as_tensor(np.repeat(plan.neurons[chunk], n_refs))
+            image_rows = torch.as_tensor(np.searchsorted(unique, flat_samples))
+            parts: dict[str, list[torch.Tensor]] = {}
+            for start in range(0, len(flat_samples), batch):
+                sl = slice(start, start + batch)
+                rows = image_rows[sl]
+                # only the images this sub-batch uses go through the forward pass
+                used, local = torch.unique(rows, return_inverse=True)
+                out = engine(images[used], local, plan.make_init(flat_neurons[sl]))
+                for name, value in {**out.relevance, "activation": out.activation}.items():
+                    parts.setdefault(name, []).append(value.float().cpu())
+            arrays = {name: torch.cat(values).view(len(chunk), n_refs, -1).numpy()
+                      for name, values in parts.items()}
+            write(chunk, arrays)
+            bar.update(len(chunk))
+    finally:
+        loader.close()
+        bar.close()
+
+
+def run_stage(ctx) -> None:
+    """Compute (or finish) the relevance of every target in the config, writing to the store."""
+    cfg = ctx.config.relevance
+    composite_name = cfg.composite
+    canonizers = list(cfg.canonizers)
+    if not canonizers and composite_name != "gradient":
+        canonizers = list(ctx.model.canonizers)
+    multiply = times_activation(composite_name, cfg.times_activation)
+    with ctx.open_store() as store:
+        for plan in plan_targets(ctx):
+            values, indices = store.read_topk(plan.name)
+            refs = indices[plan.neurons, :cfg.n_refs]
+            if (refs < 0).any():
+                raise ConfigError(f"target {plan.name!r}: fewer than relevance.n_refs={cfg.n_refs} references")
+            shapes = ctx.layer_shapes(plan.attribution_layers + [plan.layer])
+            layer_channels = {name: shapes[name][0] for name in plan.attribution_layers}
+            attrs = {"composite": composite_name, "canonizers": canonizers, "init_rel": plan.init_rel,
+                     "times_activation": multiply, "n_refs": cfg.n_refs, "layer": plan.layer,
+                     "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
+            group = store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels,
+                                            shapes[plan.layer][0], attrs)
+            todo = np.flatnonzero(~group["complete"][()])
+            if len(todo) == 0:
+                ctx.log(f"relevance {plan.name}: complete, skipped")
+                continue
+            composite = make_composite(composite_name, canonizers) if (
+                composite_name != "gradient" or canonizers) else None
+            engine = ConditionalRelevance(
+                ctx.model.module, {plan.layer: ctx.model.submodule(plan.layer)},
+                {name: ctx.model.submodule(name) for name in plan.attribution_layers},
+                composite=composite, times_activation=multiply)
+            with engine:
+                compute_target(ctx, plan, refs, todo, engine,
+                               lambda rows, arrays: store.write_relevance_rows(plan.name, rows, arrays))
+            ctx.log(f"relevance {plan.name}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
+                    f"{', '.join(plan.attribution_layers)}")
+

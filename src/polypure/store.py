@@ -1,0 +1,337 @@
+"""The HDF5 store: everything a run produced, in one file with a documented schema (version 1).
+
+Schema (paths other tools rely on; the README has the full table)::
+
+    /                      attrs: format="polypure", format_version=1, config, created, polypure_version
+    /samples/ids           (N,) UTF-8      stable ids (path relative to the data root, or index:<i>)
+    /samples/labels        (N,) int64      -1 where unknown
+    /samples/factors/<f>   (N,) int64      generative factors; attr ``values`` names the codes
+    /topk/<layer>/indices  (C, K) int64    sample indices by decreasing value
+    /topk/<layer>/values   (C, K) float32  attrs: statistic, samples_done, complete
+    /relevance/<target>/neurons      (M,) int64
+    /relevance/<target>/<layer>      (M, n_refs, C_layer) float32
+    /relevance/<target>/activation   (M, n_refs, C_target) float32
+    /relevance/<target>/complete     (M,) bool
+    /planted/<layer>/pairs, truth, modes, scales
+    /clusters/<target>/<space>/<method id>       (M, n_refs) int64
+    /embeddings/<evaluator>/<target>             (M, n_refs, D) float32
+    /metrics/...
+
+Only one process writes a store at a time (the stage runner); readers open it read-only.
+
+Example
+-------
+>>> import h5py                                     # doctest: +SKIP
+>>> with h5py.File("storage/demo.h5", "r") as f:    # doctest: +SKIP
+...     print(f["relevance/block_3/block_2"].shape)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+import yaml
+
+from . import __version__
+from .errors import StoreError
+
+FORMAT = "polypure"
+FORMAT_VERSION = 1
+STR = h5py.string_dtype("utf-8")
+
+#: Config sections whose change makes an existing store's results stale (refused without overwrite).
+RESULT_SECTIONS = ("model", "data", "seed", "topk", "relevance")
+
+
+def _decode(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def attr_value(value):
+    """An attribute value h5py can store: lists of strings become UTF-8 string arrays."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return np.array(list(value), dtype=object).astype(STR)
+    return value
+
+
+def read_attr(value):
+    """An attribute as Python data: string arrays become lists of str."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
+        return [_decode(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return _decode(value)
+
+
+class Store:
+    """An open polypure store.
+
+    Parameters
+    ----------
+    path : str or Path
+        The HDF5 file.
+    mode : {"r", "a"}
+        Read only, or read and write (the one writer).
+    """
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        if mode == "r" and not self.path.is_file():
+            raise StoreError(f"store {str(self.path)!r} does not exist")
+        try:
+            self.file = h5py.File(self.path, mode)
+        except OSError as exc:
+            raise StoreError(f"store {str(self.path)!r} cannot be opened: {exc}") from None
+        self._check_format()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _check_format(self) -> None:
+        attrs = self.file.attrs
+        if "format" not in attrs and len(self.file.keys()) == 0:
+            return
+        if _decode(attrs.get("format")) != FORMAT:
+            raise StoreError(f"{str(self.path)!r} is an HDF5 file but not a polypure store")
+        version = int(attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise StoreError(f"store {str(self.path)!r} has format version {version}; this polypure "
+                             f"({__version__}) reads up to {FORMAT_VERSION}")
+
+    @classmethod
+    def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False) -> "Store":
+        """Open (or create) the store a run writes, checking it was made by the same config.
+
+        Parameters
+        ----------
+        path : str or Path
+        config_yaml : str
+            The run's resolved config.
+        overwrite : bool
+            Replace an existing store instead of refusing when its config differs.
+
+        Raises
+        ------
+        StoreError
+            If the store exists, holds results of a different config, and ``overwrite`` is False.
+        """
+        from .config import config_differences
+
+        path = Path(path)
+        if path.exists() and overwrite:
+            path.unlink()
+        if path.exists():
+            try:
+                with h5py.File(path, "r") as probe:
+                    fmt = _decode(probe.attrs.get("format"))
+                    old_yaml = _decode(probe.attrs.get("config", ""))
+            except OSError:
+                raise StoreError(f"{str(path)!r} exists and is not an HDF5 file; remove it or use --overwrite") from None
+            if fmt != FORMAT:
+                raise StoreError(f"{str(path)!r} exists and is not a polypure store; remove it or use --overwrite")
+            old = yaml.safe_load(old_yaml) or {}
+            new = yaml.safe_load(config_yaml) or {}
+            changed = config_differences(old, new)
+            stale = [c for c in changed if c.split(".", 1)[0].split(":", 1)[0] in RESULT_SECTIONS]
+            if stale:
+                shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
+                raise StoreError(f"store {str(path)!r} was made with a different config ({shown}); rerun with "
+                                 "--overwrite to replace it, or set another store path")
+            store = cls(path, "a")
+            store.file.attrs["config"] = config_yaml
+            return store
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = cls(path, "a")
+        attrs = store.file.attrs
+        attrs["format"] = FORMAT
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["config"] = config_yaml
+        attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        attrs["polypure_version"] = __version__
+        return store
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self.file.id.valid:
+            self.file.close()
+
+    def flush(self) -> None:
+        """Push written data to disk, so an interruption loses nothing written so far."""
+        self.file.flush()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def config_yaml(self) -> str:
+        return _decode(self.file.attrs.get("config", ""))
+
+    def _group(self, path: str) -> h5py.Group:
+        return self.file.require_group(path)
+
+    def _replace(self, group: h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
+        if name in group:
+            del group[name]
+        return group.create_dataset(name, data=data, **kwargs)
+
+    # -- samples -----------------------------------------------------------------------------------
+
+    def has_samples(self) -> bool:
+        return "samples/ids" in self.file
+
+    def write_samples(self, ids: list[str], labels: np.ndarray,
+                      factors: dict[str, tuple[np.ndarray, list[str]]] | None = None,
+                      class_names: list[str] | None = None) -> None:
+        """Write ids, labels and factors of every sample (once, before any per-sample result)."""
+        group = self._group("samples")
+        self._replace(group, "ids", np.array(ids, dtype=object), dtype=STR)
+        self._replace(group, "labels", np.asarray(labels, np.int64))
+        if class_names is not None:
+            group["labels"].attrs["classes"] = attr_value(list(class_names))
+        for name, (codes, values) in (factors or {}).items():
+            ds = self._replace(self._group("samples/factors"), name, np.asarray(codes, np.int64))
+            ds.attrs["values"] = attr_value(list(values))
+
+    def sample_ids(self) -> list[str]:
+        return [_decode(s) for s in self.file["samples/ids"][()]]
+
+    def check_samples(self, ids: list[str]) -> None:
+        """Refuse to mix results of different datasets in one store."""
+        stored = self.sample_ids()
+        if stored != list(ids):
+            raise StoreError(f"store {str(self.path)!r} holds results for other samples ({len(stored)} stored, "
+                             f"{len(ids)} now); use --overwrite or another store path")
+
+    def labels(self) -> np.ndarray:
+        return self.file["samples/labels"][()]
+
+    def factors(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        out = {}
+        if "samples/factors" in self.file:
+            for name, ds in self.file["samples/factors"].items():
+                out[name] = (ds[()], [_decode(v) for v in ds.attrs.get("values", [])])
+        return out
+
+    # -- top-k -------------------------------------------------------------------------------------
+
+    def topk_progress(self, layer: str) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
+        """``(values, indices, samples_done, complete)`` of a layer's top-K, or None if not started."""
+        key = f"topk/{layer}"
+        if key not in self.file:
+            return None
+        group = self.file[key]
+        return (group["values"][()], group["indices"][()], int(group.attrs["samples_done"]),
+                bool(group.attrs["complete"]))
+
+    def write_topk(self, layer: str, values: np.ndarray, indices: np.ndarray, statistic: str,
+                   samples_done: int, complete: bool, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write (or checkpoint) a layer's top-K."""
+        group = self._group(f"topk/{layer}")
+        self._replace(group, "indices", np.asarray(indices, np.int64))
+        self._replace(group, "values", np.asarray(values, np.float32))
+        for name, data in (extra or {}).items():
+            self._replace(group, name, data)
+        group.attrs["statistic"] = statistic
+        group.attrs["samples_done"] = int(samples_done)
+        group.attrs["complete"] = bool(complete)
+
+    def read_topk(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, indices)`` of a complete top-K.
+
+        Raises
+        ------
+        StoreError
+            If the top-K of ``layer`` is missing or incomplete.
+        """
+        state = self.topk_progress(layer)
+        if state is None or not state[3]:
+            raise StoreError(f"store {str(self.path)!r} has no complete top-K for layer {layer!r}; run "
+                             "'polypure topk' first")
+        return state[0], state[1]
+
+    # -- relevance ---------------------------------------------------------------------------------
+
+    def relevance_group(self, target: str) -> h5py.Group | None:
+        return self.file.get(f"relevance/{target}")
+
+    def prepare_relevance(self, target: str, neurons: np.ndarray, n_refs: int, layer_channels: dict[str, int],
+                          target_channels: int, attrs: dict[str, Any]) -> h5py.Group:
+        """Create the datasets of one target, or check that existing ones fit this run."""
+        path = f"relevance/{target}"
+        neurons = np.asarray(neurons, np.int64)
+        if path in self.file:
+            group = self.file[path]
+            same = (np.array_equal(group["neurons"][()], neurons)
+                    and all(name in group and group[name].shape == (len(neurons), n_refs, c)
+                            for name, c in layer_channels.items()))
+            if not same:
+                raise StoreError(f"store {str(self.path)!r}: relevance/{target} was made for other neurons or "
+                                 "layers; use --overwrite or another store path")
+            return group
+        group = self._group(path)
+        m = len(neurons)
+        group.create_dataset("neurons", data=neurons)
+        for name, channels in {**layer_channels, "activation": target_channels}.items():
+            group.create_dataset(name, shape=(m, n_refs, channels), dtype=np.float32,
+                                 chunks=(1, n_refs, channels), fillvalue=np.nan)
+        group.create_dataset("complete", shape=(m,), dtype=bool, fillvalue=False)
+        for key, value in attrs.items():
+            group.attrs[key] = attr_value(value)
+        return group
+
+    def write_relevance_rows(self, target: str, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """Write whole neurons (rows of the target) and mark them complete, in one flush."""
+        group = self.file[f"relevance/{target}"]
+        rows = np.asarray(rows)
+        order = np.argsort(rows)
+        for start, stop in _runs(rows[order]):
+            sel = order[start:stop]
+            lo, hi = int(rows[sel[0]]), int(rows[sel[-1]]) + 1
+            for name, data in arrays.items():
+                group[name][lo:hi] = data[sel]
+            group["complete"][lo:hi] = True
+        self.flush()
+
+    def relevance_targets(self) -> list[str]:
+        return list(self.file["relevance"].keys()) if "relevance" in self.file else []
+
+    # -- generic -----------------------------------------------------------------------------------
+
+    def write_array(self, path: str, data, attrs: dict[str, Any] | None = None) -> h5py.Dataset:
+        """Write (replacing) one dataset at ``path`` with attributes."""
+        parent, _, name = path.rpartition("/")
+        if isinstance(data, (list, tuple)) and data and all(isinstance(v, str) for v in data):
+            ds = self._replace(self._group(parent), name, np.array(list(data), dtype=object), dtype=STR)
+        else:
+            ds = self._replace(self._group(parent), name, data)
+        for key, value in (attrs or {}).items():
+            ds.attrs[key] = attr_value(value)
+        return ds
+
+    def read(self, path: str):
+        if path not in self.file:
+            raise StoreError(f"store {str(self.path)!r} has no {path!r}")
+        return self.file[path][()]
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.file
+
+    def delete(self, path: str) -> None:
+        if path in self.file:
+            del self.file[path]
+
+
+def _runs(sorted_rows: np.ndarray) -> Iterable[tuple[int, int]]:
+    """Positions ``[start, stop)`` of runs of consecutive integers in a sorted array."""
+    if len(sorted_rows) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    bounds = np.concatenate([[0], breaks, [len(sorted_rows)]])
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        yield int(start), int(stop)

@@ -1,0 +1,298 @@
+"""Top-K references: for each channel, the K samples on which it is most active.
+
+One streaming forward pass without autograd; memory grows with channels x K, never with the dataset.
+A channel's activation map is reduced over positions by ``max`` (zennit-crp's ``max_target="max"``) or
+``mean``; equal values go to the smaller sample index. Partial results from shards of the dataset merge
+exactly (:meth:`TopK.merge`), which is also how an interrupted pass resumes from its last checkpoint.
+
+Example
+-------
+>>> import torch
+>>> from polypure.topk import TopK
+>>> acc = TopK(channels=2, k=2)
+>>> acc.update(torch.tensor([[1., 5.], [3., 5.], [3., 0.]]), torch.arange(3))
+>>> acc.indices.tolist()
+[[1, 2], [0, 1]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, PolypureError
+from .hooks import forward_to, tap_layers
+
+_EMPTY_INDEX = torch.iinfo(torch.int64).max
+
+
+def channel_statistic(activation: torch.Tensor, statistic: str) -> torch.Tensor:
+    """Reduce a layer output (B, C, *positions) to one value per sample and channel.
+
+    A non-spatial output (B, C), such as logits, is its own statistic.
+    """
+    if activation.ndim == 2:
+        return activation
+    flat = activation.flatten(2)
+    if statistic == "max":
+        return flat.amax(dim=2)
+    if statistic == "mean":
+        return flat.mean(dim=2)
+    raise PolypureError(f"topk.statistic must be 'max' or 'mean', not {statistic!r}")
+
+
+class TopK:
+    """The running K largest values per channel, with their sample indices and optional payloads.
+
+    Parameters
+    ----------
+    channels : int
+    k : int
+    payloads : dict of str to torch.dtype, optional
+        Per-(sample, channel) values carried along with each kept entry (e.g. the planted truth).
+    """
+
+    def __init__(self, channels: int, k: int, payloads: dict[str, torch.dtype] | None = None):
+        self.k = k
+        self.values = torch.full((channels, k), -torch.inf)
+        self.indices = torch.full((channels, k), _EMPTY_INDEX, dtype=torch.int64)
+        self.payloads = {name: torch.zeros((channels, k), dtype=dtype) for name, dtype in (payloads or {}).items()}
+
+    def update(self, values: torch.Tensor, sample_indices: torch.Tensor,
+               payloads: dict[str, torch.Tensor] | None = None) -> None:
+        """Offer a batch of per-sample statistics.
+
+        Parameters
+        ----------
+        values : Tensor, shape (B, C)
+        sample_indices : Tensor, shape (B,)
+        payloads : dict of str to Tensor (B, C), optional
+        """
+        if torch.isnan(values).any():
+            bad = int(sample_indices[torch.isnan(values).any(dim=1)][0])
+            raise PolypureError(f"NaN activation at sample {bad}; check the model weights and the input data")
+        values = values.detach().float().cpu().T
+        indices = sample_indices.detach().cpu().to(torch.int64).view(1, -1).expand_as(values)
+        extra = {name: p.detach().cpu().T for name, p in (payloads or {}).items()}
+        self._combine(values, indices, extra)
+
+    def _combine(self, values, indices, extra) -> None:
+        all_values = torch.cat([self.values, values], dim=1)
+        all_indices = torch.cat([self.indices, indices], dim=1)
+        by_index = torch.argsort(all_indices, dim=1, stable=True)
+        sorted_values = all_values.gather(1, by_index)
+        keep = by_index.gather(1, torch.argsort(-sorted_values, dim=1, stable=True)[:, :self.k])
+        self.values = all_values.gather(1, keep)
+        self.indices = all_indices.gather(1, keep)
+        for name in self.payloads:
+            joined = torch.cat([self.payloads[name], extra[name].to(self.payloads[name].dtype)], dim=1)
+            self.payloads[name] = joined.gather(1, keep)
+
+    def merge(self, other: "TopK") -> "TopK":
+        """Fold in the top-K of another shard of the data (disjoint samples); returns self."""
+        self._combine(other.values, other.indices, other.payloads)
+        return self
+
+    @property
+    def filled(self) -> int:
+        """How many of the K slots hold a sample (fewer than K only while fewer samples were seen)."""
+        return int((self.indices[0] != _EMPTY_INDEX).sum()) if len(self.indices) else 0
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """``(values, indices, payloads)`` as numpy arrays; empty slots hold index -1."""
+        indices = self.indices.clone()
+        indices[indices == _EMPTY_INDEX] = -1
+        return self.values.numpy(), indices.numpy(), {n: p.numpy() for n, p in self.payloads.items()}
+
+    @classmethod
+    def from_arrays(cls, values: np.ndarray, indices: np.ndarray,
+                    payloads: dict[str, np.ndarray] | None = None) -> "TopK":
+        """Rebuild a running top-K from stored arrays (to resume or merge)."""
+        acc = cls(values.shape[0], values.shape[1])
+        acc.values = torch.as_tensor(values, dtype=torch.float32).clone()
+        idx = torch.as_tensor(indices, dtype=torch.int64).clone()
+        acc.values[idx < 0] = -torch.inf
+        idx[idx < 0] = _EMPTY_INDEX
+        acc.indices = idx
+        acc.payloads = {n: torch.as_tensor(p).clone() for n, p in (payloads or {}).items()}
+        return acc
+
+
+@dataclass
+class Scorer:
+    """Turns one tapped layer output into per-sample, per-unit values for a top-K.
+
+    Parameters
+    ----------
+    name : str
+        Where the result is stored (``/topk/<name>``).
+    layer : str
+        The tapped layer it reads.
+    channels : int
+        Number of units scored.
+    fn : callable
+        ``fn(output) -> (values (B, units), payloads dict)``.
+    payloads : dict of str to torch.dtype
+    """
+
+    name: str
+    layer: str
+    channels: int
+    fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    payloads: dict[str, torch.dtype] = field(default_factory=dict)
+
+
+def channel_scorer(name: str, channels: int, statistic: str) -> Scorer:
+    """The scorer of a real layer: each channel's statistic over positions."""
+    return Scorer(name, name, channels, lambda out: (channel_statistic(out, statistic), {}))
+
+
+def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Module], scorers: list[Scorer],
+                 k: int, start: int = 0, stop: int | None = None, batch_size: int = 32, num_workers: int = 0,
+                 device: str | torch.device = "cpu", states: dict[str, TopK] | None = None,
+                 done: dict[str, int] | None = None, checkpoint: Callable[[dict, int], None] | None = None,
+                 checkpoint_every: int = 50, progress: bool = True) -> dict[str, TopK]:
+    """Stream samples ``start:stop`` of ``dataset`` through ``model`` and keep each scorer's top-K.
+
+    Parameters
+    ----------
+    model : Module
+    dataset : Dataset
+        Items ``(input, label)``.
+    modules : dict of str to Module
+        The layers to tap.
+    scorers : list of Scorer
+    k : int
+    start, stop : int
+        The shard of samples to process.
+    states : dict of str to TopK, optional
+        Running results to continue from (resuming).
+    done : dict of str to int, optional
+        Per scorer, samples before this index are already in its state and are skipped.
+    checkpoint : callable, optional
+        ``checkpoint(states, samples_done)``, called every ``checkpoint_every`` batches.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict of str to TopK
+    """
+    stop = len(dataset) if stop is None else stop
+    states = states or {}
+    done = done or {}
+    for scorer in scorers:
+        states.setdefault(scorer.name, TopK(scorer.channels, k, scorer.payloads))
+    first = min([done.get(s.name, start) for s in scorers] + [stop])
+    if first >= stop:
+        return states
+    loader = DataLoader(Subset(dataset, range(first, stop)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, persistent_workers=False)
+    position = first
+    bar = tqdm(total=stop - first, desc="top-K", unit="img", disable=not progress, leave=False)
+    with torch.no_grad(), tap_layers(modules) as outputs:
+        for batch_number, (x, _) in enumerate(loader, 1):
+            n = len(x)
+            forward_to(model, x.to(device), outputs)
+            sample_idx = torch.arange(position, position + n)
+            for scorer in scorers:
+                skip = max(0, done.get(scorer.name, start) - position)
+                if skip >= n:
+                    continue
+                values, payloads = scorer.fn(outputs[scorer.layer])
+                states[scorer.name].update(values[skip:], sample_idx[skip:],
+                                           {name: p[skip:] for name, p in payloads.items()})
+            position += n
+            bar.update(n)
+            if checkpoint is not None and batch_number % checkpoint_every == 0 and position < stop:
+                checkpoint(states, position)
+    bar.close()
+    return states
+
+
+def topk_layers(config) -> list[str]:
+    """Every real layer that needs a top-K: ``topk.layers``, relevance targets and planted layers."""
+    layers = list(config.topk.layers)
+    layers += [t.layer for t in config.relevance.target_list]
+    layers += [p.layer for p in config.relevance.planted_list]
+    return list(dict.fromkeys(layers))
+
+
+def _run_pass(ctx, store, scorers: list[Scorer], modules: dict, extra_of=None) -> None:
+    """One resumable streaming pass for some scorers, checkpointed into the store."""
+    cfg = ctx.config.topk
+    states, done = {}, {}
+    for scorer in scorers:
+        progress = store.topk_progress(scorer.name)
+        if progress is not None:
+            values, indices, samples_done, _ = progress
+            payloads = {n: store.read(f"topk/{scorer.name}/{n}") for n in scorer.payloads}
+            states[scorer.name] = TopK.from_arrays(values, indices, payloads)
+            done[scorer.name] = samples_done
+
+    def save(current: dict[str, TopK], samples_done: int, complete: bool = False) -> None:
+        for scorer in scorers:
+            values, indices, payloads = current[scorer.name].arrays()
+            store.write_topk(scorer.name, values, indices, cfg.statistic,
+                             max(samples_done, done.get(scorer.name, 0)), complete, extra=payloads)
+        store.flush()
+
+    n = len(ctx.dataset)
+    states = collect_topk(ctx.model.module, ctx.dataset, modules, scorers, cfg.k, batch_size=ctx.batch_size,
+                          num_workers=ctx.num_workers, device=ctx.device, states=states, done=done,
+                          checkpoint=save, checkpoint_every=cfg.checkpoint_every, progress=ctx.progress)
+    save(states, n, complete=True)
+
+
+def run_stage(ctx) -> None:
+    """Find the top-K references of every layer the config needs (and of planted virtual neurons)."""
+    from .planted import VirtualNeurons, choose_pairs, target_name
+
+    cfg = ctx.config.topk
+    n = len(ctx.dataset)
+    if cfg.k > n:
+        raise ConfigError(f"topk.k ({cfg.k}) is larger than the dataset ({n} samples)")
+    with ctx.open_store() as store:
+        ids = list(ctx.dataset.ids)
+        if store.has_samples():
+            store.check_samples(ids)
+        else:
+            store.write_samples(ids, ctx.dataset.labels, ctx.dataset.factors, ctx.dataset.class_names)
+        layers = topk_layers(ctx.config)
+        shapes = ctx.layer_shapes(layers)
+        pending = [layer for layer in layers if not (store.topk_progress(layer) or (0, 0, 0, False))[3]]
+        if pending:
+            scorers = [channel_scorer(layer, shapes[layer][0], cfg.statistic) for layer in pending]
+            _run_pass(ctx, store, scorers, {layer: ctx.model.submodule(layer) for layer in pending})
+            ctx.log(f"top-K: {', '.join(pending)} over {n} samples (K={cfg.k}, {cfg.statistic})")
+        else:
+            ctx.log(f"top-K: {', '.join(layers)} complete, skipped")
+
+        for planted in ctx.config.relevance.planted_list:
+            name = target_name(planted.layer)
+            if (store.topk_progress(name) or (0, 0, 0, False))[3]:
+                ctx.log(f"top-K: {name} complete, skipped")
+                continue
+            group = f"planted/{planted.layer}"
+            if f"{group}/pairs" not in store:
+                values, indices = store.read_topk(planted.layer)
+                pairs, scales = choose_pairs(values, indices, planted.pairs, planted.max_overlap, planted.seed)
+                if len(pairs) < planted.pairs:
+                    ctx.log(f"planted {planted.layer}: only {len(pairs)} of {planted.pairs} pairs overlap by at most "
+                            f"{planted.max_overlap:.0%}")
+                store.write_array(f"{group}/pairs", pairs)
+                store.write_array(f"{group}/scales", scales)
+            virtual = ctx.virtual_neurons(planted, store)
+            scorer = Scorer(name, planted.layer, len(virtual), lambda out, v=virtual: v.scored(out, cfg.statistic),
+                            {"truth": torch.int64})
+            _run_pass(ctx, store, [scorer], {planted.layer: ctx.model.submodule(planted.layer)})
+            truth = store.read(f"topk/{name}/truth")[:, :ctx.config.relevance.n_refs]
+            store.write_array(f"{group}/truth", truth.astype(np.int64))
+            store.write_array(f"{group}/modes", virtual.modes)
+            store.flush()
+            ctx.log(f"top-K: {name}, {len(virtual)} virtual neuron(s) ({', '.join(planted.modes)})")
