@@ -11,13 +11,25 @@ Example
 >>> Experiment("demo").run()               # doctest: +SKIP
 """
 
+from importlib import import_module
+
 __version__ = "0.1.0"
 
-from .config import Config, load_config  # noqa: E402
-from .errors import ConfigError, PolypureError, StoreError  # noqa: E402
-from .experiment import Experiment  # noqa: E402
-from .models import ExplainedModel, create_model  # noqa: E402
-from .store import Store  # noqa: E402
+# names resolve on first use, so that `polypure --help` does not pay for importing torch
+_LAZY = {
+    "Config": "config", "load_config": "config",
+    "ConfigError": "errors", "PolypureError": "errors", "StoreError": "errors",
+    "Experiment": "experiment",
+    "ExplainedModel": "models", "create_model": "models",
+    "Store": "store",
+}
 
-__all__ = ["Config", "ConfigError", "Experiment", "ExplainedModel", "PolypureError", "Store", "StoreError",
-           "__version__", "create_model", "load_config"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'polypure' has no attribute {name!r}")

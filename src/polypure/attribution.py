@@ -30,7 +30,6 @@ torch.Size([3, 256])
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -146,8 +145,14 @@ class ConditionalRelevance:
     def _module_taps(self) -> dict[str, nn.Module]:
         return {name: m for name, m in self.layers.items() if name != INPUT}
 
-    def check_order(self, sample: torch.Tensor) -> list[str]:
-        """Order the attribution layers by the forward pass and check they all lie below the target."""
+    def prepare(self, sample: torch.Tensor) -> list[str]:
+        """Order the attribution layers by the forward pass and decide how the forward can be shared.
+
+        Checks that every attribution layer lies below the target. Sharing the forward below the
+        lowest attribution layer is only exact when every path from the input to the target passes
+        through that layer (a branch that bypasses it, like a shortcut from the input, would see one
+        row per image while the rest sees one row per pair); this is tested once with autograd.
+        """
         taps = {**self._module_taps(), _TARGET: self.target_module}
         _, order = probe_layers(self.model, taps, sample[:1])
         position = {name: i for i, name in enumerate(order)}
@@ -156,7 +161,24 @@ class ConditionalRelevance:
             raise ConfigError(f"attribution layer(s) {', '.join(above)} run after the target layer "
                               f"{self.target_name!r}; attribution layers must lie below the target")
         self.order = ([INPUT] if INPUT in self.layers else []) + [n for n in order if n in self.layers]
+        if self.order[0] != INPUT:
+            self.share_forward = self._lowest_layer_dominates(sample[:1])
         return self.order
+
+    def _lowest_layer_dominates(self, sample: torch.Tensor) -> bool:
+        x = sample.detach().clone().requires_grad_(True)
+        expand = {self.order[0]: lambda out: out.detach()[[0, 0]].requires_grad_(True)}
+        try:
+            with torch.enable_grad(), tap_layers({self.order[0]: self.layers[self.order[0]],
+                                                  _TARGET: self.target_module}, transforms=expand) as outputs:
+                forward_to(self.model, x, outputs)
+                target = outputs[_TARGET]
+                if not target.requires_grad:
+                    return True
+                bypass, = torch.autograd.grad(target.sum(), x, allow_unused=True)
+        except RuntimeError:
+            return False
+        return bypass is None
 
     # -- computation -------------------------------------------------------------------------------
 
@@ -184,18 +206,8 @@ class ConditionalRelevance:
         if self._entered == 0:
             raise RuntimeError("use the engine inside 'with engine:'")
         if self.order is None:
-            self.check_order(images)
-        rows = rows.to(images.device)
-        if self.share_forward:
-            try:
-                return self._compute(images, rows, init, keep_maps, share=True)
-            except RuntimeError as exc:
-                if "size" not in str(exc) and "shape" not in str(exc):
-                    raise
-                warnings.warn(f"the model cannot take a batch that grows at layer {self.order[0]!r} ({exc}); "
-                              "forwarding each (neuron, image) row separately from now on", stacklevel=2)
-                self.share_forward = False
-        return self._compute(images, rows, init, keep_maps, share=False)
+            self.prepare(images)
+        return self._compute(images, rows.to(images.device), init, keep_maps, share=self.share_forward)
 
     def _compute(self, images, rows, init, keep_maps, share: bool) -> RelevanceBatch:
         lowest = self.order[0]

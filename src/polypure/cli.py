@@ -32,8 +32,8 @@ def _add_run_options(parser: argparse.ArgumentParser, config_optional: bool) -> 
                             help="YAML config file or bundled config name (default: demo)")
     else:
         parser.add_argument("config", help="YAML config file or bundled config name (e.g. demo)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, value read as YAML (repeatable), e.g. --set topk.k=20")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, values read as YAML, e.g. --set topk.k=20 relevance.neurons=0:8")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store made with a different config")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")

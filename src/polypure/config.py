@@ -117,7 +117,7 @@ class DataSection(_Section):
                 raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
             if parts[1].endswith(".py"):
                 _check_file(Path(parts[1]), "data file")
-        elif value not in ("imagefolder", "images", "npz", "synthetic"):
+        elif value not in ("imagefolder", "images", "npz", "synthetic", "memory"):
             raise ValueError(f"unknown data kind {value!r}; use imagefolder, images, npz, synthetic or "
                              "python:MODULE:FACTORY")
         return value
@@ -212,7 +212,10 @@ class RelevanceSection(_Section):
 
     @model_validator(mode="after")
     def _one_form(self):
-        short = {"target_layer", "neurons", "attribution_layers"} & self.model_fields_set
+        # a key equal to its default is no conflict (a resolved config lists every key)
+        defaults = RelevanceSection.model_construct()
+        short = {key for key in ("target_layer", "neurons", "attribution_layers")
+                 if key in self.model_fields_set and getattr(self, key) != getattr(defaults, key)}
         if self.targets is not None and short:
             raise ValueError(f"give either relevance.targets or relevance.{'/'.join(sorted(short))}, not both")
         return self

@@ -328,6 +328,8 @@ def build_dataset(cfg, model=None) -> PolypureDataset:
         from .models import import_factory
         made = import_factory(cfg.kind.split(":", 1)[1], "data.kind")(**cfg.kwargs)
         ds = made if isinstance(made, PolypureDataset) else WrappedDataset(made, **geometry)
+    elif cfg.kind == "memory":
+        raise ConfigError("data.kind 'memory' stands for a dataset passed from Python (Experiment(dataset=...))")
     else:  # pragma: no cover - the config validator rejects other kinds
         raise ConfigError(f"unknown data kind {cfg.kind!r}")
     if len(ds) == 0:

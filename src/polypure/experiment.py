@@ -93,7 +93,9 @@ class Experiment:
             raw.setdefault("model", {})["name"] = getattr(model, "name", None) if isinstance(
                 model, ExplainedModel) else f"in-memory:{type(module).__name__}"
         if dataset is not None:
-            raw["data"] = None
+            # loader settings still apply to an in-memory dataset; what the data is does not come from here
+            loader = {k: v for k, v in (raw.get("data") or {}).items() if k in ("batch_size", "num_workers")}
+            raw["data"] = {"kind": "memory", "num_workers": 0, **loader}
         if store is not None:
             raw["store"] = str(store)
         self.config = config_from_dict(raw)
@@ -146,11 +148,11 @@ class Experiment:
 
     @property
     def num_workers(self) -> int:
-        return self.config.data.num_workers if self.config.data is not None else 0
+        return self.config.data.num_workers
 
     @property
     def batch_size(self) -> int:
-        return self.config.data.batch_size if self.config.data is not None else 32
+        return self.config.data.batch_size
 
     @contextlib.contextmanager
     def open_store(self):

@@ -1,0 +1,120 @@
+"""Relevance stage speed against the published procedure and against the bare floor, in one process.
+
+ResNet-34 (random weights) at 224 px, attribution layers block_0..block_2 (layer1..layer3), N neurons of
+block_3 x R references each. Three timings of the same work:
+
+* polypure: ``Experiment.relevance()`` (top-K already in the store; includes loading, hooks, writing);
+* published: zennit-crp ``CondAttribution``, one call per neuron per attribution layer, backward down to
+  the input (how the seed paper's code computed it);
+* floor: a bare forward to layer4 plus one ``torch.autograd.grad`` per batch of rows, no hooks, no
+  bookkeeping, no sharing.
+
+Run: ``python benchmarks/relevance_speed.py [--neurons 8] [--refs 16] [--repeats 2]``. The printed ratios
+are the result; this machine is noisy, so each timing is the best of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+from crp.attribution import CondAttribution
+from crp.concepts import ChannelConcept
+from zennit.core import Composite
+
+from polypure import Experiment
+from polypure.data import ArrayDataset
+
+LAYERS = ["layer1", "layer2", "layer3"]
+
+
+def best_of(repeats, fn):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--neurons", type=int, default=8)
+    parser.add_argument("--refs", type=int, default=16)
+    parser.add_argument("--images", type=int, default=48, help="dataset size (neurons share references)")
+    parser.add_argument("--batch", type=int, default=64, help="rows per backward pass")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet34().eval()
+    rng = np.random.default_rng(0)
+    dataset = ArrayDataset(rng.integers(0, 256, (args.images, 224, 224, 3), dtype=np.uint8),
+                           mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    neurons = list(range(0, 512, 512 // args.neurons))[:args.neurons]
+    tmp = Path(tempfile.mkdtemp())
+    settings = dict(data={"batch_size": 16}, topk={"k": args.refs},
+                    relevance={"neurons": neurons, "n_refs": args.refs, "batch_size": args.batch})
+    Experiment(model=model, dataset=dataset, store=tmp / "bench.h5", progress=False, **settings).topk()
+    with h5py.File(tmp / "bench.h5", "r") as f:
+        refs = f["topk/block_3/indices"][()][neurons]
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    unique = len(np.unique(refs))
+    print(f"ResNet-34, 224 px, {args.neurons} neurons x {args.refs} refs ({unique} distinct images), "
+          f"3 attribution layers, {torch.get_num_threads()} threads")
+
+    def ours():
+        with h5py.File(tmp / "bench.h5", "a") as f:
+            if "relevance" in f:
+                del f["relevance"]
+        Experiment(model=model, dataset=dataset, store=tmp / "bench.h5", progress=False, **settings).relevance()
+
+    crp_model = copy.deepcopy(model)
+    attribution = CondAttribution(crp_model)
+
+    def published():
+        for n, neuron in enumerate(neurons):
+            x = images[refs[n]]
+            for layer in LAYERS:
+                attr = attribution(x.clone().requires_grad_(True), [{"layer4": [neuron]}], Composite(),
+                                   record_layer=[layer], start_layer="layer4", init_rel=lambda a: a.clamp(min=0))
+                ChannelConcept().attribute(attr.relevances[layer] * attr.activations[layer], abs_norm=True)
+
+    floor_model = copy.deepcopy(model).requires_grad_(False)
+    rows = torch.as_tensor(refs.reshape(-1))
+    row_neurons = torch.as_tensor(np.repeat(neurons, args.refs))
+
+    def floor():
+        m = floor_model
+        for start in range(0, len(rows), args.batch):
+            x = images[rows[start:start + args.batch]]
+            k = row_neurons[start:start + args.batch]
+            with torch.no_grad():
+                stem = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            a1 = m.layer1(stem).requires_grad_(True)
+            a2 = m.layer2(a1)
+            a3 = m.layer3(a2)
+            a4 = m.layer4(a3)
+            grad = torch.zeros_like(a4)
+            index = torch.arange(len(x))
+            grad[index, k] = a4.detach()[index, k].clamp(min=0)
+            torch.autograd.grad(a4, [a1, a2, a3], grad)
+
+    t_ours = best_of(args.repeats, ours)
+    t_floor = best_of(args.repeats, floor)
+    t_published = best_of(max(1, args.repeats - 1), published)
+    print(f"polypure relevance stage : {t_ours:7.2f} s")
+    print(f"published (crp) procedure: {t_published:7.2f} s   -> polypure is {t_published / t_ours:.2f}x faster "
+          "(target >= 3x)")
+    print(f"floor (forward + 1 grad) : {t_floor:7.2f} s   -> polypure / floor = {t_ours / t_floor:.2f} "
+          "(target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

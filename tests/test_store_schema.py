@@ -1,0 +1,80 @@
+"""Must-show 4: the store opens with plain h5py, matches schema v1, and `polypure inspect` shows it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import yaml
+
+from polypure import Experiment
+
+from .conftest import random_images
+from .nets import tiny
+
+
+def build(path):
+    Experiment(model=tiny(seed=2), dataset=random_images(12, 20, seed=3), store=path, progress=False,
+               topk={"layers": ["c2", "c3"], "k": 5},
+               relevance={"target_layer": "c3", "neurons": "2:6", "attribution_layers": ["c1", "c2"],
+                          "n_refs": 4}).run(["topk", "relevance"])
+
+
+def test_schema_v1(tmp_path):
+    path = tmp_path / "schema.h5"
+    build(path)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "polypure"
+        assert f.attrs["format_version"] == 1
+        assert yaml.safe_load(f.attrs["config"])["topk"]["k"] == 5
+        assert f.attrs["created"] and f.attrs["polypure_version"]
+
+        ids = f["samples/ids"]
+        assert ids.shape == (12,) and h5py.check_string_dtype(ids.dtype).encoding == "utf-8"
+        assert ids.asstr()[0] == "index:0"
+        assert f["samples/labels"].dtype == np.int64 and f["samples/labels"][3] == 0
+
+        for layer, channels in (("c2", 12), ("c3", 16)):
+            assert f[f"topk/{layer}/indices"].shape == (channels, 5)
+            assert f[f"topk/{layer}/indices"].dtype == np.int64
+            assert f[f"topk/{layer}/values"].dtype == np.float32
+            assert f[f"topk/{layer}"].attrs["statistic"] == "max"
+            values = f[f"topk/{layer}/values"][()]
+            assert (np.diff(values, axis=1) <= 0).all()        # by decreasing value
+
+        group = f["relevance/c3"]
+        assert group["neurons"][()].tolist() == [2, 3, 4, 5] and group["neurons"].dtype == np.int64
+        assert group["c1"].shape == (4, 4, 8) and group["c1"].dtype == np.float32
+        assert group["c2"].shape == (4, 4, 12)
+        assert group["activation"].shape == (4, 4, 16)
+        assert group["complete"].dtype == bool and group["complete"][()].all()
+        assert group.attrs["composite"] == "gradient"
+        assert list(group.attrs["canonizers"]) == []
+        assert group.attrs["init_rel"] == "clamp(min=0)"
+        # rows are L1-normalised vectors
+        np.testing.assert_allclose(np.abs(group["c2"][()]).sum(-1), 1, rtol=1e-5)
+        # references are the neuron's top-K in order
+        refs = f["topk/c3/indices"][2:6, :4]
+        assert refs.shape == (4, 4)
+
+
+def test_inspect_shows_the_store(tmp_path):
+    path = tmp_path / "schema.h5"
+    build(path)
+    out = subprocess.run([sys.executable, "-m", "polypure", "inspect", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "samples: 12" in text
+    assert "c3" in text and "16x5" in text and "complete" in text
+    assert "c3: 4/4 neurons complete, composite gradient" in text
+    assert "4x4x12" in text
+    assert "config:" in text and "k: 5" in text
+
+
+def test_inspect_missing_store_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "polypure", "inspect", str(tmp_path / "none.h5")],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
