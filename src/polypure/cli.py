@@ -23,6 +23,8 @@ from .errors import ConfigError, PolypureError
 STAGE_HELP = {
     "topk": "find each layer's top-K most-activating samples",
     "relevance": "compute conditional relevance of the references at the attribution layers",
+    "cluster": "cluster each neuron's references in every space",
+    "evaluate": "compute per-neuron metrics and the summary table from the store",
 }
 
 
@@ -56,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, text in STAGE_HELP.items():
         p = sub.add_parser(stage, help=text, description=text[0].upper() + text[1:] + ".")
         _add_run_options(p, config_optional=False)
+
+    train = sub.add_parser("demo-train", help="retrain the demo model on synthetic concept images",
+                           description="Train the demo ResNet from a fixed seed on fresh synthetic images with "
+                                       "merged-shape labels; writes demo_resnet.safetensors and "
+                                       "demo_resnet.json (settings and held-out accuracy).")
+    train.add_argument("--out", default=None, help="output folder (default: the weights shipped with polypure)")
+    train.add_argument("--epochs", type=int, default=12)
+    train.add_argument("--per-epoch", type=int, default=8000, help="fresh training images per epoch")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("-q", "--quiet", action="store_true")
 
     inspect = sub.add_parser("inspect", help="show what a store holds", description="Show a store's layers, "
                              "shapes, completeness and the config that made it.")
@@ -113,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             from .inspect import describe
             print(describe(args.store, show_config=not args.no_config))
+            return 0
+        if args.command == "demo-train":
+            from .demo_model import train_demo
+            card = train_demo(args.out, epochs=args.epochs, per_epoch=args.per_epoch, seed=args.seed,
+                              progress=not args.quiet)
+            print(f"held-out accuracy {card['held_out']['accuracy']:.4f} after {card['seconds']} s")
             return 0
         if args.command == "list":
             for kind, registry in _registries().items():

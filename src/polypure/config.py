@@ -276,7 +276,9 @@ class EvaluateSection(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     references: list[str] = Field(default_factory=list)
-    labels: list[str] = Field(default_factory=list)
+    ground_truth: Union[Literal["auto"], list[str]] = "auto"
+    mixture_share: float = Field(0.2, gt=0, le=1)
+    polysemantic_by: str | None = None
     batch_size: int = Field(32, ge=1)
 
     def settings(self, name: str) -> dict[str, Any]:

@@ -207,6 +207,24 @@ class Experiment:
         relevance.run_stage(self)
         return self
 
+    def cluster(self, methods: dict[str, Any] | None = None) -> "Experiment":
+        """Cluster each neuron's references in every space.
+
+        Parameters
+        ----------
+        methods : dict of str to estimator, optional
+            Objects with ``fit_predict(X)`` by method id, instead of ``config.cluster.methods``.
+        """
+        from . import clustering
+        clustering.run_stage(self, methods)
+        return self
+
+    def evaluate(self) -> "Experiment":
+        """Compute per-neuron metrics and the summary table from the store."""
+        from . import evaluate
+        self.summary = evaluate.run_stage(self)
+        return self
+
     def run(self, stages: list[str] | None = None) -> "Experiment":
         """Run stages in order (default: every stage)."""
         for stage in stages or [s for s in STAGES if hasattr(self, s)]:

@@ -37,6 +37,7 @@ from .registry import Registry
 
 #: Registered model factories: ``factory(weights=None, **kwargs) -> nn.Module | ExplainedModel``.
 MODELS = Registry("model", group="polypure.models")
+MODELS.register_lazy("demo_resnet", "polypure.demo_model:demo_resnet")
 
 
 @dataclass

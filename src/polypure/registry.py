@@ -18,6 +18,7 @@ Example
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterator
 
@@ -64,6 +65,10 @@ class Registry:
         self._entries[name] = obj
         return obj
 
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register ``"module:attribute"``, imported on first use (keeps start-up light)."""
+        self._entries[name] = _Lazy(target)
+
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
@@ -91,6 +96,8 @@ class Registry:
             known = ", ".join(sorted(self.names())) or "none"
             raise ConfigError(f"unknown {self.kind} {name!r}; known: {known}")
         obj = self._entries[name]
+        if isinstance(obj, _Lazy):
+            obj = self._entries[name] = obj.load()
         if isinstance(obj, _BrokenPlugin):
             obj.fail()
         return obj
@@ -117,3 +124,14 @@ class _BrokenPlugin:
 
     def fail(self):
         raise ConfigError(self.message)
+
+
+class _Lazy:
+    """A registry entry imported on first use."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def load(self):
+        module, _, attr = self.target.partition(":")
+        return getattr(import_module(module), attr)
