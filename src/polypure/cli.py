@@ -23,6 +23,7 @@ from .errors import ConfigError, PolypureError
 STAGE_HELP = {
     "topk": "find each layer's top-K most-activating samples",
     "relevance": "compute conditional relevance of the references at the attribution layers",
+    "embed": "embed the references with the configured evaluators (CLIP, DINOv2, labels)",
     "cluster": "cluster each neuron's references in every space",
     "evaluate": "compute per-neuron metrics and the summary table from the store",
 }

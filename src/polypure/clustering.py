@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, PolypureError
@@ -81,7 +83,10 @@ def cluster_rows(features: np.ndarray, estimator) -> np.ndarray:
     """Cluster each neuron's references: (M, n_refs, D) features to (M, n_refs) int64 labels."""
     out = np.empty(features.shape[:2], np.int64)
     for m in range(len(features)):
-        labels = np.asarray(fresh(estimator).fit_predict(np.asarray(features[m], np.float64)))
+        with warnings.catch_warnings():
+            # a dead neuron's identical vectors make k-means warn; its single cluster is the honest answer
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            labels = np.asarray(fresh(estimator).fit_predict(np.asarray(features[m], np.float64)))
         if labels.shape != (features.shape[1],):
             raise PolypureError(f"clusterer {type(estimator).__name__} returned {labels.shape} labels for "
                                 f"{features.shape[1]} references")
@@ -106,6 +111,28 @@ def default_spaces(store, target: str) -> list[str]:
     from .store import read_attr
     group = store.file[f"relevance/{target}"]
     return [*read_attr(group.attrs["attribution_layers"]), "activation"]
+
+
+def target_spaces(store, configured: list[str] | None) -> dict[str, list[str]]:
+    """The spaces of every relevance target: ``cluster.spaces`` where the target has them, else its defaults.
+
+    Raises
+    ------
+    ConfigError
+        If a configured space exists for no target at all.
+    """
+    out = {}
+    for target in store.relevance_targets():
+        if configured is None:
+            out[target] = default_spaces(store, target)
+            continue
+        out[target] = [s for s in configured
+                       if f"relevance/{target}/{s}" in store or f"embeddings/{s}/{target}" in store]
+    for space in configured or []:
+        if not any(space in spaces for spaces in out.values()):
+            raise ConfigError(f"cluster.spaces: {space!r} is neither an attribution layer of any target, "
+                              "'activation', nor an evaluator embedding in the store (run the embed stage first)")
+    return out
 
 
 def _methods(ctx, methods) -> list[tuple[str, str, dict, Any]]:
@@ -133,12 +160,11 @@ def run_stage(ctx, methods: dict[str, Any] | None = None) -> None:
     """
     chosen = _methods(ctx, methods)
     with ctx.open_store() as store:
-        for target in store.relevance_targets():
+        for target, spaces in target_spaces(store, ctx.config.cluster.spaces).items():
             complete = store.read(f"relevance/{target}/complete")
             if not complete.all():
                 raise PolypureError(f"relevance of target {target!r} is incomplete ({int((~complete).sum())} "
                                     "neurons left); run the relevance stage first")
-            spaces = ctx.config.cluster.spaces or default_spaces(store, target)
             jobs = [(space, mid, name, params, est) for space in spaces for mid, name, params, est in chosen]
             bar = tqdm(jobs, desc=f"cluster {target}", disable=not ctx.progress, leave=False)
             done = []

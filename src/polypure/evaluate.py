@@ -3,6 +3,11 @@
 Everything here reads stored results (clusters, relevance, embeddings, factors, planted truth) and
 writes ``/metrics``:
 
+* ``/metrics/<target>/distance_correlation/<reference>/<space>`` (M,) float64: the seed paper's
+  correlation between the reference space's distances (CLIP) and a space's (a layer's relevance, the
+  activations, another reference such as DINOv2);
+* ``/metrics/<target>/cluster_distances/<reference>/<space>/<method id>`` (M, 2) float64: PURE's mean
+  reference-space distance within (inner) and between (inter) the clusters found in a space;
 * ``/metrics/<target>/ari/<labels>/<space>/<method id>`` and ``.../nmi/...`` (M,) float64: agreement of
   each neuron's clustering with known labels of its references (``planted`` truth, a generative factor
   such as ``shape``, or the ``class`` label);
@@ -22,7 +27,7 @@ import numpy as np
 
 from . import summary
 from .errors import ConfigError
-from .metrics import agreement, mixture
+from .metrics import agreement, cluster_distances, distance_correlation, mixture
 
 PLANTED = "planted"
 CLASS = "class"
@@ -91,6 +96,37 @@ def ground_truth_metrics(ctx, store) -> None:
     store.flush()
 
 
+def reference_metrics(ctx, store) -> None:
+    """Distance correlation and PURE's cluster distances against every reference space."""
+    from .clustering import space_path, target_spaces
+
+    references = list(ctx.config.evaluate.references)
+    for target, cluster_spaces in target_spaces(store, ctx.config.cluster.spaces).items():
+        available = [r for r in references if f"embeddings/{r}/{target}" in store]
+        missing = [r for r in references if r not in available]
+        if missing:
+            raise ConfigError(f"evaluate.references: no {missing[0]!r} embeddings of target {target!r} in the store; "
+                              "run the embed stage first")
+        spaces = list(dict.fromkeys([*cluster_spaces, *available]))
+        features = {space: store.read(space_path(target, space, store)) for space in spaces}
+        for reference in available:
+            ref = store.read(f"embeddings/{reference}/{target}")
+            for space in spaces:
+                if space == reference:
+                    continue
+                values = np.array([distance_correlation(r, f) for r, f in zip(ref, features[space])])
+                store.write_array(f"metrics/{target}/distance_correlation/{reference}/{space}", values)
+            if f"clusters/{target}" not in store:
+                continue
+            for space, methods in store.file[f"clusters/{target}"].items():
+                for method_id, dataset in methods.items():
+                    labels = dataset[()]
+                    values = np.array([cluster_distances(r, lab) for r, lab in zip(ref, labels)], np.float64)
+                    store.write_array(f"metrics/{target}/cluster_distances/{reference}/{space}/{method_id}", values,
+                                      attrs={"columns": ["inner", "inter"]})
+    store.flush()
+
+
 def run_stage(ctx) -> list[dict]:
     """Compute every metric the store allows, then the summary table (printed and saved).
 
@@ -100,6 +136,7 @@ def run_stage(ctx) -> list[dict]:
         The summary records.
     """
     with ctx.open_store() as store:
+        reference_metrics(ctx, store)
         ground_truth_metrics(ctx, store)
         order = [*ctx.config.evaluate.references, *wanted_labels(ctx, store)]
         records = summary.build(store, polysemantic_by=ctx.config.evaluate.polysemantic_by, order=order)

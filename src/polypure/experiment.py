@@ -36,7 +36,7 @@ from .store import Store
 log = logging.getLogger("polypure")
 
 #: Stage names in the order ``run`` executes them.
-STAGES = ("topk", "relevance", "cluster", "evaluate", "report")
+STAGES = ("topk", "relevance", "embed", "cluster", "evaluate", "report")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,6 +101,7 @@ class Experiment:
         self.config = config_from_dict(raw)
         if self.config.data is None and dataset is None:
             raise ConfigError("config: data: missing required section")
+        self._check_evaluators()
         self._model_arg = model
         self._dataset_arg = dataset
         self.overwrite = overwrite
@@ -110,6 +111,29 @@ class Experiment:
         self._dataset: PolypureDataset | None = None
         self._shapes: dict[str, tuple] = {}
         self._store_checked = False
+
+    def _check_evaluators(self) -> None:
+        """Validate evaluator names and settings now, so that a typo fails before hours of work."""
+        from .embed import evaluator_names
+        from .evaluators import EVALUATORS, make_evaluator
+
+        references = set(self.config.evaluate.references)
+        for name in evaluator_names(self.config, relevance_spaces=self._relevance_spaces()):
+            settings = self.config.evaluate.settings(name)
+            if name not in references and not settings and name not in EVALUATORS:
+                raise ConfigError(f"cluster.spaces: {name!r} is neither an attribution layer, 'activation', nor an "
+                                  "evaluator")
+            try:
+                make_evaluator(name, settings)
+            except ConfigError as exc:
+                message = str(exc)
+                raise ConfigError(message if message.startswith("evaluate.") else f"evaluate: {message}") from None
+
+    def _relevance_spaces(self) -> set[str]:
+        rel = self.config.relevance
+        layers = {layer for t in rel.target_list for layer in t.attribution_layers}
+        layers |= {layer for p in rel.planted_list for layer in (p.attribution_layers or [])}
+        return layers | {"activation"}
 
     # -- parts -------------------------------------------------------------------------------------
 
@@ -205,6 +229,12 @@ class Experiment:
         """Compute the conditional relevance of every selected neuron's references."""
         from . import relevance
         relevance.run_stage(self)
+        return self
+
+    def embed(self) -> "Experiment":
+        """Embed every target's references with the configured evaluators (CLIP, DINOv2, ...)."""
+        from . import embed
+        embed.run_stage(self)
         return self
 
     def cluster(self, methods: dict[str, Any] | None = None) -> "Experiment":

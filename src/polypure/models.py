@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, PolypureError
+from .hub import download_error, host_reachable, fetch
 from .registry import Registry
 
 #: Registered model factories: ``factory(weights=None, **kwargs) -> nn.Module | ExplainedModel``.
@@ -152,24 +152,6 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     module.load_state_dict(state)
 
 
-def host_reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of ``url`` answers on its port; used to fail fast where there is no internet."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def download_error(what: str, tag: str, key: str, reason: str) -> PolypureError:
-    """The one-line error for weights that cannot be downloaded, saying how to supply a local file."""
-    return PolypureError(
-        f"{key}: could not get the {tag!r} weights of {what} ({reason}); without internet, download them "
-        f"on another machine and set {key} to the local file (.safetensors or a torch state dict)")
-
-
 # ---------------------------------------------------------------------------------------------------
 # builders per scheme
 
@@ -210,42 +192,21 @@ def _timm(arch: str, weights: str | None, **kwargs) -> ExplainedModel:
         raise ConfigError(f"model.weights: timm models take the weights tag in the name (timm:{arch}.TAG); "
                           f"use weights: DEFAULT or a local file, not {weights!r}")
     pretrained = weights is not None
-    if pretrained and not host_reachable("https://huggingface.co"):
-        try:
-            module = _timm_cached(timm, arch, **kwargs)
-        except Exception:
-            raise download_error(f"timm:{arch}", "DEFAULT", "model.weights", "huggingface.co unreachable") from None
+    if not timm.is_model(arch):
+        raise ConfigError(f"model.name: timm has no model {arch!r}")
+    if pretrained:
+        module = fetch(lambda: timm.create_model(arch, pretrained=True, **kwargs), what=f"timm:{arch}",
+                       tag="DEFAULT", key="model.weights")
     else:
-        try:
-            module = timm.create_model(arch, pretrained=pretrained, **kwargs)
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc):
-                raise ConfigError(f"model.name: timm has no model {arch!r}") from None
-            raise
-        except OSError as exc:
-            raise download_error(f"timm:{arch}", "DEFAULT", "model.weights", str(exc).splitlines()[0]) from None
+        module = timm.create_model(arch, pretrained=False, **kwargs)
+    # the tag's preprocessing also fits its weights loaded from a local file, and is harmless for random ones
     cfg = module.pretrained_cfg or {}
     preprocessing = None
-    if pretrained and "mean" in cfg:
+    if "mean" in cfg:
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
         preprocessing = {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "image_size": size,
                          "resize": round(size / cfg.get("crop_pct", 0.875))}
     return ExplainedModel(module, name=f"timm:{arch}", preprocessing=preprocessing)
-
-
-def _timm_cached(timm, arch, **kwargs):
-    """Create a pretrained timm model from the local Hugging Face cache only (no network)."""
-    import os
-
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return timm.create_model(arch, pretrained=True, **kwargs)
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
 
 
 def import_factory(spec: str, key: str) -> Callable[..., Any]:

@@ -149,22 +149,28 @@ def format_table(records: list[dict], method: str | None = None) -> str:
     blocks = []
     group_order = list(dict.fromkeys(r["group"] for r in records))
     for group in group_order:
-        rows = [r for r in records if r["group"] == group and r["method"] in ("", method)]
-        if not rows:
-            continue
-        metrics = list(dict.fromkeys(r["metric"] for r in rows))
-        spaces = sorted(dict.fromkeys(r["space"] for r in rows),
-                        key=lambda sp: min(i for i, r in enumerate(rows) if r["space"] == sp))
-        cells = {(r["space"], r["metric"]): r for r in rows}
-        n = max(r["n"] for r in rows)
-        header = f"{group} ({n} neuron{'s' if n != 1 else ''})" + (f", clusters: {method}" if method else "")
-        text = {key: "" if not np.isfinite(r["mean"]) else f"{r['mean']:.3f} ± {r['std']:.3f}"
-                for key, r in cells.items()}
-        widths = [max(len(m), *(len(text.get((sp, m), "")) for sp in spaces)) + 2 for m in metrics]
-        first = max(7, *(len(sp) for sp in spaces)) + 2
-        lines = [header, f"{'space':<{first}}" + "".join(f"{m:<{w}}" for m, w in zip(metrics, widths)).rstrip()]
-        for space in spaces:
-            line = f"{space:<{first}}" + "".join(f"{text.get((space, m), ''):<{w}}" for m, w in zip(metrics, widths))
-            lines.append(line.rstrip())
-        blocks.append("\n".join(lines))
+        selected = [r for r in records if r["group"] == group and r["method"] in ("", method)]
+        # reference-space metrics and ground-truth scores as two tables, so neither grows too wide
+        for part in (("corr", "inner", "inter"), ("ARI", "NMI")):
+            rows = [r for r in selected if r["metric"].split(" ", 1)[0] in part]
+            if rows:
+                blocks.append(_block(group, rows, method))
     return "\n\n".join(blocks)
+
+
+def _block(group: str, rows: list[dict], method: str | None) -> str:
+    """One group's table: a row per space, a column per metric."""
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    spaces = list(dict.fromkeys(r["space"] for r in rows))
+    cells = {(r["space"], r["metric"]): r for r in rows}
+    n = max(r["n"] for r in rows)
+    header = f"{group} ({n} neuron{'s' if n != 1 else ''})" + (f", clusters: {method}" if method else "")
+    text = {key: "" if not np.isfinite(r["mean"]) else f"{r['mean']:.3f} ± {r['std']:.3f}"
+            for key, r in cells.items()}
+    widths = [max(len(m), *(len(text.get((sp, m), "")) for sp in spaces)) + 2 for m in metrics]
+    first = max(7, *(len(sp) for sp in spaces)) + 2
+    lines = [header, f"{'space':<{first}}" + "".join(f"{m:<{w}}" for m, w in zip(metrics, widths)).rstrip()]
+    for space in spaces:
+        line = f"{space:<{first}}" + "".join(f"{text.get((space, m), ''):<{w}}" for m, w in zip(metrics, widths))
+        lines.append(line.rstrip())
+    return "\n".join(lines)
