@@ -1,5 +1,9 @@
 """The embed stage: evaluator embeddings of every target's references (``/embeddings/<evaluator>/<target>``).
 
+With the crop view the crop boxes are kept too (``/crops/<target>`` (M, n_refs, 4) int64: row start, row
+stop, column start, column stop in the view's pixels; -1 where the whole image is used), so that figures
+can show the same crops without the model.
+
 Rows are aligned with ``/relevance/<target>``: row m, column r is the r-th reference of ``neurons[m]``.
 With the ``full`` view each distinct image is embedded once, however many neurons and targets use it.
 With the ``crop`` view (PURE) every (neuron, reference) pair is first cropped to where the neuron's CRP
@@ -146,6 +150,10 @@ def run_stage(ctx) -> None:
                 else:
                     plans = plans or {p.name: p for p in plan_targets(ctx)}
                     boxes = crop_heatmaps(ctx, plans[target], refs, evaluator.settings.crop_composite)
+                    store.write_array(f"crops/{target}", np.array(
+                        [[boxes[(m, r)] or (-1, -1, -1, -1) for r in range(refs.shape[1])] for m in range(len(refs))],
+                        np.int64), attrs={"composite": evaluator.settings.crop_composite,
+                                          "columns": ["row_start", "row_stop", "col_start", "col_stop"]})
                     rows = []
                     for m in tqdm(range(len(refs)), desc=f"embed {name} {target} (crops)",
                                   disable=not ctx.progress, leave=False):
