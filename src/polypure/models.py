@@ -38,6 +38,7 @@ from .registry import Registry
 #: Registered model factories: ``factory(weights=None, **kwargs) -> nn.Module | ExplainedModel``.
 MODELS = Registry("model", group="polypure.models")
 MODELS.register_lazy("demo_resnet", "polypure.demo_model:demo_resnet")
+MODELS.register_lazy("efficientnet_lite0", "polypure.efficientnet:efficientnet_lite0")
 
 
 @dataclass
