@@ -18,8 +18,7 @@ Example
 >>> import torch, torchvision
 >>> from polypure.attribution import ConditionalRelevance, channel_init
 >>> net = torchvision.models.resnet18().eval()
->>> engine = ConditionalRelevance(net, {"layer4": net.layer4}, "layer4",
-...                               {"layer2": net.layer2, "layer3": net.layer3})
+>>> engine = ConditionalRelevance(net, {"layer4": net.layer4}, {"layer2": net.layer2, "layer3": net.layer3})
 >>> images = torch.randn(2, 3, 64, 64)
 >>> rows, neurons = torch.tensor([0, 1, 1]), torch.tensor([5, 5, 9])
 >>> with engine:

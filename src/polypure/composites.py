@@ -79,31 +79,27 @@ def _timm_block_types():
     return BasicBlock, Bottleneck
 
 
+def _timm_residual(block, x, shortcut, act):
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    if block.downsample is not None:
+        shortcut = block.downsample(shortcut)
+    return act(block.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+
+
 def _timm_basic_forward(self, x):
     shortcut = x
     x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-    x = self.bn2(self.conv2(x))
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    if self.downsample is not None:
-        shortcut = self.downsample(shortcut)
-    return self.act2(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+    return _timm_residual(self, self.bn2(self.conv2(x)), shortcut, self.act2)
 
 
 def _timm_bottleneck_forward(self, x):
     shortcut = x
     x = self.act1(self.bn1(self.conv1(x)))
     x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-    x = self.bn3(self.conv3(x))
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    if self.downsample is not None:
-        shortcut = self.downsample(shortcut)
-    return self.act3(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+    return _timm_residual(self, self.bn3(self.conv3(x)), shortcut, self.act3)
 
 
 class TimmResNetBlockCanonizer(AttributeCanonizer):

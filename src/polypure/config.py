@@ -6,9 +6,9 @@ run with one line that names the key and the problem.
 Example
 -------
 >>> from polypure.config import load_config
->>> cfg = load_config(None, ["topk.k=10", "model.name=torchvision:resnet18"])  # the bundled demo, changed
->>> cfg.topk.k
-10
+>>> cfg = load_config(None, ["topk.k=60", "relevance.n_refs=60"])  # the bundled demo, changed
+>>> cfg.topk.k, cfg.model.name
+(60, 'demo_resnet')
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ def _check_file(path: Path | None, what: str) -> Path | None:
     return path
 
 
+def _check_python_spec(value: str, what: str) -> str:
+    """``python:MODULE:FACTORY``, where a MODULE ending in .py must be an existing file."""
+    parts = value.split(":")
+    if len(parts) != 3 or not all(parts[1:]):
+        raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
+    if parts[1].endswith(".py"):
+        _check_file(Path(parts[1]), what)
+    return value
+
+
 class ModelSection(_Section):
     """Which network to explain and where its layers are."""
 
@@ -56,13 +66,7 @@ class ModelSection(_Section):
     @field_validator("name")
     @classmethod
     def _name_file(cls, value: str) -> str:
-        if value.startswith("python:"):
-            parts = value.split(":")
-            if len(parts) != 3 or not all(parts[1:]):
-                raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
-            if parts[1].endswith(".py"):
-                _check_file(Path(parts[1]), "model file")
-        return value
+        return _check_python_spec(value, "model file") if value.startswith("python:") else value
 
     @field_validator("weights")
     @classmethod
@@ -112,11 +116,7 @@ class DataSection(_Section):
     @classmethod
     def _kind(cls, value: str) -> str:
         if value.startswith("python:"):
-            parts = value.split(":")
-            if len(parts) != 3 or not all(parts[1:]):
-                raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
-            if parts[1].endswith(".py"):
-                _check_file(Path(parts[1]), "data file")
+            _check_python_spec(value, "data file")
         elif value not in ("imagefolder", "images", "npz", "synthetic", "memory"):
             raise ValueError(f"unknown data kind {value!r}; use imagefolder, images, npz, synthetic or "
                              "python:MODULE:FACTORY")

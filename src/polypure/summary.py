@@ -11,8 +11,8 @@ Example
 >>> print(format_table([{"group": "logits", "space": "block_2", "method": "kmeans", "metric": "ARI shape",
 ...                      "mean": 0.5, "std": 0.1, "n": 4}], "kmeans"))
 logits (4 neurons), clusters: kmeans
-space      ARI shape
-block_2    0.500 ± 0.100
+space    ARI shape
+block_2  0.500 ± 0.100
 """
 
 from __future__ import annotations
