@@ -96,8 +96,10 @@ def test_resume_from_checkpoint_matches_one_pass():
         pass
 
     def checkpoint(states, done):
+        if "done" in saved:          # the checkpoint written on the way out of the interrupted pass
+            return
         saved["state"] = TopK.from_arrays(*states["c2"].arrays()[:2])
-        saved["done"] = done
+        saved["done"] = done["c2"]
         raise Stop
 
     with pytest.raises(Stop):
@@ -123,3 +125,34 @@ def test_nan_activation_names_the_sample():
     acc = TopK(channels=2, k=1)
     with pytest.raises(PolypureError, match="NaN activation at sample 8"):
         acc.update(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), torch.tensor([7, 8]))
+
+
+def test_a_bad_image_keeps_the_batches_finished_before_it(tmp_path):
+    """The pass stops with an error naming the image, and a checkpoint of all batches before it."""
+    from polypure.errors import PolypureError
+    from polypure.store import Store
+
+    dataset = dataset_with_ties()
+    original = dataset._raw
+
+    def broken(index):
+        if index == 17:
+            raise PolypureError("image 'x.jpg' (sample 17) cannot be read: truncated")
+        return original(index)
+
+    dataset._raw = broken
+    exp = Experiment(model=tiny(seed=2), dataset=dataset, store=tmp_path / "t.h5", progress=False,
+                     data={"batch_size": 4}, topk={"layers": ["c3"], "k": 3, "checkpoint_every": 100},
+                     relevance={"target_layer": "c3", "attribution_layers": ["c1"], "n_refs": 1})
+    with pytest.raises(PolypureError, match="sample 17"):
+        exp.topk()
+    with Store(tmp_path / "t.h5", "r") as store:
+        _, indices, samples_done, complete = store.topk_progress("c3")
+    assert samples_done == 16 and not complete and indices.max() < 16
+    dataset._raw = original
+    exp.topk()
+    fresh = tiny(seed=2)
+    expected = collect_topk(fresh.module, dataset, {"c3": fresh.submodule("c3")},
+                            [channel_scorer("c3", 16, "max")], k=3, batch_size=4, progress=False)["c3"]
+    with Store(tmp_path / "t.h5", "r") as store:
+        np.testing.assert_array_equal(store.topk_progress("c3")[1], expected.indices.numpy())

@@ -175,7 +175,8 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
     done : dict of str to int, optional
         Per scorer, samples before this index are already in its state and are skipped.
     checkpoint : callable, optional
-        ``checkpoint(states, samples_done)``, called every ``checkpoint_every`` batches.
+        ``checkpoint(states, done)`` with ``done`` the per-scorer count of samples in its state; called every
+        ``checkpoint_every`` batches, and when the pass stops on an error or interruption.
     progress : bool
         Show a progress bar.
 
@@ -185,33 +186,42 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
     """
     stop = len(dataset) if stop is None else stop
     states = states or {}
-    done = done or {}
+    # per scorer, the samples already in its state: only these may be skipped on resuming
+    done = {s.name: max(start, (done or {}).get(s.name, start)) for s in scorers}
     for scorer in scorers:
         states.setdefault(scorer.name, TopK(scorer.channels, k, scorer.payloads))
-    first = min([done.get(s.name, start) for s in scorers] + [stop])
+    first = min([done[s.name] for s in scorers] + [stop])
     if first >= stop:
         return states
     loader = DataLoader(Subset(dataset, range(first, stop)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, persistent_workers=False)
     position = first
     bar = tqdm(total=stop - first, desc="top-K", unit="img", disable=not progress, leave=False)
-    with torch.no_grad(), tap_layers(modules) as outputs:
-        for batch_number, (x, _) in enumerate(loader, 1):
-            n = len(x)
-            forward_to(model, x.to(device), outputs)
-            sample_idx = torch.arange(position, position + n)
-            for scorer in scorers:
-                skip = max(0, done.get(scorer.name, start) - position)
-                if skip >= n:
-                    continue
-                values, payloads = scorer.fn(outputs[scorer.layer])
-                states[scorer.name].update(values[skip:], sample_idx[skip:],
-                                           {name: p[skip:] for name, p in payloads.items()})
-            position += n
-            bar.update(n)
-            if checkpoint is not None and batch_number % checkpoint_every == 0 and position < stop:
-                checkpoint(states, position)
-    bar.close()
+    try:
+        with torch.no_grad(), tap_layers(modules) as outputs:
+            for batch_number, (x, _) in enumerate(loader, 1):
+                n = len(x)
+                forward_to(model, x.to(device), outputs)
+                sample_idx = torch.arange(position, position + n)
+                for scorer in scorers:
+                    skip = max(0, done[scorer.name] - position)
+                    if skip >= n:
+                        continue
+                    values, payloads = scorer.fn(outputs[scorer.layer])
+                    states[scorer.name].update(values[skip:], sample_idx[skip:],
+                                               {name: p[skip:] for name, p in payloads.items()})
+                    done[scorer.name] = position + n
+                position += n
+                bar.update(n)
+                if checkpoint is not None and batch_number % checkpoint_every == 0 and position < stop:
+                    checkpoint(states, dict(done))
+    except BaseException:
+        # a bad image, a crash or Ctrl-C: keep every batch finished so far
+        if checkpoint is not None and position > first:
+            checkpoint(states, dict(done))
+        raise
+    finally:
+        bar.close()
     return states
 
 
@@ -223,7 +233,7 @@ def topk_layers(config) -> list[str]:
     return list(dict.fromkeys(layers))
 
 
-def _run_pass(ctx, store, scorers: list[Scorer], modules: dict, extra_of=None) -> None:
+def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
     """One resumable streaming pass for some scorers, checkpointed into the store."""
     cfg = ctx.config.topk
     states, done = {}, {}
@@ -235,18 +245,18 @@ def _run_pass(ctx, store, scorers: list[Scorer], modules: dict, extra_of=None) -
             states[scorer.name] = TopK.from_arrays(values, indices, payloads)
             done[scorer.name] = samples_done
 
-    def save(current: dict[str, TopK], samples_done: int, complete: bool = False) -> None:
+    def save(current: dict[str, TopK], samples_done: dict[str, int], complete: bool = False) -> None:
         for scorer in scorers:
             values, indices, payloads = current[scorer.name].arrays()
-            store.write_topk(scorer.name, values, indices, cfg.statistic,
-                             max(samples_done, done.get(scorer.name, 0)), complete, extra=payloads)
+            store.write_topk(scorer.name, values, indices, cfg.statistic, samples_done[scorer.name], complete,
+                             extra=payloads)
         store.flush()
 
     n = len(ctx.dataset)
     states = collect_topk(ctx.model.module, ctx.dataset, modules, scorers, cfg.k, batch_size=ctx.batch_size,
                           num_workers=ctx.num_workers, device=ctx.device, states=states, done=done,
                           checkpoint=save, checkpoint_every=cfg.checkpoint_every, progress=ctx.progress)
-    save(states, n, complete=True)
+    save(states, {scorer.name: n for scorer in scorers}, complete=True)
 
 
 def run_stage(ctx) -> None:
