@@ -5,6 +5,7 @@
     polypure run [CONFIG] [--set KEY=VALUE ...]   every stage (no CONFIG: the bundled demo)
     polypure topk CONFIG                          one stage alone (also: relevance)
     polypure inspect STORE                        what a store holds
+    polypure report STORE                         the browsable HTML report of a store
     polypure list [KIND]                          registered models, composites, canonizers, ...
 
 Exit status: 0 success, 1 runtime failure, 2 usage or config error.
@@ -60,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=text, description=text[0].upper() + text[1:] + ".")
         _add_run_options(p, config_optional=False)
 
+    report = sub.add_parser("report", help="write the browsable HTML report of a store",
+                            description="Write a self-contained report folder (index with the summary table and "
+                                        "a sortable list of neurons, a page per neuron with its figures) that "
+                                        "opens from disk in a browser.")
+    report.add_argument("store", help="HDF5 store written by polypure")
+    report.add_argument("--out", default=None, help="output folder (default: <store>_report next to the store)")
+    report.add_argument("--neurons", type=int, default=None, help="at most this many neuron pages per target")
+    report.add_argument("--view", choices=["auto", "full", "crop"], default="auto",
+                        help="thumbnails of whole images or of the crop view's crops")
+    report.add_argument("-q", "--quiet", action="store_true")
+
     train = sub.add_parser("demo-train", help="retrain the demo model on synthetic concept images",
                            description="Train the demo ResNet from a fixed seed on fresh synthetic images with "
                                        "merged-shape labels; writes demo_resnet.safetensors and "
@@ -114,6 +126,8 @@ def _run(args) -> int:
     exp.run(stages)
     if not args.quiet:
         print(f"store: {exp.config.store_path}")
+        if exp.report_path is not None:
+            print(f"report: {exp.report_path}")
     return 0
 
 
@@ -126,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             from .inspect import describe
             print(describe(args.store, show_config=not args.no_config))
+            return 0
+        if args.command == "report":
+            from .report import write_report
+            print(write_report(args.store, out=args.out, max_neurons=args.neurons, view=args.view,
+                               progress=not args.quiet))
             return 0
         if args.command == "demo-train":
             from .demo_model import train_demo

@@ -294,6 +294,7 @@ class ReportSection(_Section):
     enabled: bool = True
     out: Path | None = None
     neurons: int | None = Field(None, ge=1)
+    view: Literal["auto", "full", "crop"] = "auto"
 
 
 class Config(_Section):

@@ -111,6 +111,7 @@ class Experiment:
         self._dataset: PolypureDataset | None = None
         self._shapes: dict[str, tuple] = {}
         self._store_checked = False
+        self.report_path = None
 
     def _check_evaluators(self) -> None:
         """Validate evaluator names and settings now, so that a typo fails before hours of work."""
@@ -253,6 +254,18 @@ class Experiment:
         """Compute per-neuron metrics and the summary table from the store."""
         from . import evaluate
         self.summary = evaluate.run_stage(self)
+        return self
+
+    def report(self) -> "Experiment":
+        """Write the browsable HTML report of the store (``report.enabled``); its path is ``report_path``."""
+        cfg = self.config.report
+        if not cfg.enabled:
+            self.log("report: disabled (report.enabled: false), skipped")
+            return self
+        from .report import write_report
+        self.report_path = write_report(self.config.store_path, out=cfg.out, dataset=self.dataset,
+                                        max_neurons=cfg.neurons, view=cfg.view, progress=self.progress)
+        self.log(f"report: {self.report_path}")
         return self
 
     def run(self, stages: list[str] | None = None) -> "Experiment":

@@ -1,0 +1,726 @@
+"""Figures of a polypure store, each written as PNG and SVG.
+
+The seed paper's distance matrices (Figure 2), correlation scatter (3a) and bars (3b), per-neuron UMAPs
+with cluster image grids (Figure 4, PURE 1b), and the ground-truth table.
+
+Example
+-------
+>>> import numpy as np
+>>> from polypure.data import ArrayDataset
+>>> from polypure.figures import thumbnail
+>>> thumbnail(ArrayDataset(np.zeros((2, 28, 28), np.uint8)), 1, size=16).shape
+(16, 16, 3)
+>>> from polypure.figures import space_bars                              # doctest: +SKIP
+>>> space_bars("storage/demo.h5", "block_3", "clip", "figures")          # doctest: +SKIP
+[PosixPath('figures/bars_block_3_clip.png'), PosixPath('figures/bars_block_3_clip.svg')]
+
+Every function takes a :class:`~polypure.store.Store` or the path of one, reads only documented store
+paths, and draws on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot state and no
+display, so figures can be made from worker processes and servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib import colormaps, rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .evaluate import reference_indices
+from .metrics import pairwise_distances
+from .store import Store, read_attr
+
+#: Formats every figure function writes.
+FORMATS = ("png", "svg")
+#: References shown per cluster (the seed paper's Figure 4 shows the top 8).
+TOP_PER_CLUSTER = 8
+
+_NOISE_COLOUR = "#9a9a9a"
+_LAYER_COLOURS = ("#1b6ca8", "#e07b00", "#2a9d3f", "#c8334a", "#7e57c2", "#8c564b", "#d459ad", "#17becf")
+_CLUSTER_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+                    "#17becf", "#7f7f7f")
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading the store
+
+
+@contextlib.contextmanager
+def opened(store):
+    """A :class:`Store` for ``store`` (a Store, used as is, or a path, opened read-only and closed after)."""
+    if isinstance(store, Store):
+        yield store
+        return
+    with Store(store, "r") as st:
+        yield st
+
+
+def safe_name(text: str) -> str:
+    """``text`` made safe as a file name (``block_3@planted`` -> ``block_3-planted``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-.") or "_"
+
+
+def attribution_layers(store: Store, target: str) -> list[str]:
+    """The attribution layers of a relevance target, lowest first."""
+    group = store.file[f"relevance/{target}"]
+    if "attribution_layers" in group.attrs:
+        return [name for name in read_attr(group.attrs["attribution_layers"]) if name in group]
+    return [name for name in group if name not in ("neurons", "activation", "complete")]
+
+
+def feature_spaces(store: Store, target: str) -> list[str]:
+    """The relevance spaces of a target: its attribution layers, then ``activation``."""
+    return [*attribution_layers(store, target), "activation"]
+
+
+def neuron_ids(store: Store, target: str) -> np.ndarray:
+    """Channel (or virtual-neuron) id of every row of a target."""
+    return store.file[f"relevance/{target}/neurons"][()]
+
+
+def references(store: Store, target: str) -> list[str]:
+    """Reference spaces with distance correlations stored for a target, in the config's order.
+
+    ``clip``, ``dinov2``, ... in the order of the store config's ``evaluate.references``, then any others.
+    """
+    path = f"metrics/{target}/distance_correlation"
+    if path not in store:
+        return []
+    found = list(store.file[path].keys())
+    try:
+        listed = ((yaml.safe_load(store.config_yaml) or {}).get("evaluate") or {}).get("references") or []
+    except (yaml.YAMLError, AttributeError):
+        listed = []
+    # the config's order (the first reference is the main one), then any others the store holds
+    return [r for r in listed if r in found] + [r for r in found if r not in listed]
+
+
+def correlations(store: Store, target: str, reference: str) -> dict[str, np.ndarray]:
+    """Per-neuron distance correlation with ``reference`` of every stored space.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Space -> (M,) float64, in the order attribution layers, ``activation``, other spaces (such as
+        another reference, DINOv2).
+    """
+    path = f"metrics/{target}/distance_correlation/{reference}"
+    if path not in store:
+        return {}
+    stored = store.file[path]
+    order = [s for s in feature_spaces(store, target) if s in stored]
+    order += sorted(s for s in stored if s not in order)
+    return {space: stored[space][()] for space in order}
+
+
+def cluster_methods(store: Store, target: str) -> list[str]:
+    """Method ids with stored clusterings for a target, in the order first found."""
+    path = f"clusters/{target}"
+    if path not in store:
+        return []
+    return list(dict.fromkeys(m for space in store.file[path].values() for m in space))
+
+
+def cluster_labels(store: Store, target: str, space: str, method: str, row: int) -> np.ndarray | None:
+    """One neuron's cluster labels in one space, or None where that clustering is not stored."""
+    path = f"clusters/{target}/{space}/{method}"
+    return store.file[path][row] if path in store else None
+
+
+def crop_boxes(store: Store, target: str, view: str = "auto") -> np.ndarray | None:
+    """The crop boxes of a target's references (M, n_refs, 4) for the chosen view, or None for full images.
+
+    ``view`` is ``auto`` (crops where the store has them), ``crop`` or ``full``.
+    """
+    if view not in ("auto", "crop", "full"):
+        raise ValueError(f"view must be auto, crop or full, not {view!r}")
+    path = f"crops/{target}"
+    if view == "full" or path not in store:
+        return None
+    return store.file[path][()]
+
+
+def _features(store: Store, target: str, space: str, row: int) -> np.ndarray:
+    relevance = f"relevance/{target}/{space}"
+    path = relevance if relevance in store else f"embeddings/{space}/{target}"
+    return np.asarray(store.file[path][row], np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# images
+
+
+def thumbnail(dataset, sample_index: int, crop_box=None, size: int = 64) -> np.ndarray:
+    """A sample's view as a square RGB uint8 thumbnail.
+
+    Parameters
+    ----------
+    dataset : polypure.data.PolypureDataset
+        Supplies ``view(i)``: float (C, H, W) in [0, 1].
+    sample_index : int
+    crop_box : sequence of 4 int, optional
+        (row start, row stop, column start, column stop) as in ``/crops/<target>``; -1 or an empty box
+        means the whole image.
+    size : int
+        Side of the thumbnail in pixels; the image is fitted inside and centred on white.
+
+    Returns
+    -------
+    ndarray, shape (size, size, 3), uint8
+    """
+    from PIL import Image
+
+    img = dataset.view(int(sample_index))
+    img = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, np.float32)
+    if img.ndim == 2:
+        img = img[None]
+    img = np.repeat(img, 3, axis=0) if img.shape[0] == 1 else img[:3]
+    if crop_box is not None and min(int(v) for v in crop_box) >= 0:
+        r1, r2, c1, c2 = (int(v) for v in crop_box)
+        cut = img[:, r1:r2, c1:c2]
+        # the embed stage falls back to the whole image for an empty crop; show what it embedded
+        if cut.size and cut.any():
+            img = cut
+    pixels = (np.clip(img.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+    h, w = pixels.shape[:2]
+    scale = size / max(h, w)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resized = np.asarray(Image.fromarray(pixels).resize(new, Image.Resampling.LANCZOS if scale < 1
+                                                        else Image.Resampling.NEAREST))
+    out = np.full((size, size, 3), 255, np.uint8)
+    top, left = (size - new[1]) // 2, (size - new[0]) // 2
+    out[top:top + new[1], left:left + new[0]] = resized
+    return out
+
+
+def mosaic(images: Sequence[np.ndarray], columns: int = 4, rows: int = 2, gap: int = 2) -> np.ndarray:
+    """Square thumbnails laid out in a grid on white (empty slots stay white)."""
+    size = images[0].shape[0] if len(images) else 8
+    out = np.full((rows * size + (rows - 1) * gap, columns * size + (columns - 1) * gap, 3), 255, np.uint8)
+    for i, img in enumerate(images[:rows * columns]):
+        r, c = divmod(i, columns)
+        out[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = img
+    return out
+
+
+def top_per_cluster(labels: np.ndarray, count: int = TOP_PER_CLUSTER) -> dict[int, np.ndarray]:
+    """Positions (in top-K order, so the most activating first) of the first ``count`` references per cluster."""
+    out = {}
+    for cluster in sorted(set(labels.tolist()), key=lambda c: (c < 0, c)):
+        out[int(cluster)] = np.flatnonzero(labels == cluster)[:count]
+    return out
+
+
+def cluster_colour(cluster: int) -> str:
+    """The colour of a cluster in every figure (grey for noise, label -1)."""
+    return _NOISE_COLOUR if cluster < 0 else _CLUSTER_COLOURS[cluster % len(_CLUSTER_COLOURS)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=(width, height), layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out_dir, stem: str, formats: Iterable[str] = FORMATS, dpi: int = 110) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    # a fixed hash salt and no date keep the SVG identical from run to run
+    with rc_context({"svg.hashsalt": "polypure", "svg.fonttype": "none"}):
+        for fmt in formats:
+            path = out_dir / f"{stem}.{fmt}"
+            metadata = {"Date": None} if fmt == "svg" else None
+            fig.savefig(path, format=fmt, dpi=dpi, metadata=metadata)
+            paths.append(path)
+    return paths
+
+
+def _panel(ax, name: str) -> None:
+    """Name an axes in the SVG (``id="panel-<name>"``), so tests and tools can find each panel."""
+    ax.set_gid(f"panel-{safe_name(name)}")
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures
+
+
+def distance_matrices(store, target: str, neuron_row: int, reference: str, out_dir, *,
+                      formats: Iterable[str] = FORMATS, stem: str | None = None) -> list[Path]:
+    """Distance matrices of one neuron's references in a reference space and every relevance space.
+
+    The seed paper's Figure 2: the Euclidean distances between the references in the reference space
+    (``/embeddings/<reference>/<target>``), then at every attribution layer and in the activation space,
+    each titled with its stored distance correlation with the reference.
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    target : str
+        A relevance target (``block_3``, ``logits``, ``block_3@planted``).
+    neuron_row : int
+        Row of the neuron in ``/relevance/<target>`` (not its channel id).
+    reference : str
+        An evaluator with stored embeddings (``clip``).
+    out_dir : str or Path
+    formats : iterable of str
+        File formats to write.
+    stem : str, optional
+        File name without suffix (default ``distances_<target>_<neuron>_<reference>``).
+
+    Returns
+    -------
+    list of Path
+        The written files, one per format.
+    """
+    with opened(store) as st:
+        neuron = int(neuron_ids(st, target)[neuron_row])
+        spaces = feature_spaces(st, target)
+        panels = [(f"{reference} (reference)", reference, _features(st, target, reference, neuron_row), None)]
+        corr = correlations(st, target, reference)
+        for space in spaces:
+            value = corr[space][neuron_row] if space in corr else float("nan")
+            panels.append((f"{space}\nr = {_fmt(value)}", space, _features(st, target, space, neuron_row), value))
+    n_refs = len(panels[0][2])
+    # a fixed layout instead of a layout engine: this figure is drawn for every neuron page of a report
+    fig = _figure(2.3 * len(panels) + 0.3, 3.0, layout=None)
+    fig.subplots_adjust(left=0.2 / len(panels), right=1 - 0.1 / len(panels), top=0.76, bottom=0.07, wspace=0.18)
+    axes = fig.subplots(1, len(panels))
+    for ax, (title, name, features, _) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(pairwise_distances(features), cmap="viridis", interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([0, n_refs - 1], ["1", str(n_refs)], fontsize=7)
+        ax.set_yticks([0, n_refs - 1], ["1", str(n_refs)], fontsize=7)
+        _panel(ax, name)
+    # distances of different spaces have different units; only their pattern is compared
+    fig.suptitle(f"{target} neuron {neuron}: distances between its {n_refs} references (top-K order; dark = "
+                 "close, each panel on its own scale)", fontsize=10)
+    paths = _save(fig, out_dir, stem or f"distances_{safe_name(target)}_{neuron}_{safe_name(reference)}", formats)
+    return paths
+
+
+def correlation_scatter(store, target: str, reference: str, out_dir, *, n_labels: int = 3,
+                        formats: Iterable[str] = FORMATS, stem: str | None = None) -> list[Path]:
+    """Per-neuron correlation of each earlier attribution layer against the last one (seed Figure 3a).
+
+    x is the neuron's distance correlation with ``reference`` at the last attribution layer (the layer
+    just below the target, PURE's choice), y the same at each earlier layer, one colour per layer;
+    points above the dashed y = x line are neurons an earlier layer splits better.
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    target : str
+    reference : str
+    out_dir : str or Path
+    n_labels : int
+        Neurons labelled by channel id: this many with the largest y - x per earlier layer, and this many
+        with the highest x.
+    formats : iterable of str
+    stem : str, optional
+        Default ``scatter_<target>_<reference>``.
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    ValueError
+        If the target has fewer than two attribution layers or no correlations with ``reference``.
+    """
+    with opened(store) as st:
+        layers = attribution_layers(st, target)
+        corr = correlations(st, target, reference)
+        neurons = neuron_ids(st, target)
+    if len(layers) < 2 or not all(layer in corr for layer in layers):
+        raise ValueError(f"{target}: a scatter needs correlations with {reference!r} at two or more attribution "
+                         f"layers (found {', '.join(s for s in layers if s in corr) or 'none'})")
+    last, earlier = layers[-1], layers[:-1]
+    x = corr[last]
+    fig = _figure(5.6, 5.2)
+    ax = fig.subplots()
+    _panel(ax, "scatter")
+    values = np.concatenate([x, *(corr[layer] for layer in earlier)])
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], "--", color="0.45", lw=1, label="y = x", zorder=1)
+    labelled: dict[int, tuple[float, float]] = {}
+    for i, layer in enumerate(earlier):
+        y = corr[layer]
+        ax.scatter(x, y, s=16, alpha=0.75, color=_LAYER_COLOURS[i % len(_LAYER_COLOURS)], label=layer,
+                   edgecolors="none", zorder=2)
+        gap = np.where(np.isfinite(y - x), y - x, -np.inf)
+        for row in np.argsort(-gap, kind="stable")[:n_labels]:
+            if gap[row] > 0 and row not in labelled:
+                labelled[int(row)] = (float(x[row]), float(y[row]))
+    best_y = np.fmax.reduce(np.stack([corr[layer] for layer in earlier]), axis=0)
+    for row in np.argsort(-np.where(np.isfinite(x), x, -np.inf), kind="stable")[:n_labels]:
+        if np.isfinite(x[row]) and row not in labelled:
+            labelled[int(row)] = (float(x[row]), float(best_y[row]))
+    for row, (px, py) in labelled.items():
+        if np.isfinite(px) and np.isfinite(py):
+            ax.annotate(f"#{int(neurons[row])}", (px, py), xytext=(4, 3), textcoords="offset points", fontsize=8,
+                        zorder=3)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"correlation with {reference}: {last} (previous layer)")
+    ax.set_ylabel(f"correlation with {reference}: earlier layer")
+    ax.set_title(f"{target}: {len(x)} neurons", fontsize=11)
+    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    return _save(fig, out_dir, stem or f"scatter_{safe_name(target)}_{safe_name(reference)}", formats)
+
+
+def space_bars(store, target: str, reference: str, out_dir, *, formats: Iterable[str] = FORMATS,
+               stem: str | None = None) -> list[Path]:
+    """Mean and standard deviation over neurons of the correlation with ``reference`` per space (seed Figure 3b).
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    target : str
+    reference : str
+    out_dir : str or Path
+    formats : iterable of str
+    stem : str, optional
+        Default ``bars_<target>_<reference>``.
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    ValueError
+        If the store has no correlations of ``target`` with ``reference``.
+    """
+    with opened(store) as st:
+        corr = correlations(st, target, reference)
+        layers = attribution_layers(st, target)
+    if not corr:
+        raise ValueError(f"{target}: no distance correlations with {reference!r} in the store")
+    names = list(corr)
+    means = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in corr.values()])
+    stds = np.array([np.nanstd(v) if np.isfinite(v).any() else np.nan for v in corr.values()])
+    colours = [_LAYER_COLOURS[0] if n in layers else "#6c757d" if n == "activation" else "#e07b00" for n in names]
+    fig = _figure(max(3.6, 0.85 * len(names) + 1.6), 3.8)
+    ax = fig.subplots()
+    _panel(ax, "bars")
+    positions = np.arange(len(names))
+    ax.bar(positions, np.nan_to_num(means), yerr=np.nan_to_num(stds), capsize=4, color=colours, width=0.65)
+    for pos, mean, std in zip(positions, means, stds):
+        # above the error bar, where the value never collides with the bar or the whisker
+        top = (np.nan_to_num(mean) + np.nan_to_num(std)) if not np.isfinite(mean) or mean >= 0 else np.nan_to_num(mean)
+        ax.annotate(_fmt(mean), (pos, top), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xticks(positions, names, rotation=30 if len(names) > 5 else 0, ha="right" if len(names) > 5 else "center")
+    ax.set_ylabel(f"correlation with {reference} distances")
+    n = max(int(np.isfinite(v).sum()) for v in corr.values())
+    ax.set_title(f"{target}: mean ± std over {n} neurons", fontsize=11)
+    return _save(fig, out_dir, stem or f"bars_{safe_name(target)}_{safe_name(reference)}", formats)
+
+
+_umap_cached = False
+
+
+def _cache_umap_kernels() -> None:
+    """Keep umap-learn's compiled numba kernels on disk across processes.
+
+    umap-learn compiles its parallel kernels (k-nn, fuzzy simplicial set, layout epochs) without numba's
+    disk cache, about 10 s on two cores at the first UMAP of every process; a report or a test would pay
+    that each time. Turning the cache on for those dispatchers before their first call makes it a one-off.
+    """
+    global _umap_cached
+    if _umap_cached:
+        return
+    _umap_cached = True
+    try:
+        import umap.layouts
+        import umap.umap_
+        import umap.utils
+        from numba.core.caching import NullCache
+        from numba.core.registry import CPUDispatcher
+    except ImportError:
+        return
+    for module in (umap.umap_, umap.layouts, umap.utils):
+        for kernel in list(vars(module).values()):
+            if isinstance(kernel, CPUDispatcher) and isinstance(getattr(kernel, "_cache", None), NullCache):
+                # a kernel numba cannot cache just compiles as before
+                with contextlib.suppress(Exception):
+                    kernel.enable_caching()
+
+
+def umap_embedding(features: np.ndarray, random_state: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """2-D UMAP of one neuron's reference vectors (umap-learn, Euclidean, seeded).
+
+    ``n_neighbors`` is lowered to one less than the number of references, as UMAP requires. With fewer
+    than four references (or all of them identical) there is no neighbourhood to learn, and the first two
+    principal components stand in.
+    """
+    features = np.asarray(features, np.float64)
+    if not np.isfinite(features).all():
+        raise ValueError("the features have missing values (is the neuron's relevance complete?)")
+    n = len(features)
+    spread = np.ptp(features, axis=0).max() if n else 0.0
+    if n < 4 or not spread > 0:
+        centred = features - features.mean(0) if n else features
+        coords = np.zeros((n, 2))
+        if n and spread > 0:
+            u, s, _ = np.linalg.svd(centred, full_matrices=False)
+            k = min(2, len(s))
+            coords[:, :k] = u[:, :k] * s[:k]
+        return coords
+    import umap
+
+    _cache_umap_kernels()
+    with warnings.catch_warnings():
+        # umap warns that a fixed random_state disables parallelism, and about tiny graphs; both expected
+        warnings.simplefilter("ignore")
+        reducer = umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), n_components=2, metric="euclidean",
+                            random_state=random_state, init="spectral" if n > 10 else "random")
+        return reducer.fit_transform(features)
+
+
+def neuron_umap(store, dataset, target: str, neuron_row: int, out_dir, method: str = "kmeans", *,
+                spaces: Sequence[str] | None = None, view: str = "auto", thumb_size: int = 24,
+                grid_size: int = 48, random_state: int = 0, formats: Iterable[str] = FORMATS,
+                stem: str | None = None) -> list[Path]:
+    """One neuron's references in every space: UMAP, clusters and top references (seed Figure 4, PURE Figure 1b).
+
+    One row per space: the UMAP of the relevance vectors (one UMAP per space) with each reference's
+    thumbnail framed in its cluster's colour (``/clusters/<target>/<space>/<method>``), then one image grid
+    per cluster with its first :data:`TOP_PER_CLUSTER` references in top-K order (the most activating).
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    dataset : polypure.data.PolypureDataset or None
+        Supplies the images; None draws points only and no grids.
+    target : str
+    neuron_row : int
+        Row of the neuron in ``/relevance/<target>``.
+    out_dir : str or Path
+    method : str
+        Cluster method id whose labels colour the points.
+    spaces : sequence of str, optional
+        Default: the attribution layers, then ``activation``. Evaluator spaces (``clip``) are allowed.
+    view : {"auto", "full", "crop"}
+        Crop the thumbnails to ``/crops/<target>`` (``auto``: when the store has crops).
+    thumb_size, grid_size : int
+        Thumbnail sides in pixels at the UMAP points and in the cluster grids.
+    random_state : int
+        Seeds UMAP.
+    formats : iterable of str
+    stem : str, optional
+        Default ``umap_<target>_<neuron>_<method>``.
+
+    Returns
+    -------
+    list of Path
+    """
+    with opened(store) as st:
+        neuron = int(neuron_ids(st, target)[neuron_row])
+        spaces = list(spaces) if spaces is not None else feature_spaces(st, target)
+        refs = reference_indices(st, target)[neuron_row]
+        features = {space: _features(st, target, space, neuron_row) for space in spaces}
+        labels = {space: cluster_labels(st, target, space, method, neuron_row) for space in spaces}
+        boxes = crop_boxes(st, target, view)
+    n_refs = len(refs)
+    boxes_row = boxes[neuron_row] if boxes is not None else [None] * n_refs
+    small = big = None
+    if dataset is not None:
+        big = [thumbnail(dataset, int(i), box, size=grid_size) for i, box in zip(refs, boxes_row)]
+        small = [_shrink(img, thumb_size) for img in big]
+    clustered = {s for s, lab in labels.items() if lab is not None}
+    # an unclustered space is drawn as one group, so its references still show
+    labels = {s: lab if lab is not None else np.zeros(n_refs, np.int64) for s, lab in labels.items()}
+    groups = {s: top_per_cluster(lab) for s, lab in labels.items()}
+    columns = 1 + (max(len(g) for g in groups.values()) if big is not None else 0)
+    row_height = 3.0
+    # the UMAP gets a square panel, each cluster grid (2 x 4 thumbnails) one twice as wide; a fixed layout
+    # rather than a layout engine, because a report draws this figure for every neuron page
+    width, height = row_height * (1.0 + 2.0 * (columns - 1)) + 0.5, row_height * len(spaces) + 0.6
+    fig = _figure(width, height, layout=None)
+    grid = fig.add_gridspec(len(spaces), columns, width_ratios=[1.0] + [2.0] * (columns - 1),
+                            left=0.15 / width, right=1 - 0.15 / width, bottom=0.1 / height,
+                            top=1 - 0.6 / height, wspace=0.08, hspace=0.14)
+    for r, space in enumerate(spaces):
+        coords = umap_embedding(features[space], random_state=random_state)
+        ax = fig.add_subplot(grid[r, 0])
+        _panel(ax, f"umap-{space}")
+        colours = [cluster_colour(c) for c in labels[space]]
+        if small is None:
+            ax.scatter(coords[:, 0], coords[:, 1], c=colours, s=18)
+            _pad_limits(ax, coords)
+        else:
+            # one composited raster instead of an artist per thumbnail: ten times faster to save, small SVGs
+            ax.imshow(umap_canvas(coords, small, colours), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{space}: UMAP ({method if space in clustered else 'not clustered'})", fontsize=9)
+        if big is None:
+            continue
+        for c, (cluster, positions) in enumerate(groups[space].items()):
+            cax = fig.add_subplot(grid[r, 1 + c])
+            _panel(cax, f"grid-{space}-{cluster}")
+            cax.imshow(mosaic([big[p] for p in positions]), interpolation="nearest")
+            cax.set_xticks([])
+            cax.set_yticks([])
+            for spine in cax.spines.values():
+                spine.set_edgecolor(cluster_colour(cluster))
+                spine.set_linewidth(3)
+            count = int((labels[space] == cluster).sum())
+            name = "noise" if cluster < 0 else f"cluster {cluster}" if space in clustered else "all"
+            cax.set_title(f"{space} {name}: {count} of {n_refs} refs", fontsize=9)
+    fig.suptitle(f"{target} neuron {neuron}: references by space", fontsize=11, y=1 - 0.1 / height)
+    return _save(fig, out_dir, stem or f"umap_{safe_name(target)}_{neuron}_{safe_name(method)}", formats, dpi=100)
+
+
+def umap_canvas(coords: np.ndarray, thumbs: Sequence[np.ndarray], colours: Sequence[str], side: int = 380,
+                border: int = 2) -> np.ndarray:
+    """Thumbnails pasted at their 2-D positions on a white square, each framed in its colour.
+
+    Parameters
+    ----------
+    coords : ndarray, shape (n, 2)
+        Positions (any scale; y grows upwards as in a plot).
+    thumbs : sequence of ndarray (t, t, 3) uint8
+    colours : sequence of matplotlib colours
+    side : int
+        Canvas side in pixels.
+    border : int
+        Frame width in pixels.
+
+    Returns
+    -------
+    ndarray, shape (side, side, 3), uint8
+    """
+    from matplotlib.colors import to_rgb
+
+    canvas = np.full((side, side, 3), 255, np.uint8)
+    if not len(coords):
+        return canvas
+    t = thumbs[0].shape[0] + 2 * border
+    lo, hi = coords.min(0), coords.max(0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    free = side - t
+    cols = np.rint((coords[:, 0] - lo[0]) / span[0] * free).astype(int)
+    rows = np.rint((hi[1] - coords[:, 1]) / span[1] * free).astype(int)
+    for r, c, img, colour in zip(rows, cols, thumbs, colours):
+        canvas[r:r + t, c:c + t] = np.rint(np.array(to_rgb(colour)) * 255).astype(np.uint8)
+        canvas[r + border:r + t - border, c + border:c + t - border] = img
+    return canvas
+
+
+def _shrink(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if img.shape[0] == size:
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def _pad_limits(ax, coords: np.ndarray) -> None:
+    """Leave a margin around the outermost points, so that none is cut by the frame."""
+    if not len(coords):
+        return
+    lo, hi = coords.min(0), coords.max(0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    ax.set_xlim(lo[0] - 0.12 * span[0], hi[0] + 0.12 * span[0])
+    ax.set_ylim(lo[1] - 0.12 * span[1], hi[1] + 0.12 * span[1])
+
+
+def ground_truth_table(store, out_dir, method: str | None = None, *, formats: Iterable[str] = FORMATS,
+                       stem: str = "ground_truth") -> list[Path]:
+    """The ground-truth scores of the summary table as annotated heatmaps (groups x spaces, ARI mean ± std).
+
+    One panel per label set (``ARI planted``, ``ARI shape``, ...), each with the groups that have it.
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    out_dir : str or Path
+    method : str, optional
+        Cluster method id (default: the first in the table).
+    formats : iterable of str
+    stem : str
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    ValueError
+        If ``/metrics/summary`` has no ARI rows.
+    """
+    from . import summary
+
+    with opened(store) as st:
+        records = [r for r in summary.read(st) if str(r["metric"]).startswith("ARI")]
+        targets = st.relevance_targets()
+        layer_order = {target: attribution_layers(st, target) for target in targets}
+    if not records:
+        raise ValueError("the store's summary table has no ground-truth (ARI) rows")
+    method = method or records[0]["method"]
+    records = [r for r in records if r["method"] == method]
+    if not records:
+        raise ValueError(f"the summary table has no ARI rows for cluster method {method!r}")
+    metrics = list(dict.fromkeys(r["metric"] for r in records))
+    found = list(dict.fromkeys(r["space"] for r in records))
+    layers = list(dict.fromkeys(layer for target in targets for layer in layer_order[target]))
+    # layers lowest first across all targets, then activation, then evaluator spaces
+    spaces = [s for s in layers if s in found] + [s for s in ("activation",) if s in found]
+    spaces += [s for s in found if s not in spaces]
+    panels = []
+    for metric in metrics:
+        rows = [r for r in records if r["metric"] == metric]
+        groups = list(dict.fromkeys(r["group"] for r in rows if r["n"] > 0))
+        cells = {(r["group"], r["space"]): r for r in rows}
+        mean = np.full((len(groups), len(spaces)), np.nan)
+        std = np.full_like(mean, np.nan)
+        for i, group in enumerate(groups):
+            for j, space in enumerate(spaces):
+                cell = cells.get((group, space))
+                if cell is not None and cell["n"] > 0:
+                    mean[i, j], std[i, j] = cell["mean"], cell["std"]
+        if groups:
+            panels.append((metric, groups, mean, std))
+    label_width = max(len(g) for _, groups, _, _ in panels for g in groups)
+    fig = _figure(1.15 * len(spaces) + 0.09 * label_width + 1.8,
+                  sum(0.42 * len(groups) + 0.75 for _, groups, _, _ in panels) + 0.4)
+    grid = fig.add_gridspec(len(panels), 1, height_ratios=[len(groups) + 1.6 for _, groups, _, _ in panels])
+    for k, (metric, groups, mean, std) in enumerate(panels):
+        ax = fig.add_subplot(grid[k])
+        _panel(ax, metric)
+        shown = np.ma.masked_invalid(mean)
+        image = ax.imshow(shown, cmap=colormaps["viridis"].with_extremes(bad="#eeeeee"),
+                          vmin=min(0.0, float(np.nanmin(mean))), vmax=1.0, aspect="auto")
+        for i in range(len(groups)):
+            for j in range(len(spaces)):
+                if np.isfinite(mean[i, j]):
+                    ax.text(j, i, f"{mean[i, j]:.2f}\n± {std[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if mean[i, j] > 0.55 else "white")
+        ax.set_xticks(range(len(spaces)), spaces, fontsize=8)
+        ax.set_yticks(range(len(groups)), groups, fontsize=8)
+        ax.set_title(f"{metric} (clusters: {method})", fontsize=10)
+        fig.colorbar(image, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=6)
+    return _save(fig, out_dir, stem, formats)

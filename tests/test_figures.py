@@ -1,0 +1,167 @@
+"""Figures: every function writes PNG and SVG with the panels it promises, read from a small real store."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from polypure import Experiment, figures
+from polypure.data import ArrayDataset
+from polypure.store import Store
+
+from .conftest import random_images
+from .nets import tiny
+
+K = 12
+_BUILT: dict = {}
+
+
+def small_store(tmp_path_factory):
+    """A store with every section a report reads, built once per test session (shared with test_report).
+
+    Two relevance targets and planted neurons (``c3@planted``), k-means clusters, two reference spaces
+    (``labels`` and a second labels space, ``classes``: no CLIP download, and fast), ground truth
+    against the planted split and the class.
+    """
+    if "path" not in _BUILT:
+        path = tmp_path_factory.mktemp("figstore") / "small.h5"
+        dataset = random_images(40, 32, seed=3)
+        Experiment(model=tiny(seed=2), dataset=dataset, store=path, progress=False,
+                   topk={"layers": ["c3"], "k": K},
+                   relevance={"targets": [{"layer": "c3", "neurons": [0, 2, 4, 6, 8],
+                                           "attribution_layers": ["c1", "c2"]},
+                                          {"layer": "logits", "neurons": "all", "attribution_layers": ["c1", "c2"]}],
+                              "n_refs": K, "planted": {"pairs": 2, "layer": "c3", "mode": "max", "max_overlap": 1.0}},
+                   evaluate={"references": ["labels", "classes"], "classes": {"evaluator": "labels"},
+                             "ground_truth": ["planted", "class"]},
+                   ).run(["topk", "relevance", "embed", "cluster", "evaluate"])
+        _BUILT.update(path=path, dataset=dataset)
+    return _BUILT["path"], _BUILT["dataset"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return small_store(tmp_path_factory)
+
+
+def panels(svg_path) -> list[str]:
+    """The named panels (axes) of a figure, from its SVG."""
+    return re.findall(r'id="panel-([^"]+)"', svg_path.read_text())
+
+
+def check_written(paths, stem):
+    assert [p.suffix for p in paths] == [".png", ".svg"]
+    assert all(p.is_file() and p.stem == stem for p in paths)
+    with Image.open(paths[0]) as img:
+        assert img.size[0] > 200 and img.size[1] > 150
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 20      # drawn, not blank
+    return paths[1]
+
+
+def test_distance_matrices_show_reference_and_every_space_with_its_stored_correlation(built, tmp_path):
+    path, _ = built
+    with Store(path) as store:
+        paths = figures.distance_matrices(store, "c3", 1, "labels", tmp_path)
+        corr = store.read("metrics/c3/distance_correlation/labels/c2")[1]
+    svg = check_written(paths, "distances_c3_2_labels")
+    assert panels(svg) == ["labels", "c1", "c2", "activation"]
+    assert f"r = {corr:.2f}" in svg.read_text()
+
+
+def test_correlation_scatter_labels_the_neuron_an_earlier_layer_splits_best(built, tmp_path):
+    path, _ = built
+    paths = figures.correlation_scatter(str(path), "c3", "labels", tmp_path, n_labels=1)
+    svg = check_written(paths, "scatter_c3_labels")
+    assert panels(svg) == ["scatter"]
+    with h5py.File(path, "r") as f:
+        gap = f["metrics/c3/distance_correlation/labels/c1"][()] - f["metrics/c3/distance_correlation/labels/c2"][()]
+        neurons = f["relevance/c3/neurons"][()]
+    text = svg.read_text()
+    if np.nanmax(gap) > 0:
+        assert f"#{neurons[np.nanargmax(gap)]}" in text
+    assert "c1" in text and "y = x" in text
+
+
+def test_scatter_needs_two_attribution_layers(built, tmp_path):
+    path, _ = built
+    copy = tmp_path / "one_layer.h5"
+    shutil.copy(path, copy)
+    with h5py.File(copy, "a") as f:
+        f["relevance/c3"].attrs["attribution_layers"] = ["c2"]
+    with pytest.raises(ValueError, match="two or more attribution layers"):
+        figures.correlation_scatter(copy, "c3", "labels", tmp_path)
+
+
+def test_space_bars_have_a_bar_per_space_and_other_references(built, tmp_path):
+    path, _ = built
+    paths = figures.space_bars(path, "logits", "labels", tmp_path)
+    svg = check_written(paths, "bars_logits_labels")
+    assert panels(svg) == ["bars"]
+    text = svg.read_text()
+    for name in ("c1", "c2", "activation", "classes"):
+        assert f">{name}<" in text
+    with h5py.File(path, "r") as f:
+        mean = np.nanmean(f["metrics/logits/distance_correlation/labels/c2"][()])
+    assert f"{mean:.2f}" in text
+
+
+def test_neuron_umap_has_a_umap_per_space_and_a_grid_per_cluster(built, tmp_path):
+    path, dataset = built
+    paths = figures.neuron_umap(path, dataset, "c3@planted", 0, tmp_path)
+    svg = check_written(paths, "umap_c3-planted_0_kmeans")
+    expected = []
+    with h5py.File(path, "r") as f:
+        for space in ("c1", "c2", "activation"):
+            expected.append(f"umap-{space}")
+            expected += [f"grid-{space}-{c}" for c in sorted(set(f[f"clusters/c3@planted/{space}/kmeans"][0]))]
+    assert panels(svg) == expected
+    with Image.open(paths[0]) as img:
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 2000     # the random-pixel thumbnails are there
+
+    points_only = figures.neuron_umap(path, None, "logits", 1, tmp_path, formats=("svg",), stem="plain")
+    assert [p.name for p in points_only] == ["plain.svg"]
+    assert panels(points_only[0]) == ["umap-c1", "umap-c2", "umap-activation"]
+
+
+def test_ground_truth_table_has_a_panel_per_label_set(built, tmp_path):
+    path, _ = built
+    svg = check_written(figures.ground_truth_table(path, tmp_path), "ground_truth")
+    assert sorted(panels(svg)) == ["ARI-class", "ARI-planted"]
+    assert "c3@planted (max)" in svg.read_text()
+    copy = tmp_path / "no_summary.h5"
+    shutil.copy(path, copy)
+    with h5py.File(copy, "a") as f:
+        del f["metrics/summary"]
+    with pytest.raises(ValueError, match="no ground-truth"):
+        figures.ground_truth_table(copy, tmp_path)
+
+
+def test_thumbnail_makes_grey_rgb_and_follows_crop_boxes():
+    pixels = np.zeros((1, 20, 10), np.uint8)
+    pixels[0, 5:10, 2:6] = 255
+    ds = ArrayDataset(pixels)
+    whole = figures.thumbnail(ds, 0, size=20)
+    assert whole.shape == (20, 20, 3) and whole.dtype == np.uint8
+    assert (whole[..., 0] == whole[..., 1]).all()
+    assert (whole[:, :5] == 255).all() and (whole[:, -5:] == 255).all()      # 20 x 10 centred on white
+    np.testing.assert_array_equal(figures.thumbnail(ds, 0, (-1, -1, -1, -1), size=20), whole)
+    cropped = figures.thumbnail(ds, 0, (5, 10, 2, 6), size=8)
+    assert cropped.shape == (8, 8, 3)
+    assert cropped[1:7].min() == 255      # only the white square is left, padded with white
+
+
+def test_umap_embedding_copes_with_few_and_identical_references():
+    rng = np.random.default_rng(0)
+    assert figures.umap_embedding(rng.normal(size=(6, 5))).shape == (6, 2)
+    assert figures.umap_embedding(rng.normal(size=(3, 5))).shape == (3, 2)
+    np.testing.assert_array_equal(figures.umap_embedding(np.ones((7, 4))), np.zeros((7, 2)))
+
+
+def test_safe_names_for_files():
+    assert figures.safe_name("block_3@planted") == "block_3-planted"
+    assert figures.safe_name("a/b c") == "a-b-c"

@@ -1,0 +1,236 @@
+"""The HTML report: a self-contained folder whose links all resolve, rendered for real in headless Chromium.
+
+Also: neuron pages for the chosen neurons, crops, and grace with missing data and missing store sections.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from polypure import figures
+from polypure.report import THUMB_SIZE, write_report
+
+from .test_figures import small_store
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+class _Links(HTMLParser):
+    """Every href / src of a page, the ids it defines, and its external resources."""
+
+    def __init__(self):
+        super().__init__()
+        self.links, self.ids = [], set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        for key in ("href", "src"):
+            if attrs.get(key) is not None:
+                self.links.append((tag, key, attrs[key]))
+
+
+def parse(page: Path) -> _Links:
+    parser = _Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def check_links(folder: Path) -> dict[Path, _Links]:
+    """Every link of every page points to a file of the folder (and to an id of it, for #fragments)."""
+    pages = {page: parse(page) for page in folder.rglob("*.html")}
+    for page, parsed in pages.items():
+        for _, key, link in parsed.links:
+            assert not re.match(r"^[a-z]+:", link), f"{page.name}: external or absolute {key} {link!r}"
+            target, _, fragment = link.partition("#")
+            resolved = (page.parent / unquote(target)).resolve() if target else page.resolve()
+            assert resolved.is_file(), f"{page.relative_to(folder)}: {link!r} does not exist"
+            assert folder.resolve() in resolved.parents, f"{link!r} leaves the report folder"
+            if fragment:
+                ids = pages[resolved].ids if resolved in pages else parse(resolved).ids
+                assert fragment in ids, f"{page.relative_to(folder)}: no id {fragment!r} for {link!r}"
+    return pages
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return small_store(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(built, tmp_path_factory):
+    path, dataset = built
+    out = tmp_path_factory.mktemp("report") / "rep"
+    index = write_report(path, out=out, dataset=dataset, max_neurons=2, progress=False)
+    return index
+
+
+def test_report_folder_has_index_neuron_pages_and_images_and_every_link_resolves(report, built):
+    path, _ = built
+    folder = report.parent
+    assert report.name == "index.html" and report.is_file()
+    pages = check_links(folder)
+    with h5py.File(path, "r") as f:
+        targets = {name: f[f"relevance/{name}/neurons"][()] for name in f["relevance"]}
+    for target, neurons in targets.items():
+        slug = target.replace("@", "-")
+        written = sorted(p.stem for p in (folder / "neurons" / slug).glob("*.html"))
+        assert len(written) == min(2, len(neurons)) and set(map(int, written)) <= set(neurons.tolist())
+    index_links = [link for _, _, link in pages[report.resolve()].links]
+    assert sum(link.startswith("neurons/c3/") and link.endswith(".html") for link in index_links) == 2
+    assert any(link.endswith("ground_truth.png") for link in index_links)
+    assert any(link.endswith("scatter_c3_labels.svg") for link in index_links)
+    neuron_page = next((folder / "neurons" / "c3").glob("*.html"))
+    srcs = [link for tag, _, link in pages[neuron_page.resolve()].links if tag == "img"]
+    assert any("_umap.png" in s for s in srcs) and any("_distances_labels.png" in s for s in srcs)
+    assert sum("/thumbs/" in s for s in srcs) >= 8
+    assert not list(folder.rglob("*.svg")) or all(p.stat().st_size > 0 for p in folder.rglob("*.svg"))
+
+
+def test_index_lists_every_neuron_and_links_only_those_with_a_page(report, built):
+    path, _ = built
+    text = report.read_text()
+    table = text[text.index('id="neurons-c3"'):]
+    table = table[:table.index("</table>")]
+    with h5py.File(path, "r") as f:
+        neurons = f["relevance/c3/neurons"][()]
+    assert table.count("<tr>") == len(neurons) + 1
+    assert len(re.findall(r'<a href="neurons/c3/\d+\.html">', table)) == 2
+    assert table.count('class="nolink"') == len(neurons) - 2
+    assert "corr labels: c2" in table and "c1 − c2 (labels)" in table and "ARI class: c1" in table
+    assert "<script" in text and "http" not in re.sub(r"<p class=\"meta\">.*?</p>", "", text)
+
+
+def test_without_data_the_report_says_so_and_still_has_pages(built, tmp_path):
+    path, _ = built
+    index = write_report(path, out=tmp_path / "r", max_neurons=1, progress=False)
+    text = index.read_text()
+    assert "No thumbnails" in text and "data.kind: memory" in text
+    assert not (tmp_path / "r" / "thumbs").exists()
+    page = next((tmp_path / "r" / "neurons" / "c3").glob("*.html"))
+    assert "No thumbnails" in page.read_text()
+    check_links(tmp_path / "r")
+
+
+def test_a_store_without_embeddings_clusters_or_metrics_gives_a_smaller_report(built, tmp_path):
+    path, dataset = built
+    bare = tmp_path / "bare.h5"
+    shutil.copy(path, bare)
+    with h5py.File(bare, "a") as f:
+        for group in ("embeddings", "clusters", "metrics"):
+            del f[group]
+    index = write_report(bare, dataset=dataset, max_neurons=1, progress=False)
+    assert index == tmp_path / "bare_report" / "index.html"
+    text = index.read_text()
+    assert "no summary table" in text and "Neurons of c3" in text
+    check_links(index.parent)
+
+
+def test_pages_go_to_the_neurons_an_earlier_layer_splits_best_and_the_best_correlated(report, built):
+    path, _ = built
+    with h5py.File(path, "r") as f:
+        neurons = f["relevance/c3/neurons"][()]
+        c1, c2 = (f[f"metrics/c3/distance_correlation/labels/{s}"][()] for s in ("c1", "c2"))
+    pages = {int(p.stem) for p in (report.parent / "neurons" / "c3").glob("*.html")}
+    assert len(pages) == 2 and {int(neurons[np.nanargmax(c1 - c2)]), int(neurons[np.nanargmax(c2)])} <= pages
+
+
+def test_crop_view_shows_the_stored_crops(built, tmp_path):
+    path, dataset = built
+    cropped = tmp_path / "crops.h5"
+    shutil.copy(path, cropped)
+    with h5py.File(cropped, "a") as f:
+        m, n_refs = f["relevance/c3/activation"].shape[:2]
+        boxes = np.tile(np.array([0, 8, 16, 24], np.int64), (m, n_refs, 1))
+        boxes[:, 1] = -1                                   # the second reference of each neuron: whole image
+        f["crops/c3"] = boxes
+    index = write_report(cropped, out=tmp_path / "crop", dataset=dataset, max_neurons=1, progress=False)
+    page = next((index.parent / "neurons" / "c3").glob("*.html")).read_text()
+    row = int(re.search(r"thumbs/c3/(\d+)_0\.png", page).group(1))
+    with h5py.File(cropped, "r") as f:
+        sample = int(f["topk/c3/indices"][f["relevance/c3/neurons"][row], 0])
+    with Image.open(index.parent / f"thumbs/c3/{row}_0.png") as img:
+        expected = figures.thumbnail(dataset, sample, boxes[row, 0], size=THUMB_SIZE)
+        np.testing.assert_array_equal(np.asarray(img), expected)
+    assert re.search(r'src="\.\./\.\./thumbs/\d+\.png"', page)            # the uncropped one
+    full = write_report(cropped, out=tmp_path / "full", dataset=dataset, max_neurons=1, view="full", progress=False)
+    assert not (full.parent / "thumbs" / "c3").exists()
+
+
+# -- a real browser ------------------------------------------------------------------------------------
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is absent (Debian package 'chromium')")
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+               f"--user-data-dir={profile}", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def screenshot(tmp_path: Path, page: Path, name: str) -> Image.Image:
+    shot = tmp_path / name
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars", page.as_uri())
+    shots = os.environ.get("POLYPURE_REPORT_SHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(shots) / name)
+    with Image.open(shot) as img:
+        return img.convert("RGB")
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    index_img = screenshot(tmp_path, report, "report_index.png")
+    page = sorted((report.parent / "neurons" / "c3").glob("*.html"))[0]
+    neuron_img = screenshot(tmp_path, page, "report_neuron.png")
+    for img in (index_img, neuron_img):
+        assert img.size == (1280, 1600)
+        pixels = np.asarray(img)
+        assert pixels.std() > 20                                    # not one uniform colour
+        assert len(img.getcolors(1 << 22)) > 500                    # text, tables and pictures
+    # the neuron page's random-pixel thumbnails: thousands of colours in its upper half
+    assert len(neuron_img.crop((0, 0, 1280, 1600)).getcolors(1 << 22)) > 5000
+
+    dom = chromium(tmp_path, "--dump-dom", report.as_uri()).stdout
+    assert "Neurons of c3" in dom and "corr labels: c2" in dom and "ARI planted" in dom
+    assert 'title="click to sort"' in dom                          # the inline script ran
+    assert "<img" in chromium(tmp_path, "--dump-dom", page.as_uri()).stdout
+
+
+def test_clicking_a_column_header_sorts_the_neuron_table(report, tmp_path):
+    # the report's own script, then a click on the c1 correlation header of the c3 table
+    text = report.read_text()
+    click = ("<script>var t=document.getElementById('neurons-c3');"
+             "var h=Array.prototype.find.call(t.tHead.rows[0].cells,function(c){return c.textContent=="
+             "'corr labels: c1';});h.click();h.click();</script></body>")
+    probe = report.parent / "probe.html"
+    probe.write_text(text.replace("</body>", click))
+    dom = chromium(tmp_path, "--dump-dom", probe.as_uri()).stdout
+    table = dom[dom.index('id="neurons-c3"'):]
+    table = table[:table.index("</table>")]
+    header = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    column = header.index("corr labels: c1")
+    values = []
+    for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]:
+        cell = re.findall(r'<td data-v="([^"]*)"', row)[column]
+        values.append(float(cell) if cell else np.nan)
+    finite = [v for v in values if np.isfinite(v)]
+    assert finite == sorted(finite, reverse=True) and len(finite) >= 2     # two clicks: descending
+    assert all(np.isnan(v) for v in values[len(finite):])                  # missing values last
