@@ -10,7 +10,7 @@ import torch
 
 from polypure import Experiment
 from polypure.cli import main
-from polypure.errors import ConfigError, PolypureError
+from polypure.errors import ConfigError
 from polypure.evaluators import make_evaluator, prepare
 from polypure.hub import HF_HUB, host_reachable
 from polypure.metrics import cluster_distances, distance_correlation

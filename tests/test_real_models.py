@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torchvision
 from crp.attribution import CondAttribution
 from crp.concepts import ChannelConcept
 from safetensors.torch import save_file

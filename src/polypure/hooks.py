@@ -65,12 +65,9 @@ def tap_layers(modules: dict[str, nn.Module], transforms: dict[str, Callable] | 
             return output
         return hook
 
-    seen = set()
     try:
-        for name, module in modules.items():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
+        # one hook per module, however many names point at it
+        for module in {id(m): m for m in modules.values()}.values():
             handles.append(module.register_forward_hook(make_hook(names_by_module[id(module)])))
         yield outputs
     finally:

@@ -213,7 +213,7 @@ def run_stage(ctx) -> None:
                 composite=composite, times_activation=multiply)
             with engine:
                 compute_target(ctx, plan, refs, todo, engine,
-                               lambda rows, arrays: store.write_relevance_rows(plan.name, rows, arrays))
+                               lambda rows, arrays, name=plan.name: store.write_relevance_rows(name, rows, arrays))
             ctx.log(f"relevance {plan.name}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
                     f"{', '.join(plan.attribution_layers)}")
 

@@ -261,7 +261,7 @@ def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
 
 def run_stage(ctx) -> None:
     """Find the top-K references of every layer the config needs (and of planted virtual neurons)."""
-    from .planted import VirtualNeurons, choose_pairs, target_name
+    from .planted import choose_pairs, target_name
 
     cfg = ctx.config.topk
     n = len(ctx.dataset)
