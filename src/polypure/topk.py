@@ -283,6 +283,7 @@ def run_stage(ctx) -> None:
         else:
             ctx.log(f"top-K: {', '.join(layers)} complete, skipped")
 
+        # planted pairs are chosen from the real channels' top-K, so their own top-K needs a second pass
         for planted in ctx.config.relevance.planted_list:
             name = target_name(planted.layer)
             if (store.topk_progress(name) or (0, 0, 0, False))[3]:
