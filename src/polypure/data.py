@@ -343,10 +343,3 @@ def build_dataset(cfg, model=None) -> PolypureDataset:
         raise ConfigError(f"data.normalize: {len(mean)} channels given but the images have {channels}")
     return ds
 
-
-def dataset_summary(ds: PolypureDataset) -> dict[str, Any]:
-    """Size, label count and factor names, for ``inspect`` and logs."""
-    known = ds.labels[ds.labels >= 0]
-    return {"samples": len(ds), "labelled": int(known.size),
-            "classes": int(np.unique(known).size), "factors": sorted(ds.factors)}
-

@@ -270,7 +270,7 @@ class Experiment:
 
     def run(self, stages: list[str] | None = None) -> "Experiment":
         """Run stages in order (default: every stage)."""
-        for stage in stages or [s for s in STAGES if hasattr(self, s)]:
+        for stage in stages or STAGES:
             if stage not in STAGES:
                 raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
             getattr(self, stage)()

@@ -257,9 +257,6 @@ class Store:
 
     # -- relevance ---------------------------------------------------------------------------------
 
-    def relevance_group(self, target: str) -> h5py.Group | None:
-        return self.file.get(f"relevance/{target}")
-
     def prepare_relevance(self, target: str, neurons: np.ndarray, n_refs: int, layer_channels: dict[str, int],
                           target_channels: int, attrs: dict[str, Any]) -> h5py.Group:
         """Create the datasets of one target, or check that existing ones fit this run."""
@@ -321,10 +318,6 @@ class Store:
 
     def __contains__(self, path: str) -> bool:
         return path in self.file
-
-    def delete(self, path: str) -> None:
-        if path in self.file:
-            del self.file[path]
 
 
 def _runs(sorted_rows: np.ndarray) -> Iterable[tuple[int, int]]:
