@@ -131,9 +131,37 @@ def _run(args) -> int:
     return 0
 
 
+def split_overrides(argv: list[str]) -> list[str]:
+    """Give each ``--set`` value its own ``--set=VALUE`` so that a config named after them stays positional.
+
+    ``--set`` takes several values (``--set topk.k=20 relevance.n_refs=20``); argparse would also swallow a
+    config file written after them (``run --set topk.k=20 demo.yaml``). A value is an override while it
+    has a ``=``; the first value after ``--set`` always is one, so that ``--set topk`` is reported as a bad
+    override rather than as a stray config.
+    """
+    out: list[str] = []
+    taking, first = False, False
+    for item in argv:
+        if item == "--set":
+            # kept as it is until a value follows, so that a bare --set is still argparse's error
+            out.append(item)
+            taking, first = True, True
+            continue
+        if taking and not item.startswith("-") and (first or "=" in item):
+            if first:
+                out[-1] = f"--set={item}"
+            else:
+                out.append(f"--set={item}")
+            first = False
+            continue
+        taking = False
+        out.append(item)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``polypure`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(split_overrides(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="polypure: %(message)s", stream=sys.stderr)
     try:

@@ -392,8 +392,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad key and its problem."""
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(key, problem)`` for each error of a validation, each distinct problem once."""
     problems = []
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "literal")))
@@ -404,9 +404,27 @@ def format_validation_error(exc: ValidationError) -> str:
             msg = "missing required key"
         elif "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
-        problems.append(f"{loc}: {msg}" if loc else msg)
+        problems.append((loc, msg))
     # a Union reports one error per branch; keep each message once
-    return "; ".join(dict.fromkeys(problems))
+    return list(dict.fromkeys(problems))
+
+
+def _join(problems: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad key and its problem."""
+    return _join(validation_problems(exc))
+
+
+def _override_for(loc: str, overrides: list[str]) -> str | None:
+    """The ``--set`` item that set the key at ``loc`` (or a key inside it), if any."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")):
+            return item
+    return None
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
@@ -449,7 +467,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a mapping of keys at the top level")
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, source=str(file))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        # a bad value given with --set is reported as such, not as if it were in the file
+        by_source: dict[str, list[tuple[str, str]]] = {}
+        for loc, msg in validation_problems(exc):
+            item = _override_for(loc, overrides or [])
+            by_source.setdefault(f"--set {item}" if item else str(file), []).append((loc, msg))
+        raise ConfigError("; ".join(f"{source}: {_join(problems)}" for source, problems in by_source.items())) from None
 
 
 def config_differences(old: dict, new: dict, ignore=RUNTIME_KEYS) -> list[str]:

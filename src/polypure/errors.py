@@ -16,3 +16,11 @@ class ConfigError(PolypureError):
 
 class StoreError(PolypureError):
     """A store that cannot be read or does not fit the current run."""
+
+
+class StaleResultError(StoreError, ConfigError):
+    """A store holds a result made with other settings than the config asks for (exit status 2).
+
+    Finished work is never replaced silently: the run stops and names the result and the setting that
+    differs; ``--overwrite`` recomputes that result and what depends on it, nothing else.
+    """

@@ -64,7 +64,9 @@ class Experiment:
     store : str or Path, optional
         Where to write (overrides ``config.store``).
     overwrite : bool
-        Replace an existing store made by another config instead of refusing.
+        Recompute results the store holds for other settings instead of refusing (a store made for
+        another model, data or seed is replaced; a top-K or relevance target made with other settings is
+        recomputed with what depends on it), and drop stored neurons the config no longer asks for.
     progress : bool
         Show progress bars.
     overrides : list of str, optional
@@ -111,6 +113,7 @@ class Experiment:
         self._dataset: PolypureDataset | None = None
         self._shapes: dict[str, tuple] = {}
         self._store_checked = False
+        self._validated = False
         self.report_path = None
 
     def _check_evaluators(self) -> None:
@@ -186,8 +189,6 @@ class Experiment:
         if not self._store_checked:
             store = Store.open_for_run(path, self.config.to_yaml(), overwrite=self.overwrite)
             self._store_checked = True
-            # overwriting happens once per experiment, not at every stage
-            self.overwrite = False
         else:
             store = Store(path, "a")
         try:
@@ -199,12 +200,32 @@ class Experiment:
         """Output shapes (without batch) of layers, probed once with the first sample."""
         missing = [name for name in layers if name not in self._shapes]
         if missing:
-            from .hooks import probe_layers
-            modules = {name: self.model.submodule(name) for name in missing}
-            x = self.dataset[0][0].unsqueeze(0).to(self.device)
-            shapes, _ = probe_layers(self.model.module, modules, x)
-            self._shapes.update(shapes)
+            self.probe_layers({name: self.model.submodule(name) for name in missing})
         return {name: self._shapes[name] for name in layers}
+
+    def probe_layers(self, modules: dict[str, nn.Module]) -> tuple[dict[str, tuple], list[str]]:
+        """Shapes and forward order of layers from one forward pass of the first sample (shapes are kept)."""
+        from .hooks import probe_layers
+        x = self.dataset[0][0].unsqueeze(0).to(self.device)
+        shapes, order = probe_layers(self.model.module, modules, x)
+        self._shapes.update(shapes)
+        return shapes, order
+
+    def validate(self) -> "Experiment":
+        """Check every name and number of the config against the model and data, before any stage runs.
+
+        Called by every stage the first time; call it directly to check a config without computing.
+
+        Raises
+        ------
+        ConfigError
+            With one line naming the key and the problem.
+        """
+        if not self._validated:
+            from .validate import check_experiment
+            check_experiment(self)
+            self._validated = True
+        return self
 
     def virtual_neurons(self, planted, store: Store | None = None):
         """The planted virtual neurons of one ``relevance.planted`` entry, from the store's pairs."""
@@ -222,18 +243,21 @@ class Experiment:
 
     def topk(self) -> "Experiment":
         """Find each needed layer's top-K references (streaming, resumable)."""
+        self.validate()
         from . import topk
         topk.run_stage(self)
         return self
 
     def relevance(self) -> "Experiment":
         """Compute the conditional relevance of every selected neuron's references."""
+        self.validate()
         from . import relevance
         relevance.run_stage(self)
         return self
 
     def embed(self) -> "Experiment":
         """Embed every target's references with the configured evaluators (CLIP, DINOv2, ...)."""
+        self.validate()
         from . import embed
         embed.run_stage(self)
         return self
@@ -246,12 +270,14 @@ class Experiment:
         methods : dict of str to estimator, optional
             Objects with ``fit_predict(X)`` by method id, instead of ``config.cluster.methods``.
         """
+        self.validate()
         from . import clustering
         clustering.run_stage(self, methods)
         return self
 
     def evaluate(self) -> "Experiment":
         """Compute per-neuron metrics and the summary table from the store."""
+        self.validate()
         from . import evaluate
         self.summary = evaluate.run_stage(self)
         return self
@@ -269,9 +295,11 @@ class Experiment:
         return self
 
     def run(self, stages: list[str] | None = None) -> "Experiment":
-        """Run stages in order (default: every stage)."""
+        """Run stages in order (default: every stage), after checking the config (:meth:`validate`)."""
         for stage in stages or STAGES:
             if stage not in STAGES:
                 raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        self.validate()
+        for stage in stages or STAGES:
             getattr(self, stage)()
         return self

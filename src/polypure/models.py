@@ -20,6 +20,7 @@ Example
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -80,9 +81,22 @@ class ExplainedModel:
         try:
             self.module.get_submodule(path)
         except AttributeError:
-            aliases = ", ".join(sorted(self.layers)) or "none"
-            raise ConfigError(f"layer {layer!r} is neither an alias ({aliases}) nor a module of {self.name}") from None
+            raise ConfigError(self._unknown_layer(layer)) from None
         return path
+
+    def _unknown_layer(self, layer: str) -> str:
+        """The message for a layer that is neither alias nor module, with the names a user most likely meant."""
+        modules = [name for name, _ in self.module.named_modules() if name]
+        close = difflib.get_close_matches(layer, [*self.layers, *modules], n=4, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        if self.layers:
+            where = f"aliases: {', '.join(sorted(self.layers))}"
+        else:
+            # without aliases the top-level children are the stages a user picks layers from
+            children = [name for name, _ in self.module.named_children()]
+            shown = ", ".join(children[:12]) + (f", ... ({len(children)} in all)" if len(children) > 12 else "")
+            where = f"no aliases; top-level modules: {shown}"
+        return f"layer {layer!r} is neither an alias nor a module of {self.name} ({where}{hint})"
 
     def submodule(self, layer: str) -> nn.Module:
         """The module behind an alias or module path."""

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .attribution import ConditionalRelevance, channel_init
 from .composites import make_composite, times_activation
 from .errors import ConfigError
-from .planted import target_name
+from .planted import VirtualNeurons, target_name
 
 INIT_REL = "clamp(min=0)"
 
@@ -52,7 +52,7 @@ def select_neurons(spec, channels: int, key: str = "relevance.neurons") -> np.nd
 
 @dataclass
 class TargetPlan:
-    """One target of the relevance stage.
+    """One target of the relevance stage (plain data: it pickles to worker processes).
 
     Attributes
     ----------
@@ -63,8 +63,8 @@ class TargetPlan:
     neurons : ndarray (M,)
         Channel ids, or virtual-neuron ids for a planted target.
     attribution_layers : list of str
-    make_init : callable
-        ``make_init(neuron_ids) -> init function`` for rows explaining those neurons.
+    virtual : VirtualNeurons, optional
+        The planted virtual neurons the ids refer to; None for real channels.
     init_rel : str
         Description stored with the results.
     """
@@ -73,8 +73,50 @@ class TargetPlan:
     layer: str
     neurons: np.ndarray
     attribution_layers: list[str]
-    make_init: Callable[[torch.Tensor], Callable]
+    virtual: VirtualNeurons | None = None
     init_rel: str = INIT_REL
+
+    def make_init(self, ids: torch.Tensor) -> Callable:
+        """The initial relevance of rows explaining neurons ``ids`` (one id per row)."""
+        return channel_init(ids) if self.virtual is None else self.virtual.init(ids)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How relevance is computed: a composite by name, canonizers by name, and the activation product.
+
+    Attributes
+    ----------
+    composite : str
+        ``gradient`` or a registered (zennit) composite.
+    canonizers : tuple of str
+    times_activation : bool
+        Multiply the backward signal by the activation (gradient-type composites).
+    """
+
+    composite: str = "gradient"
+    canonizers: tuple[str, ...] = ()
+    times_activation: bool = True
+
+    def engine(self, model, plan: TargetPlan) -> ConditionalRelevance:
+        """A fresh engine for ``plan`` on ``model`` (an ExplainedModel); enter it with ``with``."""
+        composite = make_composite(self.composite, list(self.canonizers)) if (
+            self.composite != "gradient" or self.canonizers) else None
+        return ConditionalRelevance(model.module, {plan.layer: model.submodule(plan.layer)},
+                                    {name: model.submodule(name) for name in plan.attribution_layers},
+                                    composite=composite, times_activation=self.times_activation)
+
+
+def rule_from_config(config, model) -> Rule:
+    """The rule ``relevance.composite`` / ``canonizers`` / ``times_activation`` describe for ``model``.
+
+    An LRP composite without canonizers gets the model's default ones (the ResNet canonizer for ResNets).
+    """
+    cfg = config.relevance
+    canonizers = list(cfg.canonizers)
+    if not canonizers and cfg.composite != "gradient":
+        canonizers = list(model.canonizers)
+    return Rule(cfg.composite, tuple(canonizers), times_activation(cfg.composite, cfg.times_activation))
 
 
 def plan_targets(ctx) -> list[TargetPlan]:
@@ -84,7 +126,7 @@ def plan_targets(ctx) -> list[TargetPlan]:
     for spec in cfg.target_list:
         channels = ctx.layer_shapes([spec.layer])[spec.layer][0]
         plans.append(TargetPlan(spec.layer, spec.layer, select_neurons(spec.neurons, channels),
-                                list(spec.attribution_layers), lambda ids: channel_init(ids)))
+                                list(spec.attribution_layers)))
     for planted in cfg.planted_list:
         layers = planted.attribution_layers
         if layers is None:
@@ -95,7 +137,7 @@ def plan_targets(ctx) -> list[TargetPlan]:
             layers = list(same[0].attribution_layers)
         virtual = ctx.virtual_neurons(planted)
         plans.append(TargetPlan(target_name(planted.layer), planted.layer, np.arange(len(virtual), dtype=np.int64),
-                                list(layers), virtual.init, f"planted: {', '.join(planted.modes)}, {INIT_REL}"))
+                                list(layers), virtual, f"planted: {', '.join(planted.modes)}, {INIT_REL}"))
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise ConfigError("relevance.targets: a target layer is listed twice")
@@ -127,31 +169,38 @@ class _ImageLoader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def compute_target(ctx, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, engine: ConditionalRelevance,
-                   write: Callable[[np.ndarray, dict[str, np.ndarray]], None]) -> None:
+def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, engine: ConditionalRelevance,
+                   write: Callable[[np.ndarray, dict[str, np.ndarray]], None], *, batch_size: int = 64,
+                   num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> None:
     """Explain rows ``todo`` of a target and hand each finished chunk of whole neurons to ``write``.
 
     Parameters
     ----------
-    ctx : Experiment
+    dataset : Dataset
+        Items ``(input, label)``; references are loaded by sample index.
     plan : TargetPlan
     refs : ndarray (M, n_refs)
         Sample index of every reference of every neuron.
     todo : ndarray
-        Rows (positions in ``plan.neurons``) still to do.
+        Rows (positions in ``plan.neurons``) still to do, computed in this order.
     engine : ConditionalRelevance
-        Entered (``with engine:``).
+        Entered (``with engine:``), built for ``plan`` on the model.
     write : callable
         ``write(rows, arrays)`` with arrays shaped (len(rows), n_refs, C).
+    batch_size : int
+        (neuron, reference) rows per backward pass.
+    num_workers : int
+        Threads loading the next chunk's images while one is computed.
+    device : str or torch.device
+    progress : bool
+        Show a progress bar.
     """
-    cfg = ctx.config.relevance
     n_refs = refs.shape[1]
-    batch = cfg.batch_size
+    batch = batch_size
     per_chunk = max(1, batch // n_refs)
     chunks = list(_chunks(todo, per_chunk))
-    loader = _ImageLoader(ctx.dataset, ctx.num_workers)
-    device = ctx.device
-    bar = tqdm(total=len(todo), desc=f"relevance {plan.name}", unit="neuron", disable=not ctx.progress, leave=False)
+    loader = _ImageLoader(dataset, num_workers)
+    bar = tqdm(total=len(todo), desc=f"relevance {plan.name}", unit="neuron", disable=not progress, leave=False)
     try:
         pending = loader.submit(np.unique(refs[chunks[0]])) if chunks else None
         for number, chunk in enumerate(chunks):
@@ -183,37 +232,30 @@ def compute_target(ctx, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, en
 def run_stage(ctx) -> None:
     """Compute (or finish) the relevance of every target in the config, writing to the store."""
     cfg = ctx.config.relevance
-    composite_name = cfg.composite
-    canonizers = list(cfg.canonizers)
-    if not canonizers and composite_name != "gradient":
-        canonizers = list(ctx.model.canonizers)
-    multiply = times_activation(composite_name, cfg.times_activation)
+    rule = rule_from_config(ctx.config, ctx.model)
     with ctx.open_store() as store:
         for plan in plan_targets(ctx):
             values, indices = store.read_topk(plan.name)
+            shapes = ctx.layer_shapes(plan.attribution_layers + [plan.layer])
+            layer_channels = {name: shapes[name][0] for name in plan.attribution_layers}
+            attrs = {"composite": rule.composite, "canonizers": list(rule.canonizers), "init_rel": plan.init_rel,
+                     "times_activation": rule.times_activation, "n_refs": cfg.n_refs, "layer": plan.layer,
+                     "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
+            group = store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels,
+                                            shapes[plan.layer][0], attrs, overwrite=ctx.overwrite)
+            # the store's row order: neurons added by a later run follow the ones it already had
+            plan.neurons = group["neurons"][()]
             refs = indices[plan.neurons, :cfg.n_refs]
             if (refs < 0).any():
                 raise ConfigError(f"target {plan.name!r}: fewer than relevance.n_refs={cfg.n_refs} references")
-            shapes = ctx.layer_shapes(plan.attribution_layers + [plan.layer])
-            layer_channels = {name: shapes[name][0] for name in plan.attribution_layers}
-            attrs = {"composite": composite_name, "canonizers": canonizers, "init_rel": plan.init_rel,
-                     "times_activation": multiply, "n_refs": cfg.n_refs, "layer": plan.layer,
-                     "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
-            group = store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels,
-                                            shapes[plan.layer][0], attrs)
             todo = np.flatnonzero(~group["complete"][()])
             if len(todo) == 0:
                 ctx.log(f"relevance {plan.name}: complete, skipped")
                 continue
-            composite = make_composite(composite_name, canonizers) if (
-                composite_name != "gradient" or canonizers) else None
-            engine = ConditionalRelevance(
-                ctx.model.module, {plan.layer: ctx.model.submodule(plan.layer)},
-                {name: ctx.model.submodule(name) for name in plan.attribution_layers},
-                composite=composite, times_activation=multiply)
-            with engine:
-                compute_target(ctx, plan, refs, todo, engine,
-                               lambda rows, arrays, name=plan.name: store.write_relevance_rows(name, rows, arrays))
+            with rule.engine(ctx.model, plan) as engine:
+                compute_target(ctx.dataset, plan, refs, todo, engine,
+                               lambda rows, arrays, name=plan.name: store.write_relevance_rows(name, rows, arrays),
+                               batch_size=cfg.batch_size, num_workers=ctx.num_workers, device=ctx.device,
+                               progress=ctx.progress)
             ctx.log(f"relevance {plan.name}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
                     f"{', '.join(plan.attribution_layers)}")
-

@@ -37,14 +37,21 @@ import numpy as np
 import yaml
 
 from . import __version__
-from .errors import StoreError
+from .errors import StaleResultError, StoreError
 
 FORMAT = "polypure"
+#: A planted target is named after its layer: ``block_3@planted``.
+PLANTED_SUFFIX = "@planted"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 
-#: Config sections whose change makes an existing store's results stale (refused without overwrite).
-RESULT_SECTIONS = ("model", "data", "seed", "topk", "relevance")
+#: Config sections every result depends on: a store made with other values holds nothing reusable.
+#: Other settings (top-K, relevance rules, planted pairs) are checked result by result, so that a study can
+#: grow (more neurons, another target) without redoing what is finished.
+GLOBAL_SECTIONS = ("model", "data", "seed")
+
+#: Where the results derived from one relevance target live (recomputed when its rows change).
+_DERIVED = ("clusters/{t}", "crops/{t}", "metrics/{t}")
 
 
 def _decode(value):
@@ -103,7 +110,11 @@ class Store:
 
     @classmethod
     def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False) -> "Store":
-        """Open (or create) the store a run writes, checking it was made by the same config.
+        """Open (or create) the store a run writes, checking it was made for the same model and data.
+
+        Only the sections every result depends on (:data:`GLOBAL_SECTIONS`) are compared here; the
+        stages check their own results (a top-K's k and statistic, a relevance target's rule) and grow
+        the store where the config asks for more.
 
         Parameters
         ----------
@@ -111,35 +122,40 @@ class Store:
         config_yaml : str
             The run's resolved config.
         overwrite : bool
-            Replace an existing store instead of refusing when its config differs.
+            Start a new store instead of refusing when the model, data or seed differ.
 
         Raises
         ------
+        StaleResultError
+            If the store was made for another model, data or seed and ``overwrite`` is False.
         StoreError
-            If the store exists, holds results of a different config, and ``overwrite`` is False.
+            If the file exists and is not a polypure store.
         """
         from .config import config_differences
 
         path = Path(path)
-        if path.exists() and overwrite:
-            path.unlink()
         if path.exists():
             try:
                 with h5py.File(path, "r") as probe:
                     fmt = _decode(probe.attrs.get("format"))
                     old_yaml = _decode(probe.attrs.get("config", ""))
             except OSError:
-                raise StoreError(f"{str(path)!r} exists and is not an HDF5 file; remove it or use --overwrite") from None
+                raise StoreError(f"{str(path)!r} exists and is not an HDF5 file; remove it or set another store "
+                                 "path") from None
             if fmt != FORMAT:
-                raise StoreError(f"{str(path)!r} exists and is not a polypure store; remove it or use --overwrite")
+                raise StoreError(f"{str(path)!r} exists and is not a polypure store; remove it or set another "
+                                 "store path")
             old = yaml.safe_load(old_yaml) or {}
             new = yaml.safe_load(config_yaml) or {}
-            changed = config_differences(old, new)
-            stale = [c for c in changed if c.split(".", 1)[0].split(":", 1)[0] in RESULT_SECTIONS]
-            if stale:
-                shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
-                raise StoreError(f"store {str(path)!r} was made with a different config ({shown}); rerun with "
-                                 "--overwrite to replace it, or set another store path")
+            changed = [c for c in config_differences(old, new)
+                       if c.split(".", 1)[0].split(":", 1)[0] in GLOBAL_SECTIONS]
+            if changed and not overwrite:
+                shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+                raise StaleResultError(f"store {str(path)!r} was made with a different config ({shown}); rerun "
+                                       "with --overwrite to replace it, or set another store path")
+            if changed:
+                path.unlink()
+        if path.exists():
             store = cls(path, "a")
             store.file.attrs["config"] = config_yaml
             return store
@@ -258,26 +274,68 @@ class Store:
     # -- relevance ---------------------------------------------------------------------------------
 
     def prepare_relevance(self, target: str, neurons: np.ndarray, n_refs: int, layer_channels: dict[str, int],
-                          target_channels: int, attrs: dict[str, Any]) -> h5py.Group:
-        """Create the datasets of one target, or check that existing ones fit this run."""
+                          target_channels: int, attrs: dict[str, Any], overwrite: bool = False) -> h5py.Group:
+        """Create the datasets of one target, or fit existing ones to the neurons this run asks for.
+
+        A target already in the store keeps every finished row: neurons asked for anew are appended (and
+        computed by the stage), neurons no longer asked for stay, unless ``overwrite`` is set, which drops
+        them. Whenever the rows change, what was derived from them (clusters, embeddings, crops, metrics)
+        is deleted so that later stages recompute it for the new rows.
+
+        Parameters
+        ----------
+        target : str
+        neurons : ndarray (M,)
+            The neurons the config asks for, in its order.
+        n_refs : int
+        layer_channels : dict of str to int
+            Channels of every attribution layer.
+        target_channels : int
+        attrs : dict
+            The rule that computes the target (composite, canonizers, n_refs, layers, ...); an existing
+            target made with another rule is stale.
+        overwrite : bool
+            Replace a stale target, and drop stored neurons the config no longer asks for.
+
+        Returns
+        -------
+        h5py.Group
+            Its ``neurons`` dataset gives the row order, which may differ from ``neurons``.
+
+        Raises
+        ------
+        StaleResultError
+            If the target was made with another rule and ``overwrite`` is False.
+        """
         path = f"relevance/{target}"
         neurons = np.asarray(neurons, np.int64)
         if path in self.file:
             group = self.file[path]
-            same = (np.array_equal(group["neurons"][()], neurons)
-                    and all(name in group and group[name].shape == (len(neurons), n_refs, c)
-                            for name, c in layer_channels.items()))
-            if not same:
-                raise StoreError(f"store {str(self.path)!r}: relevance/{target} was made for other neurons or "
-                                 "layers; use --overwrite or another store path")
-            return group
+            stale = _rule_differences(group, attrs, layer_channels)
+            if stale and not overwrite:
+                raise StaleResultError(f"store {str(self.path)!r}: relevance of target {target!r} was made with a "
+                                       f"different config ({'; '.join(stale)}); rerun with --overwrite to "
+                                       "recompute it, or set another store path")
+            if stale:
+                self.drop(path)
+                self.drop_derived(target)
+            else:
+                stored = group["neurons"][()]
+                new = neurons[~np.isin(neurons, stored)]
+                keep = np.flatnonzero(np.isin(stored, neurons)) if overwrite else None
+                if keep is not None and len(keep) == len(stored):
+                    keep = None
+                if len(new) or keep is not None:
+                    _resize_rows(group, keep, new)
+                    self.drop_derived(target)
+                return group
         group = self._group(path)
         m = len(neurons)
-        group.create_dataset("neurons", data=neurons)
+        group.create_dataset("neurons", data=neurons, maxshape=(None,), chunks=True)
         for name, channels in {**layer_channels, "activation": target_channels}.items():
-            group.create_dataset(name, shape=(m, n_refs, channels), dtype=np.float32,
+            group.create_dataset(name, shape=(m, n_refs, channels), dtype=np.float32, maxshape=(None, n_refs, channels),
                                  chunks=(1, n_refs, channels), fillvalue=np.nan)
-        group.create_dataset("complete", shape=(m,), dtype=bool, fillvalue=False)
+        group.create_dataset("complete", shape=(m,), dtype=bool, maxshape=(None,), chunks=True, fillvalue=False)
         for key, value in attrs.items():
             group.attrs[key] = attr_value(value)
         return group
@@ -296,7 +354,37 @@ class Store:
         self.flush()
 
     def relevance_targets(self) -> list[str]:
+        """Names of the relevance targets in the store."""
         return list(self.file["relevance"].keys()) if "relevance" in self.file else []
+
+    # -- invalidation ------------------------------------------------------------------------------
+
+    def drop(self, path: str) -> None:
+        """Delete a group or dataset if present."""
+        if path in self.file:
+            del self.file[path]
+
+    def drop_derived(self, target: str) -> None:
+        """Delete what was computed from a target's relevance rows: clusters, embeddings, crops, metrics."""
+        for template in _DERIVED:
+            self.drop(template.format(t=target))
+        for evaluator in list(self.file["embeddings"].keys()) if "embeddings" in self.file else []:
+            self.drop(f"embeddings/{evaluator}/{target}")
+        self.drop("metrics/summary")
+
+    def drop_topk(self, layer: str) -> None:
+        """Delete a layer's top-K and everything chosen from it.
+
+        That is the layer's planted pairs and their top-K, and every relevance target on the layer (real
+        or planted) with its derived results: their references came from this top-K.
+        """
+        planted = f"{layer}{PLANTED_SUFFIX}"
+        for path in (f"topk/{layer}", f"topk/{planted}", f"planted/{layer}"):
+            self.drop(path)
+        for target in self.relevance_targets():
+            if target in (layer, planted):
+                self.drop(f"relevance/{target}")
+                self.drop_derived(target)
 
     # -- generic -----------------------------------------------------------------------------------
 
@@ -318,6 +406,52 @@ class Store:
 
     def __contains__(self, path: str) -> bool:
         return path in self.file
+
+
+def _rule_differences(group: h5py.Group, attrs: dict[str, Any], layer_channels: dict[str, int]) -> list[str]:
+    """``"key: old -> new"`` for every rule attribute or layer width of a stored target that differs."""
+    out = []
+    for key, value in attrs.items():
+        if key not in group.attrs:
+            # a store written before this attribute existed: nothing to compare it with
+            continue
+        old = read_attr(group.attrs[key])
+        new = read_attr(attr_value(value))
+        if isinstance(old, (list, tuple)) or isinstance(new, (list, tuple)):
+            same = list(old if isinstance(old, (list, tuple)) else [old]) == list(
+                new if isinstance(new, (list, tuple)) else [new])
+        else:
+            same = old == new
+        if not same:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    for name, channels in layer_channels.items():
+        if name in group and group[name].shape[2] != channels:
+            out.append(f"{name}: {group[name].shape[2]} -> {channels} channels")
+    return out
+
+
+def _resize_rows(group: h5py.Group, keep: np.ndarray | None, new_neurons: np.ndarray) -> None:
+    """Keep rows ``keep`` (all when None) of every dataset of a target, then append ``new_neurons`` as empty rows.
+
+    Appended rows hold the datasets' fill values (NaN, not complete) until the stage computes them.
+    """
+    stored = len(group["neurons"])
+    kept = stored if keep is None else len(keep)
+    rows = kept + len(new_neurons)
+    for name in list(group.keys()):
+        ds = group[name]
+        if keep is None and ds.maxshape[0] is None:
+            ds.resize(rows, axis=0)
+            continue
+        # a fixed-size dataset (written by an older polypure) or dropped rows: rewrite it
+        data = ds[()] if keep is None else ds[()][keep]
+        spec = dict(dtype=ds.dtype, chunks=ds.chunks or True, fillvalue=ds.fillvalue)
+        attrs = dict(ds.attrs)
+        del group[name]
+        new = group.create_dataset(name, shape=(rows, *data.shape[1:]), maxshape=(None, *data.shape[1:]), **spec)
+        new[:kept] = data
+        new.attrs.update(attrs)
+    group["neurons"][kept:] = np.asarray(new_neurons, np.int64)
 
 
 def _runs(sorted_rows: np.ndarray) -> Iterable[tuple[int, int]]:

@@ -259,6 +259,67 @@ def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
     save(states, {scorer.name: n for scorer in scorers}, complete=True)
 
 
+def _stale(ctx, store, what: str, changes: list[str], drop) -> None:
+    """Refuse a stored result made with other settings, or with ``overwrite`` drop it to be recomputed."""
+    if not changes:
+        return
+    if not ctx.overwrite:
+        from .errors import StaleResultError
+        raise StaleResultError(f"store {str(store.path)!r}: {what} was made with a different config "
+                               f"({'; '.join(changes)}); rerun with --overwrite to recompute it and what depends "
+                               "on it, or set another store path")
+    drop()
+    ctx.log(f"top-K: {what} made with other settings ({'; '.join(changes)}), recomputing")
+
+
+def _check_stored(ctx, store, name: str, layer: str, drop) -> None:
+    """A stored top-K (complete or not) must have the config's k and statistic."""
+    from .store import read_attr
+
+    state = store.topk_progress(name)
+    if state is None:
+        return
+    cfg = ctx.config.topk
+    stored_k = state[0].shape[1]
+    statistic = read_attr(store.file[f"topk/{name}"].attrs["statistic"])
+    changes = [f"topk.k: {stored_k} -> {cfg.k}"] if stored_k != cfg.k else []
+    if statistic != cfg.statistic:
+        changes.append(f"topk.statistic: {statistic!r} -> {cfg.statistic!r}")
+    _stale(ctx, store, f"the top-K of {name!r}", changes, lambda: drop(layer))
+
+
+def _planted_settings(planted) -> dict:
+    """What decides a layer's planted pairs and virtual neurons (kept as attributes of ``/planted/<layer>``)."""
+    return {"pairs_asked": planted.pairs, "seed": planted.seed, "max_overlap": planted.max_overlap}
+
+
+def _check_planted(ctx, store, planted) -> None:
+    """Stored planted pairs must come from the same settings, and their virtual neurons from the same modes."""
+    from .planted import target_name
+    from .store import read_attr
+
+    group = f"planted/{planted.layer}"
+    name = target_name(planted.layer)
+    if group not in store:
+        return
+    attrs = store.file[group].attrs
+    changes = [f"relevance.planted.{key.removesuffix('_asked')}: {read_attr(attrs[key])!r} -> {value!r}"
+               for key, value in _planted_settings(planted).items()
+               if key in attrs and read_attr(attrs[key]) != value]
+    if f"{group}/modes" in store:
+        modes = list(dict.fromkeys(read_attr(store.read(f"{group}/modes"))))
+        if modes != planted.modes:
+            changes.append(f"relevance.planted.mode: {modes} -> {planted.modes}")
+
+    def drop():
+        # the real layer's top-K stays valid: only the pairs and what was computed from them go
+        for path in (group, f"topk/{name}", f"relevance/{name}"):
+            store.drop(path)
+        store.drop_derived(name)
+
+    _stale(ctx, store, f"the planted neurons of {planted.layer!r}", changes, drop)
+
+
 def run_stage(ctx) -> None:
     """Find the top-K references of every layer the config needs (and of planted virtual neurons)."""
     from .planted import choose_pairs, target_name
@@ -275,6 +336,8 @@ def run_stage(ctx) -> None:
             store.write_samples(ids, ctx.dataset.labels, ctx.dataset.factors, ctx.dataset.class_names)
         layers = topk_layers(ctx.config)
         shapes = ctx.layer_shapes(layers)
+        for layer in layers:
+            _check_stored(ctx, store, layer, layer, store.drop_topk)
         pending = [layer for layer in layers if not (store.topk_progress(layer) or (0, 0, 0, False))[3]]
         if pending:
             scorers = [channel_scorer(layer, shapes[layer][0], cfg.statistic) for layer in pending]
@@ -286,6 +349,8 @@ def run_stage(ctx) -> None:
         # planted pairs are chosen from the real channels' top-K, so their own top-K needs a second pass
         for planted in ctx.config.relevance.planted_list:
             name = target_name(planted.layer)
+            _check_planted(ctx, store, planted)
+            _check_stored(ctx, store, name, planted.layer, store.drop_topk)
             if (store.topk_progress(name) or (0, 0, 0, False))[3]:
                 ctx.log(f"top-K: {name} complete, skipped")
                 continue
@@ -298,6 +363,8 @@ def run_stage(ctx) -> None:
                             f"{planted.max_overlap:.0%}")
                 store.write_array(f"{group}/pairs", pairs)
                 store.write_array(f"{group}/scales", scales)
+                for key, value in _planted_settings(planted).items():
+                    store.file[group].attrs[key] = value
             virtual = ctx.virtual_neurons(planted, store)
             scorer = Scorer(name, planted.layer, len(virtual), lambda out, v=virtual: v.scored(out, cfg.statistic),
                             {"truth": torch.int64})

@@ -1,0 +1,172 @@
+"""Checks of every name and number a config uses, run before the first stage.
+
+A typo in an attribution layer, a neuron id out of range or a clusterer parameter the estimator does not
+take would otherwise stop a run after its top-K pass (or after hours of relevance). Everything here is
+cheap: registry look-ups, building the clusterers, and one forward pass of one sample that gives every
+layer's width and the order in which the layers run.
+
+Example
+-------
+>>> from polypure import Experiment                          # doctest: +SKIP
+>>> Experiment("demo", overrides=["relevance.neurons=[999]"]).validate()  # doctest: +SKIP
+Traceback (most recent call last):
+ConfigError: relevance.neurons: neuron 999 out of range for a layer with 128 channels
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .errors import ConfigError
+
+
+def _layer_keys(config) -> Iterator[tuple[str, str, str | None]]:
+    """``(key, layer, target layer or None)`` for every layer the config names, the key as a user would write it."""
+    for i, layer in enumerate(config.topk.layers):
+        yield f"topk.layers[{i}]", layer, None
+    rel = config.relevance
+    short = rel.targets is None
+    for i, target in enumerate(rel.target_list):
+        prefix = "relevance" if short else f"relevance.targets[{i}]"
+        yield f"{prefix}.{'target_layer' if short else 'layer'}", target.layer, None
+        for j, layer in enumerate(target.attribution_layers):
+            yield f"{prefix}.attribution_layers[{j}]", layer, target.layer
+    for i, planted in enumerate(rel.planted_list):
+        prefix = "relevance.planted" if not isinstance(rel.planted, list) else f"relevance.planted[{i}]"
+        yield f"{prefix}.layer", planted.layer, None
+        for j, layer in enumerate(planted.attribution_layers or []):
+            yield f"{prefix}.attribution_layers[{j}]", layer, planted.layer
+
+
+def check_rules(config) -> None:
+    """The composite and canonizers must be registered names."""
+    from .composites import CANONIZERS, COMPOSITES
+
+    rel = config.relevance
+    for key, registry, names in (("relevance.composite", COMPOSITES, [rel.composite]),
+                                 ("relevance.canonizers", CANONIZERS, rel.canonizers)):
+        for name in names:
+            try:
+                registry.get(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+
+
+def check_clusterers(config) -> None:
+    """Every clusterer must exist and accept its parameters (it is built, not fitted)."""
+    from .clustering import make_clusterer
+
+    for i, method in enumerate(config.cluster.methods):
+        try:
+            make_clusterer(method.name, method.params, config.seed)
+        except ConfigError as exc:
+            message = str(exc).removeprefix("cluster.methods: ")
+            raise ConfigError(f"cluster.methods[{i}] ({method.method_id}): {message}") from None
+
+
+def check_layers(config, model, probe) -> dict[str, tuple]:
+    """Every named layer must exist, run once, and each attribution layer must run before its target.
+
+    Parameters
+    ----------
+    config : Config
+    model : ExplainedModel
+    probe : callable
+        ``probe(modules) -> (shapes, order)``: one forward pass recording the given modules.
+
+    Returns
+    -------
+    dict of str to tuple
+        Output shape (without batch) of every named layer.
+    """
+    keys = list(_layer_keys(config))
+    modules = {}
+    for key, layer, _ in keys:
+        try:
+            modules[layer] = model.submodule(layer)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    shapes, order = probe(modules)
+    position = {name: i for i, name in enumerate(order)}
+    seen: dict[tuple[str, str], str] = {}
+    for key, layer, target in keys:
+        if target is None:
+            continue
+        if layer == target or model.module_path(layer) == model.module_path(target):
+            raise ConfigError(f"{key}: {layer!r} is the target layer itself; attribution layers lie below it")
+        if (target, layer) in seen:
+            raise ConfigError(f"{key}: {layer!r} is listed twice (also as {seen[(target, layer)]})")
+        seen[(target, layer)] = key
+        if position[layer] > position[target]:
+            raise ConfigError(f"{key}: {layer!r} runs after the target layer {target!r}; attribution layers must lie "
+                              "below the target")
+    return shapes
+
+
+def check_neurons(config, shapes: dict[str, tuple]) -> None:
+    """Selected neuron ids must exist in their target layers."""
+    from .relevance import select_neurons
+
+    rel = config.relevance
+    for i, target in enumerate(rel.target_list):
+        key = "relevance.neurons" if rel.targets is None else f"relevance.targets[{i}].neurons"
+        select_neurons(target.neurons, shapes[target.layer][0], key=key)
+
+
+def check_samples(config, count: int) -> None:
+    """Top-K must have at least k samples to choose from."""
+    if config.topk.k > count:
+        raise ConfigError(f"topk.k ({config.topk.k}) is larger than the dataset ({count} samples)")
+
+
+def available_label_sets(config, dataset) -> list[str]:
+    """Label sets the evaluate stage can score against with this config and data."""
+    from .evaluate import CLASS, PLANTED
+
+    # planted truth belongs to planted targets; a config without them simply has nothing to score with it
+    names = [PLANTED]
+    names += list(getattr(dataset, "factors", {}) or {})
+    if class_labels_known(dataset):
+        names.append(CLASS)
+    return names
+
+
+def class_labels_known(dataset) -> bool:
+    """Whether the samples have class labels, from the dataset's labels or, failing that, its first item."""
+    import numpy as np
+
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and (np.asarray(labels) >= 0).any():
+        return True
+    probe = getattr(dataset, "item_label", None)
+    return probe is not None and probe(0) is not None
+
+
+def check_ground_truth(config, dataset) -> None:
+    """``evaluate.ground_truth`` may name only label sets the data has."""
+    wanted = config.evaluate.ground_truth
+    if wanted == "auto":
+        return
+    available = available_label_sets(config, dataset)
+    for name in wanted:
+        if name not in available:
+            raise ConfigError(f"evaluate.ground_truth: {name!r} is not known for this data (known: "
+                              f"{', '.join(available) or 'none'})")
+
+
+def check_experiment(exp) -> None:
+    """Run every check on an :class:`~polypure.experiment.Experiment` (builds its model and dataset).
+
+    Raises
+    ------
+    ConfigError
+        At the first problem, with one line naming the key.
+    """
+    config = exp.config
+    check_rules(config)
+    check_clusterers(config)
+    dataset = exp.dataset
+    check_samples(config, len(dataset))
+    shapes = check_layers(config, exp.model, exp.probe_layers)
+    check_neurons(config, shapes)
+    check_ground_truth(config, dataset)
