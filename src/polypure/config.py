@@ -194,6 +194,31 @@ class PlantedSection(_Section):
         return [self.mode] if isinstance(self.mode, str) else list(dict.fromkeys(self.mode))
 
 
+class CompositeSpec(BaseModel):
+    """A composite with parameters: its registered ``name`` and the keyword arguments of its class."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+#: ``relevance.composite``: a registered name, or ``{name: ..., <parameter>: <value>, ...}``.
+CompositeField = Union[str, CompositeSpec]
+
+
+def _composite_form(value: Any) -> Any:
+    # one message for a wrong form, instead of one per branch of the union
+    if isinstance(value, dict) and "name" not in value:
+        raise ValueError("a composite with parameters needs its name: {name: epsilon_gamma_box, low: ..., ...}")
+    if not isinstance(value, (str, dict, CompositeSpec)):
+        raise ValueError(f"expected a composite name or a mapping {{name: ..., <parameter>: ...}}, not {value!r}")
+    return value
+
+
 class RelevanceSection(_Section):
     """Conditional relevance of lower layers to target neurons (METHOD.md section 2)."""
 
@@ -202,13 +227,24 @@ class RelevanceSection(_Section):
     attribution_layers: list[str] = Field(default_factory=lambda: ["block_0", "block_1", "block_2"])
     targets: list[TargetSection] | None = None
     n_refs: int = Field(50, ge=1)
-    composite: str = "gradient"
+    composite: CompositeField = "gradient"
     canonizers: list[str] = Field(default_factory=list)
     times_activation: Union[Literal["auto"], bool] = "auto"
     batch_size: int = Field(64, ge=1)
     planted: Union[PlantedSection, list[PlantedSection], None] = None
 
     _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
+    _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
+
+    @property
+    def composite_name(self) -> str:
+        """The composite's registered name, whichever form the config used."""
+        return self.composite if isinstance(self.composite, str) else self.composite.name
+
+    @property
+    def composite_params(self) -> dict[str, Any]:
+        """The composite's parameters from the config (empty for the plain-name form)."""
+        return {} if isinstance(self.composite, str) else self.composite.params
 
     @model_validator(mode="after")
     def _one_form(self):

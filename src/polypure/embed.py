@@ -27,7 +27,7 @@ from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from .attribution import INPUT, ConditionalRelevance
-from .composites import make_composite, times_activation
+from .composites import input_bounds, make_composite, times_activation, warn_uncanonized
 from .evaluate import reference_indices
 from .evaluators import as_rgb, make_evaluator
 
@@ -93,10 +93,17 @@ def _single_unit(init):
     return masked
 
 
-def crop_heatmaps(ctx, plan, refs: np.ndarray, composite_name: str) -> dict[tuple[int, int], tuple]:
-    """Crop boxes for every (row, reference) of a target, from single-unit CRP heatmaps at the input."""
+def crop_heatmaps(ctx, plan, refs: np.ndarray, composite_name: str,
+                  key: str = "crop_composite") -> dict[tuple[int, int], tuple]:
+    """Crop boxes for every (row, reference) of a target, from single-unit CRP heatmaps at the input.
+
+    ``key`` is the config key that names the composite, for error messages.
+    """
     model = ctx.model
-    composite = make_composite(composite_name, list(model.canonizers))
+    canonizers = list(ctx.config.relevance.canonizers) or list(model.canonizers)
+    warn_uncanonized(model.module, composite_name, canonizers,
+                     sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
+    composite = make_composite(composite_name, canonizers, bounds=lambda: input_bounds(ctx.dataset), key=key)
     engine = ConditionalRelevance(model.module, {plan.layer: model.submodule(plan.layer)}, {INPUT: model.module},
                                   composite=composite, times_activation=times_activation(composite_name))
     boxes = {}
@@ -149,7 +156,8 @@ def run_stage(ctx) -> None:
                     embeddings = np.stack([np.stack([cache[int(i)] for i in row]) for row in refs])
                 else:
                     plans = plans or {p.name: p for p in plan_targets(ctx)}
-                    boxes = crop_heatmaps(ctx, plans[target], refs, evaluator.settings.crop_composite)
+                    boxes = crop_heatmaps(ctx, plans[target], refs, evaluator.settings.crop_composite,
+                                          key=f"evaluate.{name}.crop_composite")
                     store.write_array(f"crops/{target}", np.array(
                         [[boxes[(m, r)] or (-1, -1, -1, -1) for r in range(refs.shape[1])] for m in range(len(refs))],
                         np.int64), attrs={"composite": evaluator.settings.crop_composite,

@@ -14,16 +14,17 @@ Example
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .attribution import ConditionalRelevance, channel_init
-from .composites import make_composite, times_activation
+from .composites import composite_kwargs, input_bounds, make_composite, times_activation, warn_uncanonized
 from .errors import ConfigError
 from .planted import VirtualNeurons, target_name
 
@@ -83,7 +84,7 @@ class TargetPlan:
 
 @dataclass(frozen=True)
 class Rule:
-    """How relevance is computed: a composite by name, canonizers by name, and the activation product.
+    """How relevance is computed: a composite and its parameters, canonizers by name, the activation product.
 
     Attributes
     ----------
@@ -92,31 +93,58 @@ class Rule:
     canonizers : tuple of str
     times_activation : bool
         Multiply the backward signal by the activation (gradient-type composites).
+    params : tuple of (str, value)
+        The composite's keyword arguments, input bounds included (lists as tuples, so the rule stays
+        hashable); empty for a composite without parameters.
     """
 
     composite: str = "gradient"
     canonizers: tuple[str, ...] = ()
     times_activation: bool = True
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def params_json(self) -> str:
+        """The parameters as JSON, as the store records them (``composite_params``)."""
+        return json.dumps({key: list(v) if isinstance(v, tuple) else v for key, v in self.params}, sort_keys=True)
 
     def engine(self, model, plan: TargetPlan) -> ConditionalRelevance:
         """A fresh engine for ``plan`` on ``model`` (an ExplainedModel); enter it with ``with``."""
-        composite = make_composite(self.composite, list(self.canonizers)) if (
+        composite = make_composite(self.composite, list(self.canonizers), dict(self.params)) if (
             self.composite != "gradient" or self.canonizers) else None
         return ConditionalRelevance(model.module, {plan.layer: model.submodule(plan.layer)},
                                     {name: model.submodule(name) for name in plan.attribution_layers},
                                     composite=composite, times_activation=self.times_activation)
 
 
-def rule_from_config(config, model) -> Rule:
+def rule_from_config(config, model, dataset=None) -> Rule:
     """The rule ``relevance.composite`` / ``canonizers`` / ``times_activation`` describe for ``model``.
 
     An LRP composite without canonizers gets the model's default ones (the ResNet canonizer for ResNets).
+    Input bounds the composite takes and the config leaves out (the ZBox rule's ``low`` / ``high``) are
+    the data's normalised pixel range.
+
+    Parameters
+    ----------
+    config : Config
+    model : ExplainedModel
+    dataset : PolypureDataset, optional
+        The data, for its normalisation; built from ``config.data`` if the composite needs it and it is
+        not given.
     """
     cfg = config.relevance
+    name = cfg.composite_name
     canonizers = list(cfg.canonizers)
-    if not canonizers and cfg.composite != "gradient":
+    if not canonizers and name != "gradient":
         canonizers = list(model.canonizers)
-    return Rule(cfg.composite, tuple(canonizers), times_activation(cfg.composite, cfg.times_activation))
+
+    def bounds():
+        from .data import build_dataset
+        return input_bounds(dataset if dataset is not None else build_dataset(config.data, model))
+
+    params = composite_kwargs(name, cfg.composite_params, bounds)
+    return Rule(name, tuple(canonizers), times_activation(name, cfg.times_activation),
+                tuple((key, tuple(v) if isinstance(v, list) else v) for key, v in params.items()))
 
 
 def plan_targets(ctx) -> list[TargetPlan]:
@@ -232,7 +260,7 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
 def run_stage(ctx) -> None:
     """Compute (or finish) the relevance of every target in the config, writing to the store."""
     cfg = ctx.config.relevance
-    rule = rule_from_config(ctx.config, ctx.model)
+    rule = rule_from_config(ctx.config, ctx.model, ctx.dataset)
     with ctx.open_store() as store:
         for plan in plan_targets(ctx):
             values, indices = store.read_topk(plan.name)
@@ -241,6 +269,8 @@ def run_stage(ctx) -> None:
             attrs = {"composite": rule.composite, "canonizers": list(rule.canonizers), "init_rel": plan.init_rel,
                      "times_activation": rule.times_activation, "n_refs": cfg.n_refs, "layer": plan.layer,
                      "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
+            if rule.params:
+                attrs["composite_params"] = rule.params_json
             group = store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels,
                                             shapes[plan.layer][0], attrs, overwrite=ctx.overwrite)
             # the store's row order: neurons added by a later run follow the ones it already had
@@ -252,6 +282,8 @@ def run_stage(ctx) -> None:
             if len(todo) == 0:
                 ctx.log(f"relevance {plan.name}: complete, skipped")
                 continue
+            warn_uncanonized(ctx.model.module, rule.composite, list(rule.canonizers),
+                             sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
             with rule.engine(ctx.model, plan) as engine:
                 compute_target(ctx.dataset, plan, refs, todo, engine,
                                lambda rows, arrays, name=plan.name: store.write_relevance_rows(name, rows, arrays),

@@ -39,17 +39,16 @@ def _layer_keys(config) -> Iterator[tuple[str, str, str | None]]:
 
 
 def check_rules(config) -> None:
-    """The composite and canonizers must be registered names."""
-    from .composites import CANONIZERS, COMPOSITES
+    """The composite and canonizers must be registered names, and the composite must take its parameters."""
+    from .composites import CANONIZERS, check_composite
 
     rel = config.relevance
-    for key, registry, names in (("relevance.composite", COMPOSITES, [rel.composite]),
-                                 ("relevance.canonizers", CANONIZERS, rel.canonizers)):
-        for name in names:
-            try:
-                registry.get(name)
-            except ConfigError as exc:
-                raise ConfigError(f"{key}: {exc}") from None
+    check_composite(rel.composite_name, rel.composite_params)
+    for name in rel.canonizers:
+        try:
+            CANONIZERS.get(name)
+        except ConfigError as exc:
+            raise ConfigError(f"relevance.canonizers: {exc}") from None
 
 
 def check_clusterers(config) -> None:
