@@ -1,10 +1,15 @@
 """The cluster stage: split each neuron's references into groups, per feature space, with any clusterer.
 
 A clusterer is anything with ``fit_predict(X) -> labels`` (the scikit-learn protocol): KMeans,
-HDBSCAN, SpectralClustering, a user's own class. Names in configs map to factories through
-:data:`CLUSTERERS`; installed packages add names through the entry-point group ``polypure.clusterers``.
-Built in: ``kmeans`` (scikit-learn KMeans, ``n_init=10``, fixed ``random_state``) and ``hdbscan`` (the
-hdbscan package; noise is labelled -1).
+HDBSCAN, SpectralClustering, a user's own class. Names in configs map through :data:`CLUSTERERS` to an
+estimator class or a factory function; installed packages add names through the entry-point group
+``polypure.clusterers``, and ``MODULE:CLASS`` (``sklearn.cluster:AgglomerativeClustering``) names one
+directly. Built in: ``kmeans`` (scikit-learn KMeans, ``n_init=10``, fixed ``random_state``) and
+``hdbscan`` (the hdbscan package; noise is labelled -1).
+
+The config's parameters go to the class or factory as keyword arguments, checked against its signature.
+The run's seed goes as ``random_state`` where it takes that parameter (as scikit-learn's estimators do)
+and as ``seed`` where it names that, unless the config sets them itself.
 
 Results go to ``/clusters/<target>/<space>/<method id>`` (M, n_refs) int64, with the method's name and
 parameters in attributes. A space is an attribution layer, ``activation``, or an evaluator's embedding
@@ -21,9 +26,12 @@ True
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import json
+import re
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -32,8 +40,12 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, PolypureError
 from .registry import Registry
 
-#: Clusterer factories: ``factory(seed=..., **params) -> estimator with fit_predict``.
+#: Clusterers by name: estimator classes (``cls(**params)``) or factories (``factory(**params) -> estimator``),
+#: either taking ``random_state`` or ``seed`` where they use one.
 CLUSTERERS = Registry("clusterer", group="polypure.clusterers")
+
+#: Parameters through which polypure passes the run's seed, where a clusterer takes them.
+SEED_PARAMETERS = ("random_state", "seed")
 
 
 @CLUSTERERS.register("kmeans")
@@ -44,25 +56,78 @@ def kmeans(n_clusters: int = 2, n_init: int = 10, seed: int = 0, **params):
 
 
 @CLUSTERERS.register("hdbscan")
-def hdbscan_clusterer(min_cluster_size: int = 5, seed: int = 0, **params):
+def hdbscan_clusterer(min_cluster_size: int = 5, **params):
     """HDBSCAN from the hdbscan package; references it leaves out are labelled -1 (noise)."""
     import hdbscan
     return hdbscan.HDBSCAN(min_cluster_size=min_cluster_size, **params)
 
 
+def _import_clusterer(name: str) -> Callable[..., Any]:
+    """The object that ``MODULE:ATTRIBUTE`` names, as an entry point would load it."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cluster.methods: cannot import {module_name!r} for clusterer {name!r}: {exc}") from None
+    obj = getattr(module, attr, None)
+    if not callable(obj):
+        raise ConfigError(f"cluster.methods: {module_name!r} has no class or function {attr!r}")
+    return obj
+
+
+def _parameters(obj: Callable[..., Any]) -> tuple[list[str], bool]:
+    """The keyword parameters a class (of its ``__init__``) or a function names, and whether it takes ``**kwargs``."""
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # a builtin or extension callable: nothing to check against
+        return [], True
+    params = signature.parameters.values()
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 def make_clusterer(name: str, params: dict[str, Any] | None = None, seed: int = 0):
-    """A fresh estimator by registered name.
+    """A fresh estimator by registered name or ``MODULE:CLASS``, with the config's parameters and the run's seed.
+
+    Parameters
+    ----------
+    name : str
+        A registered name (``kmeans``, a plugin's) or ``MODULE:ATTRIBUTE`` naming an estimator class or
+        a factory (``sklearn.cluster:AgglomerativeClustering``).
+    params : dict, optional
+        Keyword arguments of the class or factory.
+    seed : int
+        Passed as ``random_state`` and as ``seed`` to a class or factory that names them, unless
+        ``params`` sets them.
+
+    Returns
+    -------
+    object
+        An estimator with ``fit_predict(X)``.
 
     Raises
     ------
     ConfigError
-        For an unknown name or parameters the clusterer does not take.
+        For an unknown name, a parameter the clusterer does not take, or an object without ``fit_predict``.
     """
-    factory = CLUSTERERS.get(name)
+    obj = _import_clusterer(name) if ":" in name and name not in CLUSTERERS else CLUSTERERS.get(name)
+    kwargs = dict(params or {})
+    named, open_ended = _parameters(obj)
+    unknown = [p for p in kwargs if p not in named]
+    if unknown and not open_ended:
+        takes = f"it takes {', '.join(named)}" if named else "it takes none"
+        raise ConfigError(f"cluster.methods: {name} takes no parameter {unknown[0]!r} ({takes})")
+    for key in SEED_PARAMETERS:
+        # only a parameter the signature names: **kwargs may forward to something without it
+        if key in named and key not in kwargs:
+            kwargs[key] = seed
     try:
-        estimator = factory(seed=seed, **(params or {}))
+        estimator = obj(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"cluster.methods: {name}: {exc}") from None
+        # a factory's **kwargs reached an estimator that does not take one of them
+        bad = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+        raise ConfigError(f"cluster.methods: {name} takes no parameter {bad.group(1)!r}" if bad
+                          else f"cluster.methods: {name}: {exc}") from None
     if not callable(getattr(estimator, "fit_predict", None)):
         raise ConfigError(f"cluster.methods: {name!r} made a {type(estimator).__name__} without fit_predict(X)")
     return estimator

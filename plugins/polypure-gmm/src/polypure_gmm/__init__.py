@@ -24,22 +24,23 @@ class GaussianMixtureClusterer(ClusterMixin, BaseEstimator):
         PCA dimensions kept before fitting the mixture.
     covariance_type : str
         As in scikit-learn's GaussianMixture.
-    seed : int
-        Seeds PCA and the mixture's initialisation (polypure passes ``config.seed``).
+    random_state : int, optional
+        Seeds PCA and the mixture's initialisation, as in scikit-learn; polypure sets it to ``config.seed``
+        unless the config gives it.
     """
 
-    def __init__(self, n_components=2, n_dims=5, covariance_type="full", seed=0):
+    def __init__(self, n_components=2, n_dims=5, covariance_type="full", random_state=None):
         self.n_components = n_components
         self.n_dims = n_dims
         self.covariance_type = covariance_type
-        self.seed = seed
+        self.random_state = random_state
 
     def fit(self, X, y=None):
         X = np.asarray(X, dtype=np.float64)
         dims = max(1, min(self.n_dims, X.shape[0] - 1, X.shape[1]))
-        projected = PCA(n_components=dims, random_state=self.seed).fit_transform(X)
+        projected = PCA(n_components=dims, random_state=self.random_state).fit_transform(X)
         mixture = GaussianMixture(n_components=self.n_components, covariance_type=self.covariance_type,
-                                  reg_covar=1e-4, random_state=self.seed)
+                                  reg_covar=1e-4, random_state=self.random_state)
         self.labels_ = mixture.fit_predict(projected)
         return self
 
