@@ -233,3 +233,14 @@ def test_the_relevance_stage_warns_only_without_a_canonizer(tmp_path, caplog, ca
                    relevance={"target_layer": "b", "neurons": [0, 1], "attribution_layers": ["a"], "n_refs": 2,
                               "composite": "epsilon_plus", "canonizers": canonizers}).run(["topk", "relevance"])
     assert bool([r for r in caplog.records if "batch norm" in r.getMessage()]) is warned
+
+
+def test_other_composite_parameters_make_a_stored_target_stale(tmp_path):
+    Experiment(demo_config(tmp_path, {"name": "epsilon_gamma_box", "low": -2.0}), progress=False).run(
+        ["topk", "relevance"])
+    with pytest.raises(ConfigError, match="composite_params"):
+        Experiment(demo_config(tmp_path, {"name": "epsilon_gamma_box", "low": -3.0}), progress=False).run(
+            ["relevance"])
+    # the same parameters in another order are the same rule
+    Experiment(demo_config(tmp_path, {"name": "epsilon_gamma_box", "high": [DEMO_HIGH] * 3, "low": -2.0}),
+               progress=False).run(["relevance"])

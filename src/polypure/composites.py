@@ -158,7 +158,12 @@ def input_bounds(dataset=None) -> tuple[Bound, Bound]:
         return 0.0, 1.0
     mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
     std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-    return ((0 - mean) / std).tolist(), ((1 - mean) / std).tolist()
+
+    def shortest(values: torch.Tensor) -> list[float]:
+        # the shortest decimals that give these float32 values back: 2.8, not 2.799999952316284
+        return [float(str(v)) for v in values.numpy()]
+
+    return shortest((0 - mean) / std), shortest((1 - mean) / std)
 
 
 def composite_kwargs(name: str, params: dict[str, Any] | None = None,
