@@ -10,8 +10,11 @@ class PolypureError(Exception):
     """A runtime failure with a message for the user (command-line exit status 1)."""
 
 
-class ConfigError(PolypureError):
-    """A usage or configuration problem (command-line exit status 2)."""
+class ConfigError(PolypureError, ValueError):
+    """A usage or configuration problem (command-line exit status 2).
+
+    Also a ``ValueError``, so that code catching bad values from Python catches it too.
+    """
 
 
 class StoreError(PolypureError):

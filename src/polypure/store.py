@@ -42,6 +42,11 @@ from .errors import StaleResultError, StoreError
 FORMAT = "polypure"
 #: A planted target is named after its layer: ``block_3@planted``.
 PLANTED_SUFFIX = "@planted"
+#: The space of a target's own activations (beside its attribution layers).
+ACTIVATION = "activation"
+#: Label sets of references: the planted split, and the samples' classes (factors go by their own names).
+PLANTED = "planted"
+CLASS = "class"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 
@@ -378,13 +383,200 @@ class Store:
         That is the layer's planted pairs and their top-K, and every relevance target on the layer (real
         or planted) with its derived results: their references came from this top-K.
         """
-        planted = f"{layer}{PLANTED_SUFFIX}"
+        planted = planted_target(layer)
         for path in (f"topk/{layer}", f"topk/{planted}", f"planted/{layer}"):
             self.drop(path)
         for target in self.relevance_targets():
             if target in (layer, planted):
                 self.drop(f"relevance/{target}")
                 self.drop_derived(target)
+
+    # -- targets and their spaces ------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """The resolved config the store was last written with, as a mapping (empty if none)."""
+        return yaml.safe_load(self.config_yaml) or {}
+
+    def target_attrs(self, target: str) -> dict[str, Any]:
+        """The attributes of a relevance target (its rule, layer and attribution layers)."""
+        return {key: read_attr(value) for key, value in self.file[f"relevance/{target}"].attrs.items()}
+
+    def attribution_layers(self, target: str) -> list[str]:
+        """A target's attribution layers, from the lowest as configured."""
+        return list(read_attr(self.file[f"relevance/{target}"].attrs.get("attribution_layers", [])))
+
+    def spaces(self, target: str) -> list[str]:
+        """A target's own feature spaces: its attribution layers, then ``activation``."""
+        return [*self.attribution_layers(target), ACTIVATION]
+
+    def neurons(self, target: str) -> np.ndarray:
+        """Neuron (or virtual-neuron) id of every row of a target."""
+        return self.file[f"relevance/{target}/neurons"][()]
+
+    def complete(self, target: str) -> np.ndarray:
+        """Which rows of a target are finished."""
+        return self.file[f"relevance/{target}/complete"][()]
+
+    def n_refs(self, target: str) -> int:
+        """References per neuron of a target."""
+        return int(self.file[f"relevance/{target}/{ACTIVATION}"].shape[1])
+
+    def reference_indices(self, target: str) -> np.ndarray:
+        """Sample index of every reference of every stored neuron of a target: (M, n_refs)."""
+        return self.read(f"topk/{target}/indices")[self.neurons(target), :self.n_refs(target)]
+
+    def relevance(self, target: str, space: str) -> np.ndarray:
+        """A target's relevance at one attribution layer, or its ``activation`` baseline: (M, n_refs, C)."""
+        return self.read(f"relevance/{target}/{space}")
+
+    def has_space(self, target: str, space: str) -> bool:
+        """Whether the store has features of ``space`` for ``target`` (a layer, activation or an embedding)."""
+        return f"relevance/{target}/{space}" in self.file or f"embeddings/{space}/{target}" in self.file
+
+    def features(self, target: str, space: str, row: int | None = None) -> np.ndarray:
+        """The features of a space for a target: relevance, activation or an evaluator's embedding.
+
+        Parameters
+        ----------
+        target, space : str
+        row : int, optional
+            One neuron's (n_refs, D) features instead of all (M, n_refs, D).
+
+        Raises
+        ------
+        StoreError
+            If the store has no such space for the target.
+        """
+        for path in (f"relevance/{target}/{space}", f"embeddings/{space}/{target}"):
+            if path in self.file:
+                return self.file[path][()] if row is None else self.file[path][row]
+        raise StoreError(f"store {str(self.path)!r} has no space {space!r} for target {target!r} (attribution "
+                         "layers, 'activation', or evaluator embeddings)")
+
+    def planted_targets(self) -> list[str]:
+        """The relevance targets made of planted virtual neurons."""
+        return [t for t in self.relevance_targets() if planted_layer(t) is not None]
+
+    # -- planted -----------------------------------------------------------------------------------
+
+    def has_planted_pairs(self, layer: str) -> bool:
+        """Whether pairs were chosen for a layer's planted neurons."""
+        return f"planted/{layer}/pairs" in self.file
+
+    def write_planted_pairs(self, layer: str, pairs: np.ndarray, scales: np.ndarray, settings: dict[str, Any]) -> None:
+        """Keep a layer's planted channel pairs, their scales and the settings they were chosen with."""
+        self.write_array(f"planted/{layer}/pairs", pairs)
+        self.write_array(f"planted/{layer}/scales", scales)
+        for key, value in settings.items():
+            self.file[f"planted/{layer}"].attrs[key] = value
+
+    def planted_pairs(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(pairs, scales)`` of a layer's planted neurons."""
+        return self.read(f"planted/{layer}/pairs"), self.read(f"planted/{layer}/scales")
+
+    def planted_settings(self, layer: str) -> dict[str, Any]:
+        """The settings a layer's pairs were chosen with (empty for stores written before they were kept)."""
+        group = f"planted/{layer}"
+        return {k: read_attr(v) for k, v in self.file[group].attrs.items()} if group in self.file else {}
+
+    def write_planted_truth(self, layer: str, truth: np.ndarray, modes: list[str]) -> None:
+        """The true split of each planted neuron's references and the mode of each virtual neuron."""
+        self.write_array(f"planted/{layer}/truth", np.asarray(truth, np.int64))
+        self.write_array(f"planted/{layer}/modes", list(modes))
+
+    def planted_modes(self, layer: str) -> list[str] | None:
+        """The mode of each virtual neuron of a layer, or None before they were stored."""
+        path = f"planted/{layer}/modes"
+        return list(read_attr(self.read(path))) if path in self.file else None
+
+    def topk_payload(self, name: str, payload: str) -> np.ndarray:
+        """A per-entry payload kept with a top-K (``truth`` of planted neurons)."""
+        return self.read(f"topk/{name}/{payload}")
+
+    # -- labels of references ----------------------------------------------------------------------
+
+    def label_sets(self) -> list[str]:
+        """Names of the label sets known for the samples: ``planted``, the factors, then ``class``."""
+        return [PLANTED, *self.factors()] + ([CLASS] if self.has_samples() and (self.labels() >= 0).any() else [])
+
+    def known_labels(self, target: str, full_topk: bool = False) -> dict[str, np.ndarray]:
+        """Every label set known for a target's references, each (M, n_refs), or (M, K) with ``full_topk``."""
+        neurons = self.neurons(target)
+        indices = self.read(f"topk/{target}/indices")[neurons]
+        refs = indices if full_topk else indices[:, :self.n_refs(target)]
+        out = {}
+        layer = planted_layer(target)
+        if layer is not None:
+            truth = self.topk_payload(target, "truth")[neurons] if full_topk else self.read(f"planted/{layer}/truth")
+            out[PLANTED] = truth[:, :refs.shape[1]]
+        for name, (codes, _) in self.factors().items():
+            out[name] = codes[refs]
+        labels = self.labels()
+        if (labels >= 0).any():
+            out[CLASS] = labels[refs]
+        return out
+
+    # -- embeddings and crops ----------------------------------------------------------------------
+
+    def embedding_names(self) -> list[str]:
+        """Evaluators with stored embeddings."""
+        return list(self.file["embeddings"].keys()) if "embeddings" in self.file else []
+
+    def has_embeddings(self, evaluator: str, target: str, signature: str | None = None) -> bool:
+        """Whether embeddings of a target by an evaluator are stored (with this signature, if given)."""
+        return self._current(f"embeddings/{evaluator}/{target}", signature)
+
+    def embeddings(self, evaluator: str, target: str) -> np.ndarray:
+        """An evaluator's embedding of every reference of a target: (M, n_refs, D)."""
+        return self.read(f"embeddings/{evaluator}/{target}")
+
+    def write_embeddings(self, evaluator: str, target: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Store an evaluator's embeddings of a target's references (rows aligned with its relevance)."""
+        self.write_array(f"embeddings/{evaluator}/{target}", np.asarray(data, np.float32), attrs=attrs)
+
+    def write_crops(self, target: str, boxes: np.ndarray, composite: str) -> None:
+        """Crop boxes of a target's references (row start, row stop, column start, column stop; -1: whole image)."""
+        self.write_array(f"crops/{target}", np.asarray(boxes, np.int64),
+                         attrs={"composite": composite, "columns": ["row_start", "row_stop", "col_start", "col_stop"]})
+
+    def crop_boxes(self, target: str) -> np.ndarray | None:
+        """The crop boxes of a target, or None where the crop view was not used."""
+        path = f"crops/{target}"
+        return self.read(path) if path in self.file else None
+
+    # -- clusters ----------------------------------------------------------------------------------
+
+    def has_clusters(self, target: str, space: str, method: str, signature: str | None = None) -> bool:
+        """Whether a clustering is stored (made with this signature, if given)."""
+        return self._current(f"clusters/{target}/{space}/{method}", signature)
+
+    def write_clusters(self, target: str, space: str, method: str, labels: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Store cluster labels (M, n_refs) of a target in a space by a method id."""
+        self.write_array(f"clusters/{target}/{space}/{method}", np.asarray(labels, np.int64),
+                         attrs={**attrs, "space": space})
+
+    def cluster_labels(self, target: str, space: str, method: str, row: int | None = None) -> np.ndarray | None:
+        """Cluster labels of a target in a space by a method (one row, or all), None where not clustered."""
+        path = f"clusters/{target}/{space}/{method}"
+        if path not in self.file:
+            return None
+        return self.file[path][()] if row is None else self.file[path][row]
+
+    def clusterings(self, target: str) -> list[tuple[str, str]]:
+        """``(space, method id)`` of every stored clustering of a target."""
+        path = f"clusters/{target}"
+        if path not in self.file:
+            return []
+        return [(space, method) for space, methods in self.file[path].items() for method in methods]
+
+    def cluster_methods(self, target: str) -> list[str]:
+        """Method ids with a clustering of a target in any space, in first-seen order."""
+        return list(dict.fromkeys(method for _, method in self.clusterings(target)))
+
+    def _current(self, path: str, signature: str | None) -> bool:
+        if path not in self.file:
+            return False
+        return signature is None or self.file[path].attrs.get("signature") == signature
 
     # -- generic -----------------------------------------------------------------------------------
 
@@ -406,6 +598,16 @@ class Store:
 
     def __contains__(self, path: str) -> bool:
         return path in self.file
+
+
+def planted_target(layer: str) -> str:
+    """The store name of a layer's planted virtual neurons: ``<layer>@planted``."""
+    return f"{layer}{PLANTED_SUFFIX}"
+
+
+def planted_layer(target: str) -> str | None:
+    """The layer of a planted target (``block_3@planted`` -> ``block_3``), None for a real one."""
+    return target.removesuffix(PLANTED_SUFFIX) if target.endswith(PLANTED_SUFFIX) else None
 
 
 def _rule_differences(group: h5py.Group, attrs: dict[str, Any], layer_channels: dict[str, int]) -> list[str]:
