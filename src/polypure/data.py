@@ -6,8 +6,10 @@ Every dataset here gives, for sample ``i``,
   what figures show),
 * ``dataset[i]``: ``(view normalised for the model, label)`` (what the explained model sees),
 
-plus ``ids`` (stable strings: the path relative to the data root, or ``index:<i>``), ``labels`` (int64,
--1 where unknown) and, for generated data, ``factors`` (name -> per-sample codes and value names).
+except :class:`WrappedDataset`, a dataset passed from Python, whose items go to the model as they are
+and whose ``view`` un-does the normalisation it is told the items carry. All of them have ``ids``
+(stable strings: the path relative to the data root, or ``index:<i>``), ``labels`` (int64, -1 where
+unknown) and, for generated data, ``factors`` (name -> per-sample codes and value names).
 
 Example
 -------
@@ -88,9 +90,16 @@ class PolypureDataset(Dataset):
             img = TF.center_crop(img, [self.image_size, self.image_size])
         return img
 
+    #: Whether :meth:`view` can give pixels (a dataset passed from Python may not know how).
+    has_pixels = True
+    #: Whether the labels are the ones the items carry, known once the top-K pass has read every item.
+    labels_from_items = False
+    #: What decides the pixels beyond the data config, for telling stale embeddings apart (None: nothing).
+    pixels_signature = None
+
     def view(self, index: int) -> torch.Tensor:
         """The sample as the model sees it before normalisation: float (C, H, W) in [0, 1]."""
-        return self._geometry(self._raw(index)).clamp_(0, 1)
+        return self._geometry(self._raw(index)).clamp(0, 1)
 
     def normalize(self, img: torch.Tensor) -> torch.Tensor:
         """Apply the model normalisation to a view (or a batch of views)."""
@@ -182,11 +191,31 @@ class ArrayDataset(PolypureDataset):
         self.images = self.images[:count]
 
 
-class WrappedDataset(PolypureDataset):
-    """A user's torch dataset whose items are ``image`` or ``(image, ...)`` with float images in [0, 1].
+#: The data settings that apply to a dataset passed from Python; every other ``data`` key describes data
+#: polypure builds itself.
+MEMORY_DATA_KEYS = ("batch_size", "num_workers")
 
-    Labels come from the dataset's ``labels`` or ``targets`` attribute when it has one (else -1), ids
-    from ``ids`` and generative factors from ``factors``, so nothing has to be read twice.
+
+def _item_label(item) -> int:
+    """The integer class an ``(image, label, ...)`` item carries, else -1."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        return -1
+    label = item[1]
+    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point() \
+            and label.dtype != torch.bool:
+        return int(label)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+        return int(label)
+    return -1
+
+
+class _ItemDataset(PolypureDataset):
+    """Base of the wrappers of a user's torch dataset whose items are ``image`` or ``(image, label, ...)``.
+
+    Ids come from the dataset's ``ids`` attribute, generative factors from ``factors``, and labels from
+    ``labels`` or ``targets`` where it has one. Without those attributes the labels are the ones the items
+    carry: ``dataset[i]`` returns them, the top-K pass (which reads every item anyway) writes them to the
+    store as they stream past, and :attr:`labels` holds -1 until then (:attr:`labels_from_items` is True).
     """
 
     def __init__(self, dataset: Dataset, **kwargs):
@@ -194,20 +223,142 @@ class WrappedDataset(PolypureDataset):
         n = len(dataset)
         ids = list(getattr(dataset, "ids", [f"index:{i}" for i in range(n)]))
         labels = getattr(dataset, "labels", getattr(dataset, "targets", None))
+        self.labels_from_items = labels is None
         super().__init__(ids, labels=None if labels is None else np.asarray(labels), **kwargs)
         self.factors = dict(getattr(dataset, "factors", {}) or {})
 
-    def _raw(self, index: int) -> torch.Tensor:
+    def _item(self, index: int) -> tuple[torch.Tensor, int]:
+        """The item's image as a tensor (a PIL image becomes float in [0, 1]) and its label."""
+        if index < 0 or index >= len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
         item = self.dataset[index]
         img = item[0] if isinstance(item, (tuple, list)) else item
         if isinstance(img, Image.Image):
             img = TF.pil_to_tensor(img.convert("RGB")).float().div_(255)
         if not isinstance(img, torch.Tensor) or img.ndim != 3:
             raise PolypureError(f"dataset item {index} is not an image tensor (C, H, W)")
-        return img.float()
+        label = _item_label(item) if self.labels_from_items else int(self.labels[index])
+        return img, label
 
     def _keep(self, count: int) -> None:
         self.dataset = torch.utils.data.Subset(self.dataset, range(count))
+
+
+class FactoryDataset(_ItemDataset):
+    """The dataset of a ``data.kind: python:MODULE:FACTORY`` factory: items are pixels that polypure prepares.
+
+    Images are float in [0, 1] (or PIL images); like image files they are resized and cropped by
+    ``data.image_size`` and normalised by ``data.normalize``.
+
+    Parameters
+    ----------
+    dataset : torch Dataset
+        Items ``image`` or ``(image, label, ...)``.
+    **kwargs
+        See :class:`PolypureDataset`.
+    """
+
+    def _raw(self, index: int) -> torch.Tensor:
+        return self._item(index)[0].float()
+
+    def __getitem__(self, index: int):
+        img, label = self._item(index)
+        return self.normalize(self._geometry(img.float()).clamp(0, 1)), label
+
+
+def no_pixels_message(needs: str) -> str:
+    """The one line that says how to let an in-memory dataset give pixels to ``needs``."""
+    return (f"{needs} needs the images as pixels in [0, 1], but the in-memory dataset's items go to the model as "
+            "they are and polypure cannot tell how to turn them back: pass Experiment(..., mean=..., std=...) "
+            "(the normalisation the items carry), to_pixels=<callable>, or to_pixels='identity' if they already "
+            "are pixels")
+
+
+class WrappedDataset(_ItemDataset):
+    """A user's torch dataset passed as ``Experiment(dataset=...)``: items go to the model as they are.
+
+    ``dataset[i]`` is the item's image exactly as the dataset yields it (a copy, cast to ``dtype``; a
+    PIL image becomes float in [0, 1]): polypure resizes, normalises and clamps nothing, and never changes
+    the dataset's own tensors. Evaluators, crops and thumbnails need the images as pixels in [0, 1];
+    :meth:`view` gets them from ``mean`` and ``std`` (the items are ``(pixels - mean) / std``) or from
+    ``to_pixels``. With neither, :meth:`view` raises :class:`~polypure.errors.ConfigError` saying what to
+    pass. Labels, ids and factors: see :class:`_ItemDataset`.
+
+    Parameters
+    ----------
+    dataset : torch Dataset
+        Items ``image`` or ``(image, label, ...)``, images (C, H, W) tensors prepared for the model.
+    mean, std : sequence of float, optional
+        The normalisation the items carry, per channel (or one value for all).
+    to_pixels : callable or "identity", optional
+        ``to_pixels(image) -> pixels`` (float (C, H, W), clamped to [0, 1] afterwards; it gets a float32
+        copy of the item's image), or ``"identity"`` when the items already are pixels (float in [0, 1],
+        or uint8, which is divided by 255).
+    dtype : torch.dtype
+        What the model computes in: items are cast to it (uint8 values stay 0..255, float64 is rounded).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from polypure.data import WrappedDataset
+    >>> items = torch.utils.data.TensorDataset((torch.ones(2, 3, 4, 4) - 0.5) / 0.25, torch.tensor([1, 0]))
+    >>> ds = WrappedDataset(items, mean=[0.5], std=[0.25])
+    >>> ds[0][0].max().item(), ds.view(0).max().item(), ds.labels_from_items
+    (2.0, 1.0, True)
+    """
+
+    def __init__(self, dataset: Dataset, mean=None, std=None, to_pixels=None, dtype: torch.dtype = torch.float32):
+        if to_pixels is not None and mean is not None:
+            raise ConfigError("give either mean and std or to_pixels, not both: both say how to get pixels from "
+                              "the items")
+        if not (to_pixels is None or callable(to_pixels) or (isinstance(to_pixels, str) and to_pixels == "identity")):
+            raise ConfigError(f"to_pixels must be a callable or 'identity', not {to_pixels!r}")
+        if (mean is None) != (std is None):
+            raise ConfigError("give both mean and std (the items are (pixels - mean) / std)")
+        if mean is not None and len(mean) != len(std):
+            raise ConfigError("mean and std must have the same length")
+        if std is not None and any(float(s) <= 0 for s in std):
+            raise ConfigError("std must be positive")
+        super().__init__(dataset, mean=mean, std=std)
+        self.to_pixels = to_pixels
+        self.dtype = dtype
+
+    @property
+    def has_pixels(self) -> bool:
+        return self.mean is not None or self.to_pixels is not None
+
+    @property
+    def pixels_signature(self) -> dict[str, Any] | None:
+        """How :meth:`view` makes pixels, for telling stale embeddings apart (None where it cannot)."""
+        if self.mean is not None:
+            return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        if callable(self.to_pixels):
+            fn = self.to_pixels
+            return {"to_pixels": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"}
+        return None if self.to_pixels is None else {"to_pixels": self.to_pixels}
+
+    def __getitem__(self, index: int):
+        img, label = self._item(index)
+        # a copy: whatever the model, hooks or composites do to their input must not reach the user's tensors
+        return img.detach().to(self.dtype, copy=True), label
+
+    def view(self, index: int) -> torch.Tensor:
+        """The item's image as float (C, H, W) pixels in [0, 1], made from a copy of it."""
+        if not self.has_pixels:
+            raise ConfigError(no_pixels_message("the pixel view (for evaluators, crops and thumbnails)"))
+        img, _ = self._item(index)
+        raw = img.detach()
+        img = raw.to(torch.float32, copy=True)
+        if self.mean is not None:
+            if img.shape[0] != self.mean.shape[0] and self.mean.shape[0] != 1:
+                raise ConfigError(f"mean and std have {self.mean.shape[0]} values but the images have "
+                                  f"{img.shape[0]} channels")
+            img = img * self.std + self.mean
+        elif callable(self.to_pixels):
+            img = torch.as_tensor(self.to_pixels(img)).to(torch.float32)
+        elif not raw.is_floating_point():
+            img = img / 255
+        return img.clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,7 +478,7 @@ def build_dataset(cfg, model=None) -> PolypureDataset:
     elif cfg.kind.startswith("python:"):
         from .models import import_factory
         made = import_factory(cfg.kind.split(":", 1)[1], "data.kind")(**cfg.kwargs)
-        ds = made if isinstance(made, PolypureDataset) else WrappedDataset(made, **geometry)
+        ds = made if isinstance(made, PolypureDataset) else FactoryDataset(made, **geometry)
     elif cfg.kind == "memory":
         raise ConfigError("data.kind 'memory' stands for a dataset passed from Python (Experiment(dataset=...))")
     else:  # pragma: no cover - the config validator rejects other kinds

@@ -134,12 +134,19 @@ def run_stage(ctx) -> None:
         if not names:
             ctx.log("embed: no evaluator configured (evaluate.references), skipped")
             return
+        if ctx.dataset.labels_from_items:
+            # the top-K pass collected them from the items, maybe in another process
+            ctx.dataset.labels = store.labels()
         plans = None
         for name in names:
             evaluator = make_evaluator(name, ctx.config.evaluate.settings(name))
             if evaluator.settings.device is None:
                 evaluator.device = ctx.device
-            signature = json.dumps(evaluator.signature(), sort_keys=True)
+            signature = evaluator.signature()
+            if evaluator.image_based and ctx.dataset.pixels_signature is not None:
+                # the config does not say how an in-memory dataset's pixels are made; other pixels, other embedding
+                signature["pixels"] = ctx.dataset.pixels_signature
+            signature = json.dumps(signature, sort_keys=True)
             cache: dict[int, np.ndarray] = {}
             for target in targets:
                 path = f"embeddings/{name}/{target}"

@@ -5,10 +5,12 @@ From a config file (what ``polypure run`` does)::
     from polypure import Experiment
     Experiment("configs/demo.yaml").run()
 
-From a notebook, with an in-memory model and dataset and no YAML::
+From a notebook, with an in-memory model and dataset and no YAML (the items go to the model as they
+are; ``mean`` and ``std`` say how they were normalised, so that evaluators and thumbnails get pixels)::
 
     import torchvision
     exp = Experiment(model=torchvision.models.resnet18(), dataset=my_dataset, store="r18.h5",
+                     mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
                      topk={"k": 20}, relevance={"neurons": "0:8", "n_refs": 20})
     exp.topk()
     exp.relevance()
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import Config, config_from_dict, load_config
-from .data import PolypureDataset, WrappedDataset, build_dataset
+from .data import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset, no_pixels_message
 from .errors import ConfigError
 from .models import ExplainedModel, create_model
 from .store import Store
@@ -59,8 +61,18 @@ class Experiment:
     model : torch.nn.Module or ExplainedModel, optional
         Explain this network instead of building ``config.model``.
     dataset : torch Dataset or PolypureDataset, optional
-        Use these samples instead of building ``config.data``; items are ``(image, label)`` with
-        images already prepared for the model.
+        Use these samples instead of building ``config.data``. A torch dataset's items are ``image`` or
+        ``(image, label, ...)`` with images (C, H, W) tensors prepared for the model: the model gets them
+        as they are (cast to its dtype), and they are never changed. Labels come from the dataset's
+        ``labels`` or ``targets`` attribute, else from the items. Of ``config.data`` only ``batch_size``
+        and ``num_workers`` apply (see :class:`~polypure.data.WrappedDataset`).
+    mean, std : sequence of float, optional
+        The normalisation a torch ``dataset``'s items carry (``(pixels - mean) / std``), which evaluators,
+        crops and thumbnails undo to get pixels in [0, 1].
+    to_pixels : callable or "identity", optional
+        Instead of ``mean`` and ``std``: ``to_pixels(image) -> pixels in [0, 1]``, or ``"identity"`` when
+        the items already are pixels. Without any of the three, a run whose evaluators look at images is
+        refused here, and the report has no thumbnails.
     store : str or Path, optional
         Where to write (overrides ``config.store``).
     overwrite : bool
@@ -76,9 +88,10 @@ class Experiment:
     """
 
     def __init__(self, config: Config | dict | str | Path | None = None, *, model=None, dataset=None,
-                 store: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-                 overrides: list[str] | None = None, **sections: Any):
+                 mean=None, std=None, to_pixels=None, store: str | Path | None = None, overwrite: bool = False,
+                 progress: bool = True, overrides: list[str] | None = None, **sections: Any):
         in_memory = model is not None or dataset is not None
+        dataset = _wrap_dataset(dataset, model, mean, std, to_pixels)
         if isinstance(config, Config):
             raw = config.model_dump(mode="json")
         elif isinstance(config, dict):
@@ -95,17 +108,19 @@ class Experiment:
             raw.setdefault("model", {})["name"] = getattr(model, "name", None) if isinstance(
                 model, ExplainedModel) else f"in-memory:{type(module).__name__}"
         if dataset is not None:
+            given = [config.get("data") if isinstance(config, dict) else None, sections.get("data")]
+            _check_memory_data(given, replaced=None if isinstance(config, dict) else raw.get("data"))
             # loader settings still apply to an in-memory dataset; what the data is does not come from here
-            loader = {k: v for k, v in (raw.get("data") or {}).items() if k in ("batch_size", "num_workers")}
+            loader = {k: v for k, v in (raw.get("data") or {}).items() if k in MEMORY_DATA_KEYS}
             raw["data"] = {"kind": "memory", "num_workers": 0, **loader}
         if store is not None:
             raw["store"] = str(store)
         self.config = config_from_dict(raw)
         if self.config.data is None and dataset is None:
             raise ConfigError("config: data: missing required section")
-        self._check_evaluators()
         self._model_arg = model
         self._dataset_arg = dataset
+        self._check_evaluators()
         self.overwrite = overwrite
         self.progress = progress
         self.device = resolve_device(self.config.device)
@@ -128,10 +143,13 @@ class Experiment:
                 raise ConfigError(f"cluster.spaces: {name!r} is neither an attribution layer, 'activation', nor an "
                                   "evaluator")
             try:
-                make_evaluator(name, settings)
+                evaluator = make_evaluator(name, settings)
             except ConfigError as exc:
                 message = str(exc)
                 raise ConfigError(message if message.startswith("evaluate.") else f"evaluate: {message}") from None
+            # found now rather than at the embed stage, after the top-K and relevance passes
+            if evaluator.image_based and self._dataset_arg is not None and not self._dataset_arg.has_pixels:
+                raise ConfigError(f"evaluate.{name}: " + no_pixels_message(f"evaluator {name!r}"))
 
     def _relevance_spaces(self) -> set[str]:
         rel = self.config.relevance
@@ -168,10 +186,8 @@ class Experiment:
             arg = self._dataset_arg
             if arg is None:
                 self._dataset = build_dataset(self.config.data, self.model)
-            elif isinstance(arg, PolypureDataset):
-                self._dataset = arg
             else:
-                self._dataset = WrappedDataset(arg)
+                self._dataset = arg
         return self._dataset
 
     @property
@@ -289,6 +305,8 @@ class Experiment:
             self.log("report: disabled (report.enabled: false), skipped")
             return self
         from .report import write_report
+        if not self.dataset.has_pixels:
+            self.log("report: no thumbnails: " + no_pixels_message("a thumbnail"))
         self.report_path = write_report(self.config.store_path, out=cfg.out, dataset=self.dataset,
                                         max_neurons=cfg.neurons, view=cfg.view, progress=self.progress)
         self.log(f"report: {self.report_path}")
@@ -303,3 +321,54 @@ class Experiment:
         for stage in stages or STAGES:
             getattr(self, stage)()
         return self
+
+
+def _wrap_dataset(dataset, model, mean, std, to_pixels) -> PolypureDataset | None:
+    """An in-memory ``dataset`` as a PolypureDataset, with the ways to pixels that only a torch dataset takes."""
+    given = [name for name, value in (("mean", mean), ("std", std), ("to_pixels", to_pixels)) if value is not None]
+    if given and dataset is None:
+        raise ConfigError(f"{', '.join(given)}: these describe the items of a dataset passed as "
+                          "Experiment(dataset=...); data built from the config is normalised by data.normalize")
+    if given and isinstance(dataset, PolypureDataset):
+        raise ConfigError(f"{', '.join(given)}: a polypure dataset ({type(dataset).__name__}) makes its own pixels "
+                          "and model inputs; these are for other torch datasets")
+    if dataset is None or isinstance(dataset, PolypureDataset):
+        return dataset
+    return WrappedDataset(dataset, mean=mean, std=std, to_pixels=to_pixels, dtype=_input_dtype(model))
+
+
+def _input_dtype(model) -> torch.dtype:
+    """The floating dtype of a model's parameters: what an in-memory dataset's items are cast to."""
+    module = model.module if isinstance(model, ExplainedModel) else model
+    if isinstance(module, nn.Module):
+        for parameter in module.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+    # a model built from the config (or one without parameters) computes in float32
+    return torch.float32
+
+
+def _check_memory_data(given: list[dict | None], replaced: dict | None) -> None:
+    """Refuse data settings given beside an in-memory dataset that would not apply to it.
+
+    Parameters
+    ----------
+    given : list of dict or None
+        ``data`` mappings the caller wrote for this run (a dict config's, the ``data=`` keyword's).
+    replaced : dict or None
+        The ``data`` section of a config file or Config object, which described other data: it is
+        replaced (and says so in the log) rather than refused.
+    """
+    for data in given:
+        for key, value in (data or {}).items():
+            if key in MEMORY_DATA_KEYS or (key == "kind" and value == "memory"):
+                continue
+            if key == "normalize":
+                raise ConfigError("data.normalize does not apply to an in-memory dataset: its items go to the model "
+                                  "as they are; pass Experiment(..., mean=..., std=...) to say how they were "
+                                  "normalised, so that evaluators and thumbnails get pixels back")
+            raise ConfigError(f"data.{key} does not apply to an in-memory dataset: its items go to the model as they "
+                              f"are (of data, only {' and '.join(MEMORY_DATA_KEYS)} apply)")
+    if replaced and replaced.get("kind") not in (None, "memory"):
+        log.info("data: the in-memory dataset replaces the config's data (kind %s); only %s apply",
+                 replaced.get("kind"), " and ".join(MEMORY_DATA_KEYS))

@@ -11,12 +11,41 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import yaml
 
 from .store import Store, read_attr
+
+#: The data settings shown for a dataset passed from Python: its kind and the ones that apply to it
+#: (``polypure.data.MEMORY_DATA_KEYS``, not imported from there so that inspecting a store needs no torch).
+MEMORY_DATA_SHOWN = ("kind", "batch_size", "num_workers")
+
+
+def _memory_data(config_yaml: str) -> dict | None:
+    """The parsed config if its data is a dataset passed from Python (``data.kind: memory``), else None."""
+    try:
+        config = yaml.safe_load(config_yaml)
+    except yaml.YAMLError:
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    return config if isinstance(data, dict) and data.get("kind") == "memory" else None
 
 
 def _shape(ds: h5py.Dataset) -> str:
     return "x".join(str(s) for s in ds.shape) or "scalar"
+
+
+def shown_config(config_yaml: str) -> str:
+    """The stored config as shown: for a dataset passed from Python, only the data settings that applied.
+
+    The store keeps the whole resolved config (with every default) to tell stale results apart; of its
+    ``data`` section only the loader settings applied to an in-memory dataset, so the others (image size,
+    normalisation, ...) are left out here rather than shown as if they had.
+    """
+    config = _memory_data(config_yaml)
+    if config is None:
+        return config_yaml
+    config["data"] = {key: value for key, value in config["data"].items() if key in MEMORY_DATA_SHOWN}
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def describe(path: str | Path, show_config: bool = True) -> str:
@@ -42,7 +71,9 @@ def describe(path: str | Path, show_config: bool = True) -> str:
             labels = f["samples/labels"][()]
             factors = list(f["samples/factors"].keys()) if "samples/factors" in f else []
             lines.append(f"samples: {len(labels)}, labelled {int((labels >= 0).sum())}"
-                         + (f", factors: {', '.join(factors)}" if factors else ""))
+                         + (f", factors: {', '.join(factors)}" if factors else "")
+                         + (", from a dataset passed from Python (given to the model as it yields them)"
+                            if _memory_data(store.config_yaml) is not None else ""))
         if "topk" in f:
             lines.append("top-K:")
             for name, group in f["topk"].items():
@@ -68,6 +99,6 @@ def describe(path: str | Path, show_config: bool = True) -> str:
                     f"  {name:<40} {_shape(obj)} {obj.dtype}") if isinstance(obj, h5py.Dataset) else None)
         if show_config:
             lines.append("config:")
-            lines += ["  " + line for line in store.config_yaml.rstrip().splitlines()]
+            lines += ["  " + line for line in shown_config(store.config_yaml).rstrip().splitlines()]
     return "\n".join(lines)
 

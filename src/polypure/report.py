@@ -185,7 +185,10 @@ def _rebuild_dataset(store: Store):
 
 
 def _check_dataset(store: Store, dataset):
-    """The dataset if it holds the store's samples, else None and why."""
+    """The dataset if it holds the store's samples and can show them, else None and why."""
+    if dataset is not None and not getattr(dataset, "has_pixels", True):
+        from .data import no_pixels_message
+        return None, no_pixels_message("a thumbnail")
     if dataset is None or not store.has_samples():
         return dataset, None
     stored = store.sample_ids()

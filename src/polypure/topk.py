@@ -156,7 +156,8 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
                  k: int, start: int = 0, stop: int | None = None, batch_size: int = 32, num_workers: int = 0,
                  device: str | torch.device = "cpu", states: dict[str, TopK] | None = None,
                  done: dict[str, int] | None = None, checkpoint: Callable[[dict, int], None] | None = None,
-                 checkpoint_every: int = 50, progress: bool = True) -> dict[str, TopK]:
+                 checkpoint_every: int = 50, progress: bool = True, labels: np.ndarray | None = None
+                 ) -> dict[str, TopK]:
     """Stream samples ``start:stop`` of ``dataset`` through ``model`` and keep each scorer's top-K.
 
     Parameters
@@ -179,6 +180,9 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
         ``checkpoint_every`` batches, and when the pass stops on an error or interruption.
     progress : bool
         Show a progress bar.
+    labels : ndarray of int64, shape (len(dataset),), optional
+        Filled in place with the label of each sample streamed (the second part of each item), before
+        each checkpoint.
 
     Returns
     -------
@@ -199,8 +203,10 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
     bar = tqdm(total=stop - first, desc="top-K", unit="img", disable=not progress, leave=False)
     try:
         with torch.no_grad(), tap_layers(modules) as outputs:
-            for batch_number, (x, _) in enumerate(loader, 1):
+            for batch_number, (x, y) in enumerate(loader, 1):
                 n = len(x)
+                if labels is not None:
+                    labels[position:position + n] = np.asarray(y, np.int64)
                 forward_to(model, x.to(device), outputs)
                 sample_idx = torch.arange(position, position + n)
                 for scorer in scorers:
@@ -234,8 +240,13 @@ def topk_layers(config) -> list[str]:
 
 
 def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
-    """One resumable streaming pass for some scorers, checkpointed into the store."""
+    """One resumable streaming pass for some scorers, checkpointed into the store.
+
+    A dataset whose labels are the ones its items carry has them collected on the way: each checkpoint
+    writes them to ``/samples/labels`` before the top-K it covers, so a resumed pass has every label too.
+    """
     cfg = ctx.config.topk
+    labels = store.labels().copy() if ctx.dataset.labels_from_items else None
     states, done = {}, {}
     for scorer in scorers:
         progress = store.topk_progress(scorer.name)
@@ -246,6 +257,8 @@ def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
             done[scorer.name] = samples_done
 
     def save(current: dict[str, TopK], samples_done: dict[str, int], complete: bool = False) -> None:
+        if labels is not None:
+            store.file["samples/labels"][:] = labels
         for scorer in scorers:
             values, indices, payloads = current[scorer.name].arrays()
             store.write_topk(scorer.name, values, indices, cfg.statistic, samples_done[scorer.name], complete,
@@ -255,8 +268,11 @@ def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
     n = len(ctx.dataset)
     states = collect_topk(ctx.model.module, ctx.dataset, modules, scorers, cfg.k, batch_size=ctx.batch_size,
                           num_workers=ctx.num_workers, device=ctx.device, states=states, done=done,
-                          checkpoint=save, checkpoint_every=cfg.checkpoint_every, progress=ctx.progress)
+                          checkpoint=save, checkpoint_every=cfg.checkpoint_every, progress=ctx.progress,
+                          labels=labels)
     save(states, {scorer.name: n for scorer in scorers}, complete=True)
+    if labels is not None:
+        ctx.dataset.labels = labels
 
 
 def _stale(ctx, store, what: str, changes: list[str], drop) -> None:
