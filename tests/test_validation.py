@@ -108,3 +108,17 @@ def test_a_bad_set_value_is_reported_as_a_set_value(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(config, ["relevance.n_refs=2"])
     assert str(info.value).startswith(f"{config}: topk.k:")
+
+
+def test_class_ground_truth_is_known_from_the_items(tmp_path):
+    import torch
+
+    items = torch.utils.data.TensorDataset(torch.rand(12, 3, 16, 16), torch.arange(12) % 3)
+    exp = Experiment(model=tiny(seed=1), dataset=items, to_pixels="identity", store=tmp_path / "s.h5",
+                     progress=False, evaluate={"ground_truth": ["class"]}, **BASE)
+    exp.validate()
+    unlabelled = torch.utils.data.TensorDataset(torch.rand(12, 3, 16, 16))
+    exp = Experiment(model=tiny(seed=1), dataset=unlabelled, to_pixels="identity", store=tmp_path / "t.h5",
+                     progress=False, evaluate={"ground_truth": ["class"]}, **BASE)
+    with pytest.raises(ConfigError, match="'class' is not known"):
+        exp.validate()

@@ -131,14 +131,14 @@ def available_label_sets(config, dataset) -> list[str]:
 
 
 def class_labels_known(dataset) -> bool:
-    """Whether the samples have class labels, from the dataset's labels or, failing that, its first item."""
+    """Whether the samples have class labels: from the dataset's labels, or those its first item carries."""
     import numpy as np
 
     labels = getattr(dataset, "labels", None)
     if labels is not None and (np.asarray(labels) >= 0).any():
         return True
-    probe = getattr(dataset, "item_label", None)
-    return probe is not None and probe(0) is not None
+    # labels that live in the items are collected by the top-K pass; the first item tells whether they exist
+    return bool(getattr(dataset, "labels_from_items", False)) and dataset[0][1] >= 0
 
 
 def check_ground_truth(config, dataset) -> None:
