@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from polypure import Experiment
+from polypure.report import write_report
 
 from .conftest import random_images
 from .nets import tiny
@@ -118,3 +119,9 @@ def test_a_neuron_whose_references_share_one_label_gets_no_score(evaluated, tmp_
     kmeans = next(r for r in records if r["metric"] == "ARI class" and r["space"] == "c2" and r["method"] == "kmeans")
     assert "1 one-label" in kmeans["skipped"] and kmeans["n"] <= 2
 
+
+def test_the_report_shows_every_method_and_the_reasons(evaluated, tmp_path):
+    index = write_report(evaluated, out=tmp_path / "r", max_neurons=0, progress=False)
+    text = index.read_text()
+    assert "c3 (3 neurons), clusters: hdbscan" in text and "c3 (3 neurons), clusters: kmeans" in text
+    assert "3 all-noise" in text and "<td>n/a</td>" in text

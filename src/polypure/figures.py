@@ -154,6 +154,82 @@ def _features(store: Store, target: str, space: str, row: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+# what each figure reads: every figure is drawn from its reader's result alone, so that a hash of that
+# result tells whether a figure drawn before is still up to date (the report redraws only what changed)
+
+
+def _distance_inputs(store: Store, target: str, neuron_row: int, reference: str) -> dict:
+    corr = correlations(store, target, reference)
+    spaces = feature_spaces(store, target)
+    return {"neuron": int(neuron_ids(store, target)[neuron_row]),
+            "reference": _features(store, target, reference, neuron_row),
+            "features": {space: _features(store, target, space, neuron_row) for space in spaces},
+            "corr": {space: float(corr[space][neuron_row]) if space in corr else float("nan") for space in spaces}}
+
+
+def _scatter_inputs(store: Store, target: str, reference: str) -> dict:
+    return {"layers": attribution_layers(store, target), "corr": correlations(store, target, reference),
+            "neurons": neuron_ids(store, target)}
+
+
+def _bars_inputs(store: Store, target: str, reference: str) -> dict:
+    return {"corr": correlations(store, target, reference), "layers": attribution_layers(store, target)}
+
+
+def _umap_inputs(store: Store, target: str, neuron_row: int, method: str, spaces: Sequence[str] | None,
+                 view: str) -> dict:
+    spaces = list(spaces) if spaces is not None else feature_spaces(store, target)
+    boxes = crop_boxes(store, target, view)
+    return {"neuron": int(neuron_ids(store, target)[neuron_row]),
+            "refs": reference_indices(store, target)[neuron_row],
+            "features": {space: _features(store, target, space, neuron_row) for space in spaces},
+            "labels": {space: cluster_labels(store, target, space, method, neuron_row) for space in spaces},
+            "boxes": boxes[neuron_row] if boxes is not None else None}
+
+
+def _truth_inputs(store: Store) -> dict:
+    from . import summary
+
+    targets = store.relevance_targets()
+    return {"records": [r for r in summary.read(store) if str(r["metric"]).startswith("ARI")], "targets": targets,
+            "layers": {target: attribution_layers(store, target) for target in targets}}
+
+
+def inputs(figure, store, *args, **kwargs) -> dict:
+    """The store data a figure function draws from, for the same arguments (less the output folder).
+
+    Parameters
+    ----------
+    figure : callable
+        :func:`distance_matrices`, :func:`correlation_scatter`, :func:`space_bars`, :func:`neuron_umap`
+        (without its ``dataset`` argument) or :func:`ground_truth_table`.
+    store : Store or str or Path
+    *args, **kwargs
+        The figure's arguments between ``store`` and ``out_dir`` (``neuron_umap``: also ``method``,
+        ``spaces`` and ``view``; ``ground_truth_table``: none).
+
+    Returns
+    -------
+    dict
+        Everything the figure reads, as numbers, strings and arrays: a hash of it changes whenever the
+        figure would.
+
+    Examples
+    --------
+    >>> inputs(space_bars, "storage/demo.h5", "block_3", "clip")["layers"]     # doctest: +SKIP
+    ['block_0', 'block_1', 'block_2']
+    """
+    readers = {distance_matrices: _distance_inputs, correlation_scatter: _scatter_inputs, space_bars: _bars_inputs,
+               neuron_umap: _umap_inputs, ground_truth_table: _truth_inputs}
+    if figure not in readers:
+        raise ValueError(f"{getattr(figure, '__name__', figure)!r} is not a figure of polypure.figures")
+    if figure is neuron_umap:
+        kwargs = {"method": "kmeans", "spaces": None, "view": "auto", **kwargs}
+    with opened(store) as st:
+        return readers[figure](st, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
 # images
 
 
@@ -289,19 +365,17 @@ def distance_matrices(store, target: str, neuron_row: int, reference: str, out_d
         The written files, one per format.
     """
     with opened(store) as st:
-        neuron = int(neuron_ids(st, target)[neuron_row])
-        spaces = feature_spaces(st, target)
-        panels = [(f"{reference} (reference)", reference, _features(st, target, reference, neuron_row), None)]
-        corr = correlations(st, target, reference)
-        for space in spaces:
-            value = corr[space][neuron_row] if space in corr else float("nan")
-            panels.append((f"{space}\nr = {_fmt(value)}", space, _features(st, target, space, neuron_row), value))
+        data = _distance_inputs(st, target, neuron_row, reference)
+    neuron = data["neuron"]
+    panels = [(f"{reference} (reference)", reference, data["reference"])]
+    for space, features in data["features"].items():
+        panels.append((f"{space}\nr = {_fmt(data['corr'][space])}", space, features))
     n_refs = len(panels[0][2])
     # a fixed layout instead of a layout engine: this figure is drawn for every neuron page of a report
     fig = _figure(2.3 * len(panels) + 0.3, 3.0, layout=None)
     fig.subplots_adjust(left=0.2 / len(panels), right=1 - 0.1 / len(panels), top=0.76, bottom=0.07, wspace=0.18)
     axes = fig.subplots(1, len(panels))
-    for ax, (title, name, features, _) in zip(np.atleast_1d(axes), panels):
+    for ax, (title, name, features) in zip(np.atleast_1d(axes), panels):
         ax.imshow(pairwise_distances(features), cmap="viridis", interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_xticks([0, n_refs - 1], ["1", str(n_refs)], fontsize=7)
@@ -345,9 +419,8 @@ def correlation_scatter(store, target: str, reference: str, out_dir, *, n_labels
         If the target has fewer than two attribution layers or no correlations with ``reference``.
     """
     with opened(store) as st:
-        layers = attribution_layers(st, target)
-        corr = correlations(st, target, reference)
-        neurons = neuron_ids(st, target)
+        data = _scatter_inputs(st, target, reference)
+    layers, corr, neurons = data["layers"], data["corr"], data["neurons"]
     if len(layers) < 2 or not all(layer in corr for layer in layers):
         raise ValueError(f"{target}: a scatter needs correlations with {reference!r} at two or more attribution "
                          f"layers (found {', '.join(s for s in layers if s in corr) or 'none'})")
@@ -413,8 +486,8 @@ def space_bars(store, target: str, reference: str, out_dir, *, formats: Iterable
         If the store has no correlations of ``target`` with ``reference``.
     """
     with opened(store) as st:
-        corr = correlations(st, target, reference)
-        layers = attribution_layers(st, target)
+        data = _bars_inputs(st, target, reference)
+    corr, layers = data["corr"], data["layers"]
     if not corr:
         raise ValueError(f"{target}: no distance correlations with {reference!r} in the store")
     names = list(corr)
@@ -537,14 +610,11 @@ def neuron_umap(store, dataset, target: str, neuron_row: int, out_dir, method: s
     list of Path
     """
     with opened(store) as st:
-        neuron = int(neuron_ids(st, target)[neuron_row])
-        spaces = list(spaces) if spaces is not None else feature_spaces(st, target)
-        refs = reference_indices(st, target)[neuron_row]
-        features = {space: _features(st, target, space, neuron_row) for space in spaces}
-        labels = {space: cluster_labels(st, target, space, method, neuron_row) for space in spaces}
-        boxes = crop_boxes(st, target, view)
+        data = _umap_inputs(st, target, neuron_row, method, spaces, view)
+    neuron, refs, features, labels = data["neuron"], data["refs"], data["features"], data["labels"]
+    spaces = list(features)
     n_refs = len(refs)
-    boxes_row = boxes[neuron_row] if boxes is not None else [None] * n_refs
+    boxes_row = data["boxes"] if data["boxes"] is not None else [None] * n_refs
     small = big = None
     if dataset is not None:
         big = [thumbnail(dataset, int(i), box, size=grid_size) for i, box in zip(refs, boxes_row)]
@@ -672,12 +742,9 @@ def ground_truth_table(store, out_dir, method: str | None = None, *, formats: It
     ValueError
         If ``/metrics/summary`` has no ARI rows.
     """
-    from . import summary
-
     with opened(store) as st:
-        records = [r for r in summary.read(st) if str(r["metric"]).startswith("ARI")]
-        targets = st.relevance_targets()
-        layer_order = {target: attribution_layers(st, target) for target in targets}
+        data = _truth_inputs(st)
+    records, targets, layer_order = data["records"], data["targets"], data["layers"]
     if not records:
         raise ValueError("the store's summary table has no ground-truth (ARI) rows")
     method = method or records[0]["method"]

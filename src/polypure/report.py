@@ -20,13 +20,26 @@ Layout of the folder::
     thumbs/                         reference thumbnails, one file per image (or per crop)
     neurons/<target>/<id>.html      a page per chosen neuron
     neurons/<target>/fig/           its distance-matrix and UMAP figures (PNG)
+    manifest.json                   what was drawn from what (see below)
+
+Writing again is incremental. Every drawn file (figure or thumbnail) is keyed in ``manifest.json`` by a
+hash of everything it is drawn from: the store data its figure function reads (:func:`polypure.figures.inputs`),
+the settings, the data's identity (its config and sample ids) and the drawing code itself. A file whose
+key is unchanged is kept, so a report of an unchanged store draws nothing, and a change redraws only the
+figures it affects; pages are rewritten only where their text changes. ``write_report`` owns
+``index.html``, ``manifest.json`` and the folders ``figures/``, ``thumbs/`` and ``neurons/``: whatever it
+did not write this time is removed from them (the pages of neurons and targets no longer in the store, or
+no longer chosen), and anything else in the report folder is left alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +58,11 @@ log = logging.getLogger("polypure")
 NEURON_PAGES = 8
 #: Side in pixels of the thumbnail files shown in the cluster grids.
 THUMB_SIZE = 80
+#: The report's record of what it drew from what.
+MANIFEST = "manifest.json"
+#: Folders of the report that belong to ``write_report`` alone (files it did not write there are removed).
+OWNED = ("figures", "thumbs", "neurons")
+_MANIFEST_FORMAT = 1
 
 
 @dataclass
@@ -196,13 +214,180 @@ def _check_dataset(store: Store, dataset):
     return dataset, None
 
 
-class _Thumbs:
-    """Writes each reference thumbnail once and knows its file; describes samples for tooltips."""
+def _digest(*parts) -> str:
+    """A hash of numbers, strings, arrays and (nested) lists and dicts of them; order counts."""
+    h = hashlib.sha256()
 
-    def __init__(self, out: Path, dataset, store: Store):
+    def feed(value) -> None:
+        if isinstance(value, (np.ndarray, np.generic)):
+            array = np.asarray(value)
+            if array.dtype.kind in "OSU":
+                feed([str(v) for v in array.ravel().tolist()] + [array.shape])
+                return
+            h.update(f"a{array.dtype.str}{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+            h.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            h.update(b"[")
+            for item in value:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(parts)
+    return h.hexdigest()[:32]
+
+
+def _code_key() -> str:
+    """The drawing code and version: a new polypure, or an edited figure module, redraws every figure."""
+    return _digest(__version__, Path(figures.__file__).read_bytes(), THUMB_SIZE)
+
+
+class _Outputs:
+    """The files one ``write_report`` produces, and which of them a previous one left up to date.
+
+    Parameters
+    ----------
+    out : Path
+        The report folder; its ``manifest.json``, when there is one of this format, tells what the
+        previous write drew from what.
+    """
+
+    def __init__(self, out: Path):
         self.out = out
-        self.dataset = dataset
-        self.done: set[str] = set()
+        previous = {}
+        try:
+            previous = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        if not isinstance(previous, dict) or previous.get("format") != _MANIFEST_FORMAT:
+            previous = {}
+        self.previous: dict[str, dict] = previous.get("drawings", {})
+        self.previous_data: dict = previous.get("data", {})
+        self.drawings: dict[str, dict] = {}
+        self.written: set[str] = set()
+        self.drawn = self.kept = self.pages = 0
+
+    def rel(self, path: Path) -> str:
+        return Path(os.path.relpath(path, self.out)).as_posix()
+
+    def cached(self, files: list[Path], key: str) -> dict | None:
+        """The previous entry of a drawing of ``files`` if it was drawn from the same inputs (and recorded)."""
+        name = self.rel(files[0])
+        entry = self.previous.get(name)
+        if entry is None or entry.get("key") != key:
+            return None
+        if entry.get("error") is None and not all(f.is_file() for f in files):
+            return None
+        self.drawings[name] = entry
+        self.kept += 1
+        return entry
+
+    def record(self, files: list[Path], key: str, error: str | None = None) -> None:
+        """A drawing just made (or failed: its error is kept, so the same inputs do not fail again)."""
+        self.drawings[self.rel(files[0])] = {"key": key, "files": [] if error else [self.rel(f) for f in files],
+                                             "error": error}
+        self.drawn += 1
+
+    def write_text(self, path: Path, text: str) -> None:
+        """Write a page, unless it already holds exactly this text."""
+        self.written.add(self.rel(path))
+        self.pages += _write_if_changed(path, text)
+
+    def finish(self, data: dict) -> int:
+        """Remove what this write did not produce from the owned folders, save the manifest; files removed."""
+        keep = set(self.written) | {f for entry in self.drawings.values() for f in entry.get("files", [])}
+        removed = 0
+        for folder in OWNED:
+            root = self.out / folder
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir():
+                    if not any(path.iterdir()):
+                        path.rmdir()
+                elif self.rel(path) not in keep:
+                    path.unlink()
+                    removed += 1
+            if not any(root.iterdir()):
+                root.rmdir()
+        manifest = {"format": _MANIFEST_FORMAT, "polypure": __version__, "data": data,
+                    "drawings": dict(sorted(self.drawings.items()))}
+        _write_if_changed(self.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        return removed
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` unless the file holds exactly that already; whether it wrote."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+class _Images:
+    """The store's samples for thumbnails, looked for only when an image has to be drawn.
+
+    Building a dataset from the store's config can take seconds (the demo renders 3000 images), and a
+    report whose images are all up to date needs none: a previous write that found the same data
+    (config and sample ids) is trusted instead.
+    """
+
+    def __init__(self, store: Store, dataset, previous: dict):
+        self.store = store
+        self.given = dataset
+        section = {}
+        try:
+            section = (yaml.safe_load(store.config_yaml) or {}).get("data") or {}
+        except (yaml.YAMLError, AttributeError):
+            pass
+        self.key = _digest(section, store.sample_ids() if store.has_samples() else [])
+        self.resolved = False
+        self.dataset = None
+        self.why: str | None = None
+        self.assumed = previous.get("key") == self.key and previous.get("available") is True
+
+    def get(self):
+        """The dataset, or None (then :attr:`why` says why)."""
+        if not self.resolved:
+            self.resolved = True
+            given = self.given() if callable(self.given) else self.given
+            if given is None:
+                self.dataset, self.why = _rebuild_dataset(self.store)
+            else:
+                self.dataset, self.why = _check_dataset(self.store, given)
+        return self.dataset
+
+    @property
+    def available(self) -> bool:
+        if not self.resolved and self.assumed:
+            return True
+        return self.get() is not None
+
+    def state(self) -> dict:
+        """What the manifest keeps of the data: its key and whether it was found."""
+        return {"key": self.key, "available": self.dataset is not None if self.resolved else self.assumed}
+
+
+class _Thumbs:
+    """Writes each reference thumbnail (when not up to date) and knows its file; describes samples."""
+
+    def __init__(self, out: Path, images: _Images, store: Store, outputs: _Outputs, code: str):
+        self.out = out
+        self.images = images
+        self.outputs = outputs
+        self.code = code
+        self.done: dict[str, str | None] = {}
         self.ids = store.sample_ids() if store.has_samples() else []
         self.labels = store.labels() if store.has_samples() else np.zeros(0, np.int64)
         classes = store.file["samples/labels"].attrs.get("classes") if store.has_samples() else None
@@ -210,26 +395,36 @@ class _Thumbs:
         self.factors = store.factors()
 
     def file(self, target: _Target, row: int, position: int) -> str | None:
-        """Path (relative to the report) of a reference's thumbnail, written on first use."""
-        if self.dataset is None:
-            return None
-        from PIL import Image
-
+        """Path (relative to the report) of a reference's thumbnail, drawn unless up to date."""
         sample = int(target.refs[row, position])
         box = target.boxes[row, position] if target.boxes is not None else None
         cropped = box is not None and min(int(v) for v in box) >= 0
         name = f"thumbs/{target.slug}/{row}_{position}.png" if cropped else f"thumbs/{sample}.png"
         if name not in self.done:
-            try:
-                pixels = figures.thumbnail(self.dataset, sample, box, size=THUMB_SIZE)
-            except (PolypureError, OSError) as exc:
-                # an unreadable image costs its thumbnail, not the report
-                log.warning("report: no thumbnail of sample %d: %s", sample, exc)
-                return None
-            path = self.out / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(path)
-            self.done.add(name)
+            self.done[name] = self._draw(name, sample, box if cropped else None)
+        return self.done[name]
+
+    def _draw(self, name: str, sample: int, box) -> str | None:
+        path = self.out / name
+        key = _digest("thumbnail", self.code, self.images.key, sample, box)
+        entry = self.outputs.cached([path], key)
+        if entry is not None:
+            return None if entry.get("error") else name
+        dataset = self.images.get()
+        if dataset is None:
+            return None
+        from PIL import Image
+
+        try:
+            pixels = figures.thumbnail(dataset, sample, box, size=THUMB_SIZE)
+        except (PolypureError, OSError) as exc:
+            # an unreadable image costs its thumbnail, not the report
+            log.warning("report: no thumbnail of sample %d: %s", sample, exc)
+            self.outputs.record([path], key, f"{type(exc).__name__}: {exc}")
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        self.outputs.record([path], key)
         return name
 
     def describe(self, sample: int) -> str:
@@ -367,40 +562,24 @@ def _figure_html(paths: list[Path], page_dir: Path, caption: str) -> str:
 
 
 def _summary_html(records: list[dict], methods: list[str]) -> str:
-    """The summary table as HTML: per group and cluster method, a row per space, a column per metric."""
+    """The summary table as HTML: the tables of :func:`polypure.summary.pivot`, side by side per group and
+    cluster method, with the reasons neurons were left out below them."""
     if not records:
         return '<p class="meta">The store has no summary table (run the evaluate stage).</p>'
-    found = list(dict.fromkeys(r["method"] for r in records if r["method"]))
-    order = [m for m in methods if m in found] + [m for m in found if m not in methods] or [None]
     out = []
-    for group in dict.fromkeys(r["group"] for r in records):
-        for method in order:
-            chosen = [r for r in records if r["group"] == group and r["method"] in ("", method)]
-            if not chosen:
-                continue
-            n = max(r["n"] for r in chosen)
-            title = f"{group} ({n} neuron{'s' if n != 1 else ''})" + (f", clusters: {method}" if method else "")
-            tables = []
-            # reference-space metrics and ground truth side by side, as the text table's two blocks
-            for part in (("corr", "inner", "inter"), ("ARI", "NMI")):
-                rows = [r for r in chosen if r["metric"].split(" ", 1)[0] in part]
-                if not rows:
-                    continue
-                metrics = list(dict.fromkeys(r["metric"] for r in rows))
-                spaces = list(dict.fromkeys(r["space"] for r in rows))
-                cells = {(r["space"], r["metric"]): r for r in rows}
-                head = "".join(f"<th>{_e(m)}</th>" for m in metrics)
-                body = []
-                for space in spaces:
-                    tds = []
-                    for metric in metrics:
-                        r = cells.get((space, metric))
-                        ok = r is not None and np.isfinite(r["mean"])
-                        tds.append(f"<td>{r['mean']:.3f} ± {r['std']:.3f}</td>" if ok else "<td></td>")
-                    body.append(f"<tr><td>{_e(space)}</td>{''.join(tds)}</tr>")
-                tables.append(f"<table><thead><tr><th>space</th>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
-                              "</table>")
-            out.append(f'<h3>{_e(title)}</h3><div class="tables">{"".join(tables)}</div>')
+    tables = summary.pivot(records, methods)
+    for title in dict.fromkeys(t.title for t in tables):
+        shown, notes = [], []
+        for table in (t for t in tables if t.title == title):
+            head = "".join(f"<th>{_e(m)}</th>" for m in table.metrics)
+            body = "".join(f"<tr><td>{_e(space)}</td>"
+                           + "".join(f"<td>{_e(table.text(space, m))}</td>" for m in table.metrics) + "</tr>"
+                           for space in table.spaces)
+            shown.append(f"<table><thead><tr><th>space</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+            notes += table.notes()
+        note = (f'<p class="meta">Not scored (non-results, left out of the means): {_e("; ".join(notes))}</p>'
+                if notes else "")
+        out.append(f'<h3>{_e(title)}</h3><div class="tables">{"".join(shown)}</div>{note}')
     return "\n".join(out)
 
 
@@ -488,12 +667,34 @@ def _neuron_metrics(target: _Target, row: int) -> str:
     return f"<table><thead><tr><th>space</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _neuron_page(store: Store, target: _Target, row: int, out: Path, thumbs: _Thumbs, dataset,
-                 notes: list[str]) -> None:
+def _neuron_parts(store: Store, target: _Target, row: int, out: Path, thumbs: _Thumbs, draw: "_Drawer") -> dict:
+    """A neuron page's figures and cluster grids (drawn or found up to date), for :func:`_neuron_page`."""
     neuron = int(target.neurons[row])
-    root = "../../"
     page_dir = out / "neurons" / target.slug
     fig_dir = page_dir / "fig"
+    figs = []
+    for reference in target.corr:
+        files = _files(fig_dir, f"{neuron}_distances_{figures.safe_name(reference)}", ("png",))
+        figs.append(draw(page_dir, f"distance matrices, reference {reference} (seed Figure 2)", files,
+                         draw.key(figures.distance_matrices, target.name, row, reference, settings=files[0].name),
+                         lambda: figures.distance_matrices(store, target.name, row, reference, fig_dir,
+                                                           formats=("png",), stem=files[0].stem)))
+    method = target.method or "kmeans"
+    view = _view(target)
+    files = _files(fig_dir, f"{neuron}_umap", ("png",))
+    # the images drawn depend on the data, which the store holds only by its sample ids
+    key = draw.key(figures.neuron_umap, target.name, row, method=method, view=view,
+                   settings=(files[0].name, draw.images.key, draw.images.available))
+    figs.append(draw(page_dir, "UMAP of the references per space, coloured by cluster, and the top references of "
+                               "each cluster (seed Figure 4)", files, key,
+                     lambda: figures.neuron_umap(store, draw.images.get(), target.name, row, fig_dir, method=method,
+                                                 view=view, formats=("png",), stem=files[0].stem)))
+    return {"figures": figs, "grids": _grids_html(store, target, row, thumbs, "../../")}
+
+
+def _neuron_page(target: _Target, row: int, parts: dict, notes: list[str]) -> str:
+    neuron = int(target.neurons[row])
+    root = "../../"
     position = target.pages.index(row)
     links = [f'<a href="{root}index.html#t-{_e(target.slug)}">all neurons of {_e(target.name)}</a>']
     if position > 0:
@@ -501,42 +702,61 @@ def _neuron_page(store: Store, target: _Target, row: int, out: Path, thumbs: _Th
     if position + 1 < len(target.pages):
         links.append(f'<a href="{int(target.neurons[target.pages[position + 1]])}.html">next</a>')
     flags = [f"{label} ({int(v[row])} values)" for label, v in target.mixture.items() if v[row] >= 2]
-    parts = [f"<h1>{_e(target.name)} neuron {neuron}</h1>",
-             f'<p class="meta">{" · ".join(links)}<br>{len(target.refs[row])} references'
-             + (f' · <span class="poly">polysemantic by {_e(", ".join(flags))}</span>' if flags else "") + "</p>"]
-    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    parts.append(_neuron_metrics(target, row))
-    figs = []
-    for reference in target.corr:
-        figs.append(_draw(page_dir, f"distance matrices, reference {reference} (seed Figure 2)",
-                          figures.distance_matrices, store, target.name, row, reference, fig_dir, formats=("png",),
-                          stem=f"{neuron}_distances_{figures.safe_name(reference)}"))
-    figs.append(_draw(page_dir, "UMAP of the references per space, coloured by cluster, and the top references of "
-                                "each cluster (seed Figure 4)",
-                      figures.neuron_umap, store, dataset, target.name, row, fig_dir,
-                      method=target.method or "kmeans", view=_view(target), formats=("png",), stem=f"{neuron}_umap"))
-    parts.append("<h2>Figures</h2>" + "<br>".join(figs))
-    parts.append("<h2>Clusters</h2>" + _grids_html(store, target, row, thumbs, root))
-    path = out / target.page(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_page(f"{target.name} neuron {neuron}", "\n".join(parts), root=root), encoding="utf-8")
+    body = [f"<h1>{_e(target.name)} neuron {neuron}</h1>",
+            f'<p class="meta">{" · ".join(links)}<br>{len(target.refs[row])} references'
+            + (f' · <span class="poly">polysemantic by {_e(", ".join(flags))}</span>' if flags else "") + "</p>"]
+    body += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    body.append(_neuron_metrics(target, row))
+    body.append("<h2>Figures</h2>" + "<br>".join(parts["figures"]))
+    body.append("<h2>Clusters</h2>" + parts["grids"])
+    return _page(f"{target.name} neuron {neuron}", "\n".join(body), root=root)
 
 
 def _view(target: _Target) -> str:
     return "crop" if target.boxes is not None else "full"
 
 
-def _draw(page_dir: Path, caption: str, draw, *args, **kwargs) -> str:
-    """``draw(*args, **kwargs)`` shown as HTML, or the reason it failed (the rest of the report still gets written)."""
-    try:
-        return _figure_html(draw(*args, **kwargs), page_dir, caption)
-    except Exception as exc:  # one figure that fails must not cost the whole report
-        log.warning("report: %s: %s", caption, exc)
-        return f'<p class="note err">{_e(caption)}: not drawn ({_e(type(exc).__name__)}: {_e(exc)})</p>'
+def _files(out_dir: Path, stem: str, formats) -> list[Path]:
+    return [out_dir / f"{stem}.{fmt}" for fmt in formats]
+
+
+class _Drawer:
+    """Draws a figure unless the previous report drew it from the same inputs; gives its HTML either way."""
+
+    def __init__(self, store: Store, outputs: _Outputs, images: _Images, code: str):
+        self.store = store
+        self.outputs = outputs
+        self.images = images
+        self.code = code
+
+    def key(self, figure, *args, settings=(), **kwargs) -> str:
+        """A figure's key: the drawing code, the store data the figure reads for these arguments
+        (:func:`polypure.figures.inputs`), and any further ``settings`` it depends on."""
+        return _digest(self.code, figure.__name__, figures.inputs(figure, self.store, *args, **kwargs), kwargs,
+                       settings)
+
+    def __call__(self, page_dir: Path, caption: str, files: list[Path], key: str,
+                 make: Callable[[], object]) -> str:
+        """The figure as HTML, or the reason it failed (the rest of the report still gets written).
+
+        ``make`` draws ``files``; it is called only when they are not up to date for ``key``.
+        """
+        entry = self.outputs.cached(files, key)
+        error = entry.get("error") if entry is not None else None
+        if entry is None:
+            try:
+                make()
+            except Exception as exc:  # one figure that fails must not cost the whole report
+                log.warning("report: %s: %s", caption, exc)
+                error = f"{type(exc).__name__}: {exc}"
+            self.outputs.record(files, key, error)
+        if error is not None:
+            return f'<p class="note err">{_e(caption)}: not drawn ({_e(error)})</p>'
+        return _figure_html(files, page_dir, caption)
 
 
 def write_report(store_path, out=None, dataset=None, max_neurons=None, view="auto", progress=True) -> Path:
-    """Write the HTML report of a store.
+    """Write the HTML report of a store, drawing only what is not up to date.
 
     Parameters
     ----------
@@ -544,9 +764,10 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         The polypure HDF5 store.
     out : str or Path, optional
         The report folder (default ``<store without .h5>_report`` next to the store).
-    dataset : polypure.data.PolypureDataset, optional
-        The store's samples, for thumbnails. Default: rebuilt from the store's config; where that is not
-        possible (``data.kind: memory``, a missing folder) the report has no images and says why.
+    dataset : polypure.data.PolypureDataset or callable, optional
+        The store's samples, for thumbnails, or a function without arguments that returns them (called
+        only if an image has to be drawn). Default: rebuilt from the store's config when needed; where that
+        is not possible (``data.kind: memory``, a missing folder) the report has no images and says why.
     max_neurons : int, optional
         Neuron pages per target (default :data:`NEURON_PAGES`), chosen by interest; every neuron is listed
         in the index either way.
@@ -566,19 +787,16 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
     if view not in ("auto", "full", "crop"):
         raise ValueError(f"view must be auto, full or crop, not {view!r}")
     out.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
+    outputs = _Outputs(out)
+    code = _code_key()
     with Store(store_path, "r") as store:
-        if dataset is None:
-            dataset, why = _rebuild_dataset(store)
-        else:
-            dataset, why = _check_dataset(store, dataset)
-        if why:
-            notes.append(f"No thumbnails: {why}.")
+        images = _Images(store, dataset, outputs.previous_data)
+        draw = _Drawer(store, outputs, images, code)
         records = summary.read(store)
         targets = [_read_target(store, name, view, _label_order(records)) for name in store.relevance_targets()]
         for target in targets:
             target.pages = _choose_pages(target, limit)
-        thumbs = _Thumbs(out, dataset, store)
+        thumbs = _Thumbs(out, images, store, outputs, code)
         global_jobs = [(t, ref) for t in targets for ref in t.corr]
         has_truth = any(str(r["metric"]).startswith("ARI") for r in records)
         total = len(global_jobs) + has_truth + sum(len(t.pages) for t in targets)
@@ -586,28 +804,47 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
             fig_dir = out / "figures"
             truth_html = ""
             if has_truth:
-                truth_html = _draw(out, "ground truth: ARI of the clusters with known labels, per group and space",
-                                   figures.ground_truth_table, store, fig_dir)
+                files = _files(fig_dir, "ground_truth", figures.FORMATS)
+                truth_html = draw(out, "ground truth: ARI of the clusters with known labels, per group and space",
+                                  files, draw.key(figures.ground_truth_table),
+                                  lambda: figures.ground_truth_table(store, fig_dir, stem="ground_truth"))
                 bar.update()
             target_figs = {}
             for target, reference in global_jobs:
                 shown = []
+                names = f"{target.slug}_{figures.safe_name(reference)}"
                 if len(target.layers) >= 2:
-                    shown.append(_draw(out, f"{target.name}: earlier layers against {target.layers[-1]}, correlation "
-                                            f"with {reference} (seed Figure 3a)",
-                                       figures.correlation_scatter, store, target.name, reference, fig_dir))
-                shown.append(_draw(out, f"{target.name}: correlation with {reference} per space (seed Figure 3b)",
-                                   figures.space_bars, store, target.name, reference, fig_dir))
+                    files = _files(fig_dir, f"scatter_{names}", figures.FORMATS)
+                    shown.append(draw(out, f"{target.name}: earlier layers against {target.layers[-1]}, correlation "
+                                           f"with {reference} (seed Figure 3a)", files,
+                                      draw.key(figures.correlation_scatter, target.name, reference,
+                                               settings=files[0].stem),
+                                      lambda: figures.correlation_scatter(store, target.name, reference, fig_dir,
+                                                                          stem=f"scatter_{names}")))
+                files = _files(fig_dir, f"bars_{names}", figures.FORMATS)
+                shown.append(draw(out, f"{target.name}: correlation with {reference} per space (seed Figure 3b)",
+                                  files, draw.key(figures.space_bars, target.name, reference, settings=files[0].stem),
+                                  lambda: figures.space_bars(store, target.name, reference, fig_dir,
+                                                             stem=f"bars_{names}")))
                 target_figs.setdefault(target.name, []).extend(shown)
                 bar.update()
+            parts = {}
             for target in targets:
                 for row in target.pages:
                     bar.set_postfix_str(f"{target.name} {int(target.neurons[row])}")
-                    _neuron_page(store, target, row, out, thumbs, dataset, notes)
+                    parts[target.name, row] = _neuron_parts(store, target, row, out, thumbs, draw)
                     bar.update()
+        # pages last: whether the data could be found is only known once everything is drawn
+        notes = [f"No thumbnails: {images.why}."] if images.why else []
+        for target in targets:
+            for row in target.pages:
+                outputs.write_text(out / target.page(row), _neuron_page(target, row, parts[target.name, row], notes))
         index = _index_html(store, store_path, targets, records, truth_html, target_figs, notes)
     path = out / "index.html"
-    path.write_text(index, encoding="utf-8")
+    outputs.write_text(path, index)
+    removed = outputs.finish(images.state())
+    log.info("report: %d figure(s) and thumbnail(s) drawn, %d up to date; %d page(s) written; %d stale file(s) "
+             "removed", outputs.drawn, outputs.kept, outputs.pages, removed)
     return path
 
 
