@@ -5,6 +5,7 @@ Also: neuron pages for the chosen neurons, crops, and grace with missing data an
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypure import figures
+from polypure import figures, imaging
 from polypure.report import THUMB_SIZE, write_report
 
 from .test_figures import small_store
@@ -239,30 +240,22 @@ def test_clicking_a_column_header_sorts_the_neuron_table(report, tmp_path):
 # -- writing again: only what changed -------------------------------------------------------------------
 
 
-FIGURES = ("distance_matrices", "correlation_scatter", "space_bars", "neuron_umap", "ground_truth_table",
-           "thumbnail")
+FIGURES = ("distance_matrices", "correlation_scatter", "space_bars", "neuron_umap", "ground_truth_table")
 
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """The calls of every figure function (and thumbnail) by the report, by name and first arguments (not
-    the calls figures make of each other: a UMAP figure's own thumbnails)."""
+    """The calls of every figure function and of the thumbnail the report writes, by name and first arguments."""
     calls = []
-    depth = [0]
-    for name in FIGURES:
-        original = getattr(figures, name)
+    for module, name in [*((figures, name) for name in FIGURES), (imaging, "thumbnail")]:
+        original = getattr(module, name)
 
         def counting(*args, _name=name, _original=original, **kwargs):
-            if depth[0] == 0:
-                calls.append((_name, *[a for a in args[:4] if isinstance(a, (str, int))]))
-            depth[0] += 1
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                depth[0] -= 1
+            calls.append((_name, *[a for a in args[:4] if isinstance(a, (str, int))]))
+            return _original(*args, **kwargs)
 
         counting.__name__ = name
-        monkeypatch.setattr(figures, name, counting)
+        monkeypatch.setattr(module, name, counting)
     return calls
 
 
@@ -297,7 +290,7 @@ def test_writing_again_draws_only_what_changed_and_removes_stale_pages(built, tm
     out = tmp_path / "rep"
     write_report(store, out=out, dataset=dataset, max_neurons=2, progress=False)
     first = list(drawn)
-    assert {c[0] for c in first} == set(FIGURES)
+    assert {c[0] for c in first} == {*FIGURES, "thumbnail"}
     times = pages_and_times(out)
 
     drawn.clear()
@@ -334,3 +327,31 @@ def test_writing_again_draws_only_what_changed_and_removes_stale_pages(built, tm
     with h5py.File(store, "r") as f:
         samples = {int(s) for t in ("c3", "logits") for s in f[f"topk/{t}/indices"][f[f"relevance/{t}/neurons"][()]].ravel()}
     assert {int(p.stem) for p in (out / "thumbs").glob("*.png")} <= samples
+
+
+def test_text_from_the_store_is_shown_as_text_never_as_markup(built, tmp_path):
+    path, dataset = built
+    store = tmp_path / "<b>&'store\".h5"
+    shutil.copy(path, store)
+    hostile = [f"<script>alert({i})</script>" for i in range(len(dataset))]
+    with h5py.File(store, "a") as f:
+        f["samples/ids"][...] = hostile
+        f["samples/labels"].attrs["classes"] = ["<i>zero</i>", "one & <b>", "two\"'"]
+    renamed = copy.copy(dataset)
+    renamed.ids = hostile                                    # the same samples under the store's new ids
+    index = write_report(store, out=tmp_path / "r", dataset=renamed, max_neurons=1, progress=False)
+    pages = check_links(index.parent)
+    for page in pages:
+        text = page.read_text()
+        assert "<script>alert" not in text and "<i>zero" not in text and "<b>&" not in text
+        tags = []
+        parser = HTMLParser()
+        parser.handle_starttag = lambda tag, attrs: tags.append(tag)
+        parser.feed(text)
+        assert set(tags) <= {"html", "head", "meta", "title", "style", "body", "nav", "a", "main", "h1", "h2", "h3",
+                             "h4", "p", "table", "thead", "tbody", "tr", "th", "td", "div", "span", "figure", "img",
+                             "figcaption", "br", "script"}
+        assert tags.count("script") == (page == index)       # only the report's own sorting script
+    assert "polypure report: &lt;b&gt;&amp;" in index.read_text()
+    page = next((index.parent / "neurons" / "c3").glob("*.html")).read_text()
+    assert "&lt;script&gt;alert(" in page and ("class &lt;i&gt;zero&lt;/i&gt;" in page or "one &amp; &lt;b&gt;" in page)

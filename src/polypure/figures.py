@@ -5,18 +5,14 @@ with cluster image grids (Figure 4, PURE 1b), and the ground-truth table.
 
 Example
 -------
->>> import numpy as np
->>> from polypure.data import ArrayDataset
->>> from polypure.figures import thumbnail
->>> thumbnail(ArrayDataset(np.zeros((2, 28, 28), np.uint8)), 1, size=16).shape
-(16, 16, 3)
 >>> from polypure.figures import space_bars                              # doctest: +SKIP
 >>> space_bars("storage/demo.h5", "block_3", "clip", "figures")          # doctest: +SKIP
 [PosixPath('figures/bars_block_3_clip.png'), PosixPath('figures/bars_block_3_clip.svg')]
 
 Every function takes a :class:`~polypure.store.Store` or the path of one, reads only documented store
 paths, and draws on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot state and no
-display, so figures can be made from worker processes and servers.
+display, so figures can be made from worker processes and servers. The images inside figures (thumbnails,
+grids, UMAP canvases) come from :mod:`polypure.imaging`.
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .evaluate import reference_indices
+from .imaging import mosaic, shrink, thumbnail, umap_canvas
 from .metrics import pairwise_distances
 from .store import Store, read_attr
 
@@ -230,60 +227,7 @@ def inputs(figure, store, *args, **kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# images
-
-
-def thumbnail(dataset, sample_index: int, crop_box=None, size: int = 64) -> np.ndarray:
-    """A sample's view as a square RGB uint8 thumbnail.
-
-    Parameters
-    ----------
-    dataset : polypure.data.PolypureDataset
-        Supplies ``view(i)``: float (C, H, W) in [0, 1].
-    sample_index : int
-    crop_box : sequence of 4 int, optional
-        (row start, row stop, column start, column stop) as in ``/crops/<target>``; -1 or an empty box
-        means the whole image.
-    size : int
-        Side of the thumbnail in pixels; the image is fitted inside and centred on white.
-
-    Returns
-    -------
-    ndarray, shape (size, size, 3), uint8
-    """
-    from PIL import Image
-
-    img = dataset.view(int(sample_index))
-    img = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, np.float32)
-    if img.ndim == 2:
-        img = img[None]
-    img = np.repeat(img, 3, axis=0) if img.shape[0] == 1 else img[:3]
-    if crop_box is not None and min(int(v) for v in crop_box) >= 0:
-        r1, r2, c1, c2 = (int(v) for v in crop_box)
-        cut = img[:, r1:r2, c1:c2]
-        # the embed stage falls back to the whole image for an empty crop; show what it embedded
-        if cut.size and cut.any():
-            img = cut
-    pixels = (np.clip(img.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
-    h, w = pixels.shape[:2]
-    scale = size / max(h, w)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    resized = np.asarray(Image.fromarray(pixels).resize(new, Image.Resampling.LANCZOS if scale < 1
-                                                        else Image.Resampling.NEAREST))
-    out = np.full((size, size, 3), 255, np.uint8)
-    top, left = (size - new[1]) // 2, (size - new[0]) // 2
-    out[top:top + new[1], left:left + new[0]] = resized
-    return out
-
-
-def mosaic(images: Sequence[np.ndarray], columns: int = 4, rows: int = 2, gap: int = 2) -> np.ndarray:
-    """Square thumbnails laid out in a grid on white (empty slots stay white)."""
-    size = images[0].shape[0] if len(images) else 8
-    out = np.full((rows * size + (rows - 1) * gap, columns * size + (columns - 1) * gap, 3), 255, np.uint8)
-    for i, img in enumerate(images[:rows * columns]):
-        r, c = divmod(i, columns)
-        out[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = img
-    return out
+# clusters
 
 
 def top_per_cluster(labels: np.ndarray, count: int = TOP_PER_CLUSTER) -> dict[int, np.ndarray]:
@@ -618,7 +562,7 @@ def neuron_umap(store, dataset, target: str, neuron_row: int, out_dir, method: s
     small = big = None
     if dataset is not None:
         big = [thumbnail(dataset, int(i), box, size=grid_size) for i, box in zip(refs, boxes_row)]
-        small = [_shrink(img, thumb_size) for img in big]
+        small = [shrink(img, thumb_size) for img in big]
     clustered = {s for s, lab in labels.items() if lab is not None}
     # an unclustered space is drawn as one group, so its references still show
     labels = {s: lab if lab is not None else np.zeros(n_refs, np.int64) for s, lab in labels.items()}
@@ -662,50 +606,6 @@ def neuron_umap(store, dataset, target: str, neuron_row: int, out_dir, method: s
             cax.set_title(f"{space} {name}: {count} of {n_refs} refs", fontsize=9)
     fig.suptitle(f"{target} neuron {neuron}: references by space", fontsize=11, y=1 - 0.1 / height)
     return _save(fig, out_dir, stem or f"umap_{safe_name(target)}_{neuron}_{safe_name(method)}", formats, dpi=100)
-
-
-def umap_canvas(coords: np.ndarray, thumbs: Sequence[np.ndarray], colours: Sequence[str], side: int = 380,
-                border: int = 2) -> np.ndarray:
-    """Thumbnails pasted at their 2-D positions on a white square, each framed in its colour.
-
-    Parameters
-    ----------
-    coords : ndarray, shape (n, 2)
-        Positions (any scale; y grows upwards as in a plot).
-    thumbs : sequence of ndarray (t, t, 3) uint8
-    colours : sequence of matplotlib colours
-    side : int
-        Canvas side in pixels.
-    border : int
-        Frame width in pixels.
-
-    Returns
-    -------
-    ndarray, shape (side, side, 3), uint8
-    """
-    from matplotlib.colors import to_rgb
-
-    canvas = np.full((side, side, 3), 255, np.uint8)
-    if not len(coords):
-        return canvas
-    t = thumbs[0].shape[0] + 2 * border
-    lo, hi = coords.min(0), coords.max(0)
-    span = np.where(hi - lo > 0, hi - lo, 1.0)
-    free = side - t
-    cols = np.rint((coords[:, 0] - lo[0]) / span[0] * free).astype(int)
-    rows = np.rint((hi[1] - coords[:, 1]) / span[1] * free).astype(int)
-    for r, c, img, colour in zip(rows, cols, thumbs, colours):
-        canvas[r:r + t, c:c + t] = np.rint(np.array(to_rgb(colour)) * 255).astype(np.uint8)
-        canvas[r + border:r + t - border, c + border:c + t - border] = img
-    return canvas
-
-
-def _shrink(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    if img.shape[0] == size:
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
 
 
 def _pad_limits(ax, coords: np.ndarray) -> None:

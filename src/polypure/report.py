@@ -9,8 +9,9 @@ Example
 >>> write_report("storage/demo.h5")                 # doctest: +SKIP
 PosixPath('storage/demo_report/index.html')
 
-Plain HTML with inline CSS and JavaScript, images as files next to the pages, nothing fetched from
-elsewhere, so it opens from ``file://``. It reads only the store (and, for thumbnails, the data its
+Plain HTML rendered from the Jinja2 templates in ``polypure/templates`` (every value escaped), with the
+styles and the table-sorting script of that folder inlined into each page, images as files next to the
+pages, nothing fetched from elsewhere, so it opens from ``file://``. It reads only the store (and, for thumbnails, the data its
 config describes), so it can be written again at any time.
 
 Layout of the folder::
@@ -34,8 +35,8 @@ no longer chosen), and anything else in the report folder is left alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import html
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import __version__, figures, summary
+from . import __version__, figures, imaging, summary
 from .errors import PolypureError
 from .evaluate import reference_indices
 from .store import Store, read_attr
@@ -245,8 +246,8 @@ def _digest(*parts) -> str:
 
 
 def _code_key() -> str:
-    """The drawing code and version: a new polypure, or an edited figure module, redraws every figure."""
-    return _digest(__version__, Path(figures.__file__).read_bytes(), THUMB_SIZE)
+    """The drawing code and version: a new polypure, or edited figure or image code, redraws every figure."""
+    return _digest(__version__, Path(figures.__file__).read_bytes(), Path(imaging.__file__).read_bytes(), THUMB_SIZE)
 
 
 class _Outputs:
@@ -416,7 +417,7 @@ class _Thumbs:
         from PIL import Image
 
         try:
-            pixels = figures.thumbnail(dataset, sample, box, size=THUMB_SIZE)
+            pixels = imaging.thumbnail(dataset, sample, box, size=THUMB_SIZE)
         except (PolypureError, OSError) as exc:
             # an unreadable image costs its thumbnail, not the report
             log.warning("report: no thumbnail of sample %d: %s", sample, exc)
@@ -442,95 +443,45 @@ class _Thumbs:
 
 
 # ---------------------------------------------------------------------------------------------------
-# HTML
+# HTML: the templates of polypure/templates render what the functions below gather
 
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#fafbfc}
-main{max-width:1500px;margin:0 auto;padding:18px 28px 60px}
-h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:30px 0 8px;border-bottom:1px solid #d8dde6}
-h3{font-size:15px;margin:18px 0 6px}
-a{color:#1b6ca8}.meta{color:#5b6475;font-size:13px}
-.note{background:#fff4d6;border:1px solid #f0c96a;padding:8px 12px;border-radius:4px;margin:10px 0}
-.err{background:#fde2e2;border-color:#e59a9a}
-table{border-collapse:collapse;font-size:12.5px;background:#fff;margin:6px 0 14px}
-th,td{border:1px solid #dde2ea;padding:3px 7px;text-align:right;white-space:nowrap}
-th{background:#eef1f6;font-weight:600;position:sticky;top:0;z-index:1}
-td:first-child,th:first-child{text-align:left}
-table.sortable th{cursor:pointer;user-select:none}
-table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
-table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
-.scroll{overflow:auto;max-height:80vh;border:1px solid #dde2ea;display:inline-block;max-width:100%}
-.scroll table{margin:0}
-.tables{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.tables table{margin:0 0 6px}
-.nolink{color:#5b6475}.poly{color:#b3261e;font-weight:600}
-figure{margin:10px 0;display:inline-block;vertical-align:top}
-figure img{max-width:100%;border:1px solid #dde2ea;background:#fff}
-figcaption{font-size:12px;color:#5b6475}
-.grid{display:flex;flex-wrap:wrap;gap:14px;margin:6px 0 12px}
-.cluster{border:3px solid #999;border-radius:4px;padding:6px;background:#fff}
-.cluster h4{margin:0 0 4px;font-size:13px}
-.imgs{display:grid;grid-template-columns:repeat(4,76px);gap:3px}
-.imgs img{width:76px;height:76px;image-rendering:auto;display:block}
-.ids{font-size:12px;color:#5b6475;max-width:330px}
-nav.top{background:#1d2330;color:#fff;padding:8px 28px;font-size:13px}
-nav.top a{color:#cfe3ff;margin-right:14px}
-"""
+@functools.lru_cache(maxsize=1)
+def _templates():
+    """The report's Jinja2 templates, with every value escaped unless it is marked safe."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+    from markupsafe import Markup
 
-_SORT_JS = """
-(function(){
-  function key(row, col){
-    var cell = row.cells[col]; if (!cell) return null;
-    var v = cell.getAttribute('data-v'); if (v === null) v = cell.textContent.trim();
-    if (v === '') return null;
-    var n = Number(v); return isNaN(n) ? v.toLowerCase() : n;
-  }
-  function compare(a, b, asc){
-    if (a === null || b === null) return (a === null) - (b === null);
-    var byType = (typeof a === 'string') - (typeof b === 'string');
-    if (byType) return byType;
-    var c = a < b ? -1 : a > b ? 1 : 0;
-    return asc ? c : -c;
-  }
-  document.querySelectorAll('table.sortable').forEach(function(table){
-    var heads = table.tHead.rows[0].cells;
-    Array.prototype.forEach.call(heads, function(th, col){
-      th.title = 'click to sort';
-      th.addEventListener('click', function(){
-        var asc = th.getAttribute('aria-sort') !== 'ascending';
-        Array.prototype.forEach.call(heads, function(h){ h.removeAttribute('aria-sort'); });
-        th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
-        rows.sort(function(a, b){ return compare(key(a, col), key(b, col), asc); });
-        rows.forEach(function(r){ body.appendChild(r); });
-      });
-    });
-  });
-})();
-"""
+    env = Environment(loader=PackageLoader("polypure", "templates"), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(number=_number, data_value=_data_value, tint=_tint)
+    # the styles and the sorting script are the package's own files, inlined so that a page stands alone
+    env.globals.update(css=Markup(env.loader.get_source(env, "report.css")[0]),
+                       sort_script=Markup(env.loader.get_source(env, "report.js")[0]))
+    return env
 
 
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
+def _render(template: str, **context) -> str:
+    return _templates().get_template(template).render(version=__version__, **context)
 
 
-def _page(title: str, body: str, root: str = "", script: bool = False) -> str:
-    nav = f'<nav class="top"><a href="{root}index.html">polypure report</a>{_e(title)}</nav>'
-    js = f"<script>{_SORT_JS}</script>" if script else ""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>{nav}<main>\n{body}\n</main>{js}"
-            f"</body></html>\n")
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
 
 
 def _number(value, digits: int = 3) -> str:
-    return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+    """A table cell's text: the value to ``digits`` decimals, empty where missing."""
+    return f"{value:.{digits}f}" if _finite(value) else ""
 
 
-def _shade(value, kind: str) -> str:
-    """A background tint so that large values stand out in long tables."""
-    if value is None or not np.isfinite(value):
+def _data_value(value) -> str:
+    """The value a column sorts by (``data-v``), empty where missing (sorted last)."""
+    return str(float(value)) if _finite(value) else ""
+
+
+def _tint(value, kind: str = "value") -> str:
+    """A background tint so that large values stand out in long tables (gaps: green above 0, red below)."""
+    if not _finite(value):
         return ""
     if kind == "gap":
         alpha = min(abs(float(value)) * 2.0, 1.0) * 0.55
@@ -538,106 +489,57 @@ def _shade(value, kind: str) -> str:
     else:
         alpha = min(max(float(value), 0.0), 1.0) * 0.5
         rgb = "27,108,168"
-    return f' style="background:rgba({rgb},{alpha:.2f})"'
+    return f"rgba({rgb},{alpha:.2f})"
 
 
-def _cell(value, kind: str = "value") -> str:
-    ok = value is not None and np.isfinite(value)
-    return f'<td data-v="{float(value) if ok else ""}"{_shade(value, kind)}>{_number(value)}</td>'
-
-
-def _figure_html(paths: list[Path], page_dir: Path, caption: str) -> str:
-    """A figure's PNG with links to every written format, addressed relative to the page's folder."""
-    png = next((p for p in paths if p.suffix == ".png"), None)
-    if png is None:
-        return ""
-
-    def link(path: Path) -> str:
-        return Path(os.path.relpath(path, page_dir)).as_posix()
-
-    links = " ".join(f'<a href="{_e(link(p))}">{p.suffix[1:].upper()}</a>' for p in paths)
-    rel = link(png)
-    return (f'<figure><a href="{_e(rel)}"><img src="{_e(rel)}" alt="{_e(caption)}"></a>'
-            f"<figcaption>{_e(caption)} · {links}</figcaption></figure>")
-
-
-def _summary_html(records: list[dict], methods: list[str]) -> str:
-    """The summary table as HTML: the tables of :func:`polypure.summary.pivot`, side by side per group and
-    cluster method, with the reasons neurons were left out below them."""
-    if not records:
-        return '<p class="meta">The store has no summary table (run the evaluate stage).</p>'
-    out = []
+def _summary_groups(records: list[dict], methods: list[str]) -> list[dict]:
+    """The tables of :func:`polypure.summary.pivot`, gathered per group and cluster method (side by side in
+    the index), with the reasons neurons were left out."""
     tables = summary.pivot(records, methods)
-    for title in dict.fromkeys(t.title for t in tables):
-        shown, notes = [], []
-        for table in (t for t in tables if t.title == title):
-            head = "".join(f"<th>{_e(m)}</th>" for m in table.metrics)
-            body = "".join(f"<tr><td>{_e(space)}</td>"
-                           + "".join(f"<td>{_e(table.text(space, m))}</td>" for m in table.metrics) + "</tr>"
-                           for space in table.spaces)
-            shown.append(f"<table><thead><tr><th>space</th>{head}</tr></thead><tbody>{body}</tbody></table>")
-            notes += table.notes()
-        note = (f'<p class="meta">Not scored (non-results, left out of the means): {_e("; ".join(notes))}</p>'
-                if notes else "")
-        out.append(f'<h3>{_e(title)}</h3><div class="tables">{"".join(shown)}</div>{note}')
-    return "\n".join(out)
+    return [{"title": title, "tables": [t for t in tables if t.title == title],
+             "notes": [note for t in tables if t.title == title for note in t.notes()]}
+            for title in dict.fromkeys(t.title for t in tables)]
 
 
-def _columns(target: _Target) -> list[tuple[str, str, np.ndarray]]:
-    """(header, kind, per-row values) of the neuron table."""
+def _columns(target: _Target) -> list[dict]:
+    """The value columns of a target's neuron table: header, kind (``value`` or ``gap``) and per-row values."""
     cols = []
     for reference, corr in target.corr.items():
-        cols += [(f"corr {reference}: {space}", "value", values) for space, values in corr.items()]
+        cols += [{"header": f"corr {reference}: {space}", "kind": "value", "values": values}
+                 for space, values in corr.items()]
         last = target.layers[-1] if target.layers else None
-        cols += [(f"{layer} − {last} ({reference})", "gap", gap) for layer, gap in target.gaps(reference).items()]
+        cols += [{"header": f"{layer} − {last} ({reference})", "kind": "gap", "values": gap}
+                 for layer, gap in target.gaps(reference).items()]
     for label, spaces in target.ari.items():
-        cols += [(f"ARI {label}: {space}", "value", values) for space, values in spaces.items()]
+        cols += [{"header": f"ARI {label}: {space}", "kind": "value", "values": values}
+                 for space, values in spaces.items()]
     return cols
 
 
-def _neuron_table(target: _Target) -> str:
-    cols = _columns(target)
-    mixtures = list(target.mixture.items())
-    head = ["<th>neuron</th>", *(f"<th>{_e(h)}</th>" for h, _, _ in cols),
-            *(f"<th>{_e(label)} values</th>" for label, _ in mixtures), "<th>polysemantic by</th>"]
+def _neuron_rows(target: _Target) -> list[dict]:
+    """A row per neuron of a target: its id, its page (where it has one), mixture counts and flags."""
     pages = set(target.pages)
     rows = []
     for row, neuron in enumerate(target.neurons):
-        neuron = int(neuron)
-        name = (f'<a href="{_e(target.page(row))}">{neuron}</a>' if row in pages
-                else f'<span class="nolink">{neuron}</span>')
-        cells = [f'<td data-v="{neuron}">{name}</td>', *(_cell(values[row], kind) for _, kind, values in cols)]
-        flags = []
-        for label, values in mixtures:
-            count = int(values[row])
-            flag = ' class="poly"' if count >= 2 else ""
-            cells.append(f'<td data-v="{count}"{flag}>{count}</td>')
-            if count >= 2:
-                flags.append(label)
-        cells.append(f'<td class="poly">{_e(", ".join(flags))}</td>')
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    return (f'<div class="scroll"><table class="sortable" id="neurons-{_e(target.slug)}"><thead><tr>{"".join(head)}'
-            f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+        counts = [int(values[row]) for values in target.mixture.values()]
+        rows.append({"index": row, "neuron": int(neuron), "page": target.page(row) if row in pages else None,
+                     "mixture": counts,
+                     "flags": [label for label, count in zip(target.mixture, counts) if count >= 2]})
+    return rows
 
 
-def _grids_html(store: Store, target: _Target, row: int, thumbs: _Thumbs, root: str) -> str:
-    """The first references of each cluster, per space and method, as thumbnails (or sample ids)."""
-    out = []
+def _grids(store: Store, target: _Target, row: int, thumbs: _Thumbs) -> list[dict]:
+    """The first references of each cluster, per space and method: thumbnails, or sample ids without them."""
     refs = target.refs[row]
 
-    def block(title: str, colour: str, positions) -> str:
-        names = [thumbs.file(target, row, int(p)) for p in positions]
-        tips = [thumbs.describe(int(refs[p])) for p in positions]
-        if all(n is None for n in names):
-            inner = f'<div class="ids">{_e(", ".join(str(int(refs[p])) for p in positions))}</div>'
-        else:
-            inner = '<div class="imgs">' + "".join(
-                f'<img src="{root}{_e(n)}" alt="{_e(t)}" title="{_e(t)}">' for n, t in zip(names, tips)) + "</div>"
-        return f'<div class="cluster" style="border-color:{colour}"><h4>{_e(title)}</h4>{inner}</div>'
+    def block(title: str, colour: str, positions) -> dict:
+        images = [{"src": thumbs.file(target, row, int(p)), "tip": thumbs.describe(int(refs[p]))} for p in positions]
+        return {"title": title, "colour": colour, "images": [i for i in images if i["src"] is not None],
+                "ids": [int(refs[p]) for p in positions]}
 
-    out.append("<h3>Most activating references</h3><div class='grid'>"
-               + block(f"top {figures.TOP_PER_CLUSTER} of {len(refs)}", "#1d2330",
-                       range(min(figures.TOP_PER_CLUSTER, len(refs)))) + "</div>")
+    sections = [{"title": "Most activating references",
+                 "blocks": [block(f"top {figures.TOP_PER_CLUSTER} of {len(refs)}", "#1d2330",
+                                  range(min(figures.TOP_PER_CLUSTER, len(refs))))]}]
     for method in target.methods:
         for space in [*target.spaces, *(s for s in store.file[f"clusters/{target.name}"] if s not in target.spaces)]:
             labels = figures.cluster_labels(store, target.name, space, method, row)
@@ -648,23 +550,18 @@ def _grids_html(store: Store, target: _Target, row: int, thumbs: _Thumbs, root: 
                 count = int((labels == cluster).sum())
                 name = "noise" if cluster < 0 else f"cluster {cluster}"
                 blocks.append(block(f"{name}: {count} refs", figures.cluster_colour(cluster), positions))
-            out.append(f"<h3>{_e(space)} · {_e(method)}</h3><div class='grid'>{''.join(blocks)}</div>")
-    return "\n".join(out)
+            sections.append({"title": f"{space} · {method}", "blocks": blocks})
+    return sections
 
 
-def _neuron_metrics(target: _Target, row: int) -> str:
+def _neuron_metrics(target: _Target, row: int) -> dict:
     """This neuron's numbers: a row per space, a column per reference correlation and ARI."""
     columns = [(f"corr {ref}", values) for ref, values in target.corr.items()]
     columns += [(f"ARI {label}", values) for label, values in target.ari.items()]
-    if not columns:
-        return ""
     spaces = list(dict.fromkeys(s for _, values in columns for s in values))
-    head = "".join(f"<th>{_e(name)}</th>" for name, _ in columns)
-    body = []
-    for space in spaces:
-        tds = "".join(_cell(values[space][row]) if space in values else "<td></td>" for _, values in columns)
-        body.append(f"<tr><td>{_e(space)}</td>{tds}</tr>")
-    return f"<table><thead><tr><th>space</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return {"columns": [name for name, _ in columns],
+            "rows": [(space, [values[space][row] if space in values else None for _, values in columns])
+                     for space in spaces]}
 
 
 def _neuron_parts(store: Store, target: _Target, row: int, out: Path, thumbs: _Thumbs, draw: "_Drawer") -> dict:
@@ -689,27 +586,38 @@ def _neuron_parts(store: Store, target: _Target, row: int, out: Path, thumbs: _T
                                "each cluster (seed Figure 4)", files, key,
                      lambda: figures.neuron_umap(store, draw.images.get(), target.name, row, fig_dir, method=method,
                                                  view=view, formats=("png",), stem=files[0].stem)))
-    return {"figures": figs, "grids": _grids_html(store, target, row, thumbs, "../../")}
+    return {"figures": figs, "grids": _grids(store, target, row, thumbs)}
 
 
 def _neuron_page(target: _Target, row: int, parts: dict, notes: list[str]) -> str:
     neuron = int(target.neurons[row])
-    root = "../../"
     position = target.pages.index(row)
-    links = [f'<a href="{root}index.html#t-{_e(target.slug)}">all neurons of {_e(target.name)}</a>']
-    if position > 0:
-        links.append(f'<a href="{int(target.neurons[target.pages[position - 1]])}.html">previous</a>')
-    if position + 1 < len(target.pages):
-        links.append(f'<a href="{int(target.neurons[target.pages[position + 1]])}.html">next</a>')
-    flags = [f"{label} ({int(v[row])} values)" for label, v in target.mixture.items() if v[row] >= 2]
-    body = [f"<h1>{_e(target.name)} neuron {neuron}</h1>",
-            f'<p class="meta">{" · ".join(links)}<br>{len(target.refs[row])} references'
-            + (f' · <span class="poly">polysemantic by {_e(", ".join(flags))}</span>' if flags else "") + "</p>"]
-    body += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    body.append(_neuron_metrics(target, row))
-    body.append("<h2>Figures</h2>" + "<br>".join(parts["figures"]))
-    body.append("<h2>Clusters</h2>" + parts["grids"])
-    return _page(f"{target.name} neuron {neuron}", "\n".join(body), root=root)
+    return _render("neuron.html", title=f"{target.name} neuron {neuron}", root="../../", sortable=False,
+                   target=target, neuron=neuron, notes=notes, references=len(target.refs[row]),
+                   previous=int(target.neurons[target.pages[position - 1]]) if position > 0 else None,
+                   next=int(target.neurons[target.pages[position + 1]]) if position + 1 < len(target.pages) else None,
+                   flags=[f"{label} ({int(v[row])} values)" for label, v in target.mixture.items() if v[row] >= 2],
+                   metrics=_neuron_metrics(target, row), figures=parts["figures"], grids=parts["grids"])
+
+
+def _index_html(store: Store, store_path: Path, targets: list[_Target], records: list[dict], truth: dict | None,
+                target_figs: dict[str, list[dict]], notes: list[str]) -> str:
+    attrs = {k: read_attr(v) for k, v in store.file.attrs.items() if k != "config"}
+    try:
+        config = yaml.safe_load(store.config_yaml) or {}
+    except yaml.YAMLError:
+        config = {}
+    about = {"name": store_path.name, "path": store_path.resolve(), "created": attrs.get("created", "?"),
+             "version": attrs.get("polypure_version", "?"), "model": (config.get("model") or {}).get("name", "?"),
+             "data": (config.get("data") or {}).get("kind", "?"),
+             "samples": len(store.sample_ids()) if store.has_samples() else 0}
+    methods = list(dict.fromkeys(m for t in targets for m in t.methods))
+    shown = [{"name": t.name, "slug": t.slug, "neurons": t.neurons, "pages": t.pages, "method": t.method,
+              "ari": bool(t.ari), "mixture": list(t.mixture), "has_gaps": any(t.gaps(r) for r in t.corr),
+              "columns": _columns(t), "rows": _neuron_rows(t)} for t in targets]
+    return _render("index.html", title=f"polypure report: {store_path.name}", root="", sortable=True, store=about,
+                   notes=notes, targets=shown, summary=_summary_groups(records, methods), truth=truth,
+                   target_figures={name: figs for name, figs in target_figs.items() if figs})
 
 
 def _view(target: _Target) -> str:
@@ -736,8 +644,9 @@ class _Drawer:
                        settings)
 
     def __call__(self, page_dir: Path, caption: str, files: list[Path], key: str,
-                 make: Callable[[], object]) -> str:
-        """The figure as HTML, or the reason it failed (the rest of the report still gets written).
+                 make: Callable[[], object]) -> dict:
+        """The figure for a page in ``page_dir`` (for the template's ``figure``), or the reason it failed (the
+        rest of the report still gets written).
 
         ``make`` draws ``files``; it is called only when they are not up to date for ``key``.
         """
@@ -751,8 +660,15 @@ class _Drawer:
                 error = f"{type(exc).__name__}: {exc}"
             self.outputs.record(files, key, error)
         if error is not None:
-            return f'<p class="note err">{_e(caption)}: not drawn ({_e(error)})</p>'
-        return _figure_html(files, page_dir, caption)
+            return {"caption": caption, "error": error}
+
+        def link(path: Path) -> str:
+            return Path(os.path.relpath(path, page_dir)).as_posix()
+
+        # the PNG is shown, every written format linked; addresses relative to the page's folder
+        png = next(p for p in files if p.suffix == ".png")
+        return {"caption": caption, "error": None, "src": link(png),
+                "links": [{"href": link(p), "label": p.suffix[1:].upper()} for p in files]}
 
 
 def write_report(store_path, out=None, dataset=None, max_neurons=None, view="auto", progress=True) -> Path:
@@ -802,10 +718,10 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         total = len(global_jobs) + has_truth + sum(len(t.pages) for t in targets)
         with tqdm(total=total, desc="report", unit="step", disable=not progress, leave=False) as bar:
             fig_dir = out / "figures"
-            truth_html = ""
+            truth = None
             if has_truth:
                 files = _files(fig_dir, "ground_truth", figures.FORMATS)
-                truth_html = draw(out, "ground truth: ARI of the clusters with known labels, per group and space",
+                truth = draw(out, "ground truth: ARI of the clusters with known labels, per group and space",
                                   files, draw.key(figures.ground_truth_table),
                                   lambda: figures.ground_truth_table(store, fig_dir, stem="ground_truth"))
                 bar.update()
@@ -839,7 +755,7 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         for target in targets:
             for row in target.pages:
                 outputs.write_text(out / target.page(row), _neuron_page(target, row, parts[target.name, row], notes))
-        index = _index_html(store, store_path, targets, records, truth_html, target_figs, notes)
+        index = _index_html(store, store_path, targets, records, truth, target_figs, notes)
     path = out / "index.html"
     outputs.write_text(path, index)
     removed = outputs.finish(images.state())
@@ -848,42 +764,3 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
     return path
 
 
-def _index_html(store: Store, store_path: Path, targets: list[_Target], records: list[dict], truth_html: str,
-                target_figs: dict[str, list[str]], notes: list[str]) -> str:
-    attrs = {k: read_attr(v) for k, v in store.file.attrs.items() if k != "config"}
-    try:
-        config = yaml.safe_load(store.config_yaml) or {}
-    except yaml.YAMLError:
-        config = {}
-    model = (config.get("model") or {}).get("name", "?")
-    data = (config.get("data") or {}).get("kind", "?")
-    methods = list(dict.fromkeys(m for t in targets for m in t.methods))
-    samples = len(store.sample_ids()) if store.has_samples() else 0
-    parts = [f"<h1>polypure report: {_e(store_path.name)}</h1>",
-             (f'<p class="meta">store {_e(store_path.resolve())} · created {_e(attrs.get("created", "?"))} · '
-              f'polypure {_e(attrs.get("polypure_version", "?"))} (report by {_e(__version__)}) · model '
-              f"{_e(model)} · data {_e(data)} · {samples} samples</p>")]
-    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    toc = ['<a href="#summary">summary</a>', '<a href="#figures">figures</a>']
-    toc += [f'<a href="#t-{_e(t.slug)}">neurons of {_e(t.name)}</a>' for t in targets]
-    parts.append(f'<p>{" · ".join(toc)}</p>')
-    parts.append(f'<h2 id="summary">Summary</h2>{_summary_html(records, methods)}')
-    figs = [truth_html] if truth_html else []
-    for target in targets:
-        if target_figs.get(target.name):
-            figs.append(f"<h3>{_e(target.name)}</h3>" + "".join(target_figs[target.name]))
-    parts.append('<h2 id="figures">Figures</h2>'
-                 + ("\n".join(figs) if figs else '<p class="meta">No reference or ground-truth metrics in the '
-                                                 "store, so no global figures.</p>"))
-    for target in targets:
-        linked = len(target.pages)
-        parts.append(f'<h2 id="t-{_e(target.slug)}">Neurons of {_e(target.name)}</h2>'
-                     f'<p class="meta">{len(target.neurons)} neurons, {linked} with a page (linked). Click a column '
-                     f"header to sort. "
-                     + ("Gap columns: how much an earlier layer's correlation beats the last attribution layer's. "
-                        if any(target.gaps(r) for r in target.corr) else "")
-                     + (f"ARI columns: clusters of {_e(target.method)}. " if target.ari else "")
-                     + ("“values”: how many label values each make up a large share of the top-K "
-                        "(2 or more: polysemantic)." if target.mixture else "") + "</p>"
-                     + _neuron_table(target))
-    return _page(f"polypure report: {store_path.name}", "\n".join(parts), script=True)
