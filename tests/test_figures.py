@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from polypure import Experiment, figures
-from polypure.data import ArrayDataset
 from polypure.store import Store
 
 from .conftest import random_images
@@ -139,20 +138,6 @@ def test_ground_truth_table_has_a_panel_per_label_set(built, tmp_path):
         del f["metrics/summary"]
     with pytest.raises(ValueError, match="no ground-truth"):
         figures.ground_truth_table(copy, tmp_path)
-
-
-def test_thumbnail_makes_grey_rgb_and_follows_crop_boxes():
-    pixels = np.zeros((1, 20, 10), np.uint8)
-    pixels[0, 5:10, 2:6] = 255
-    ds = ArrayDataset(pixels)
-    whole = figures.thumbnail(ds, 0, size=20)
-    assert whole.shape == (20, 20, 3) and whole.dtype == np.uint8
-    assert (whole[..., 0] == whole[..., 1]).all()
-    assert (whole[:, :5] == 255).all() and (whole[:, -5:] == 255).all()      # 20 x 10 centred on white
-    np.testing.assert_array_equal(figures.thumbnail(ds, 0, (-1, -1, -1, -1), size=20), whole)
-    cropped = figures.thumbnail(ds, 0, (5, 10, 2, 6), size=8)
-    assert cropped.shape == (8, 8, 3)
-    assert cropped[1:7].min() == 255      # only the white square is left, padded with white
 
 
 def test_umap_embedding_copes_with_few_and_identical_references():

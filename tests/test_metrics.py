@@ -56,3 +56,26 @@ def test_mixture_counts_values_with_enough_share():
     assert mixture(np.array([0] * 30 + [1] * 15 + [2] * 5)) == 2
     assert mixture(np.array([0] * 50)) == 1
     assert mixture(np.array([0] * 10 + [1] * 10 + [2] * 10 + [3] * 10 + [4] * 10)) == 5
+
+
+def test_degenerate_spaces_are_named():
+    from polypure.metrics import degenerate
+
+    rng = np.random.default_rng(0)
+    varied = rng.normal(size=(6, 5))
+    one_hot = np.zeros((6, 5))
+    one_hot[:, 2] = rng.uniform(0.5, 2, size=6)          # one channel, varying strength
+    labels_like = np.eye(5)[[0, 1, 2, 0, 1, 2]]          # one-hot on different channels: a real split
+    identical = np.tile(rng.normal(size=5), (6, 1))
+    assert degenerate(np.stack([varied, one_hot, labels_like, identical, np.zeros((6, 5))])).tolist() == \
+        ["", "one-hot", "", "constant", "constant"]
+    assert degenerate(identical + rng.normal(size=(6, 5)) * 1e-9 * np.abs(identical).max()) == "constant"
+    assert degenerate(np.tile(np.eye(5)[3], (6, 1))) == "one-hot"
+
+
+def test_clusterings_that_split_nothing_are_named():
+    from polypure.metrics import clustering_status, single_label
+
+    labels = np.array([[-1, -1, -1, -1], [0, 0, -1, 0], [2, 2, 2, 2], [0, 1, -1, 1], [0, 1, 1, 0]])
+    assert clustering_status(labels).tolist() == ["all-noise", "one-cluster", "one-cluster", "", ""]
+    assert single_label(np.array([[3, 3, 3], [3, 1, 3]])).tolist() == [True, False]

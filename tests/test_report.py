@@ -5,6 +5,7 @@ Also: neuron pages for the chosen neurons, crops, and grace with missing data an
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypure import figures
+from polypure import figures, imaging
 from polypure.report import THUMB_SIZE, write_report
 
 from .test_figures import small_store
@@ -234,3 +235,123 @@ def test_clicking_a_column_header_sorts_the_neuron_table(report, tmp_path):
     finite = [v for v in values if np.isfinite(v)]
     assert finite == sorted(finite, reverse=True) and len(finite) >= 2     # two clicks: descending
     assert all(np.isnan(v) for v in values[len(finite):])                  # missing values last
+
+
+# -- writing again: only what changed -------------------------------------------------------------------
+
+
+FIGURES = ("distance_matrices", "correlation_scatter", "space_bars", "neuron_umap", "ground_truth_table")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The calls of every figure function and of the thumbnail the report writes, by name and first arguments."""
+    calls = []
+    for module, name in [*((figures, name) for name in FIGURES), (imaging, "thumbnail")]:
+        original = getattr(module, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls.append((_name, *[a for a in args[:4] if isinstance(a, (str, int))]))
+            return _original(*args, **kwargs)
+
+        counting.__name__ = name
+        monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def pages_and_times(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*.html")}
+
+
+def subset_rows(f: h5py.File, target: str, keep: np.ndarray) -> None:
+    """Keep only some rows (neurons) of a target, in every dataset of the store that has one per neuron."""
+    m = len(f[f"relevance/{target}/neurons"])
+    found = []
+    for root in (f"relevance/{target}", f"clusters/{target}", f"metrics/{target}", f"crops/{target}"):
+        if root in f:
+            f[root].visititems(lambda n, o: found.append(f"{root}/{n}") if isinstance(o, h5py.Dataset) else None)
+    for name in f.get("embeddings", {}):
+        if target in f[f"embeddings/{name}"]:
+            found.append(f"embeddings/{name}/{target}")
+    for path in found:
+        data = f[path]
+        if data.shape[:1] == (m,):
+            attrs = dict(data.attrs)
+            values = data[()][keep]
+            del f[path]
+            f[path] = values
+            f[path].attrs.update(attrs)
+
+
+def test_writing_again_draws_only_what_changed_and_removes_stale_pages(built, tmp_path, drawn):
+    path, dataset = built
+    store = tmp_path / "s.h5"
+    shutil.copy(path, store)
+    out = tmp_path / "rep"
+    write_report(store, out=out, dataset=dataset, max_neurons=2, progress=False)
+    first = list(drawn)
+    assert {c[0] for c in first} == {*FIGURES, "thumbnail"}
+    times = pages_and_times(out)
+
+    drawn.clear()
+    write_report(store, out=out, dataset=dataset, max_neurons=2, progress=False)
+    assert drawn == []                                              # nothing to redraw
+    assert pages_and_times(out) == times                            # and no page rewritten
+
+    with h5py.File(store, "a") as f:                                # new clusters for one target
+        for space in f["clusters/logits"]:
+            labels = f[f"clusters/logits/{space}/kmeans"]
+            labels[...] = 1 - labels[()]
+            labels[:, 0] = 2
+    drawn.clear()
+    write_report(store, out=out, dataset=dataset, max_neurons=2, progress=False)
+    assert drawn and {c[0] for c in drawn} == {"neuron_umap"} and {c[1] for c in drawn} == {"logits"}
+    now = pages_and_times(out)
+    changed = {page for page in now if now[page] != times[page]}
+    assert changed and all(page.startswith("neurons/logits/") for page in changed)
+
+    with h5py.File(store, "a") as f:                                # one target gone, another one shrinks
+        for group in ("relevance", "clusters", "metrics", "topk"):
+            for name in [n for n in f[group] if n.startswith("c3@planted")]:
+                del f[f"{group}/{name}"]
+        for name in f["embeddings"]:
+            f[f"embeddings/{name}"].pop("c3@planted", None)
+        kept = f["relevance/c3/neurons"][[0, 1]]
+        subset_rows(f, "c3", np.array([0, 1]))
+    write_report(store, out=out, dataset=dataset, max_neurons=2, progress=False)
+    assert not (out / "neurons" / "c3-planted").exists()
+    assert sorted(int(p.stem) for p in (out / "neurons" / "c3").glob("*.html")) == sorted(kept.tolist())
+    assert sorted(p.name.split("_")[0] for p in (out / "neurons" / "c3" / "fig").glob("*.png")) == \
+        sorted(str(n) for n in kept.tolist() for _ in ("labels", "classes", "umap"))
+    check_links(out)
+    with h5py.File(store, "r") as f:
+        samples = {int(s) for t in ("c3", "logits") for s in f[f"topk/{t}/indices"][f[f"relevance/{t}/neurons"][()]].ravel()}
+    assert {int(p.stem) for p in (out / "thumbs").glob("*.png")} <= samples
+
+
+def test_text_from_the_store_is_shown_as_text_never_as_markup(built, tmp_path):
+    path, dataset = built
+    store = tmp_path / "<b>&'store\".h5"
+    shutil.copy(path, store)
+    hostile = [f"<script>alert({i})</script>" for i in range(len(dataset))]
+    with h5py.File(store, "a") as f:
+        f["samples/ids"][...] = hostile
+        f["samples/labels"].attrs["classes"] = ["<i>zero</i>", "one & <b>", "two\"'"]
+    renamed = copy.copy(dataset)
+    renamed.ids = hostile                                    # the same samples under the store's new ids
+    index = write_report(store, out=tmp_path / "r", dataset=renamed, max_neurons=1, progress=False)
+    pages = check_links(index.parent)
+    for page in pages:
+        text = page.read_text()
+        assert "<script>alert" not in text and "<i>zero" not in text and "<b>&" not in text
+        tags = []
+        parser = HTMLParser()
+        parser.handle_starttag = lambda tag, attrs: tags.append(tag)
+        parser.feed(text)
+        assert set(tags) <= {"html", "head", "meta", "title", "style", "body", "nav", "a", "main", "h1", "h2", "h3",
+                             "h4", "p", "table", "thead", "tbody", "tr", "th", "td", "div", "span", "figure", "img",
+                             "figcaption", "br", "script"}
+        assert tags.count("script") == (page == index)       # only the report's own sorting script
+    assert "polypure report: &lt;b&gt;&amp;" in index.read_text()
+    page = next((index.parent / "neurons" / "c3").glob("*.html")).read_text()
+    assert "&lt;script&gt;alert(" in page and ("class &lt;i&gt;zero&lt;/i&gt;" in page or "one &amp; &lt;b&gt;" in page)

@@ -13,6 +13,11 @@ writes ``/metrics``:
   such as ``shape``, or the ``class`` label);
 * ``/metrics/<target>/mixture/<labels>`` (M,) int64: how many label values each make up at least
   ``evaluate.mixture_share`` of the neuron's top-K (2 or more: polysemantic by that label);
+* ``/metrics/<target>/degenerate/<space>`` (M,) UTF-8, ``/metrics/<target>/cluster_status/<space>/<method id>``
+  (M,) UTF-8 and ``/metrics/<target>/single_label/<labels>`` (M,) bool: the checks of
+  :mod:`polypure.metrics` (``constant``, ``one-hot``; ``all-noise``, ``one-cluster``; one label value)
+  that make a neuron's score a non-result. Such a score is stored as NaN, never as a number, and the
+  summary counts the neurons left out per reason;
 * ``/metrics/summary``: the summary table (also saved beside the store as CSV and JSON).
 
 Example
@@ -27,7 +32,9 @@ import numpy as np
 
 from . import summary
 from .errors import ConfigError
-from .metrics import agreement, cluster_distances, distance_correlation, mixture
+from .metrics import (agreement, cluster_distances, clustering_status, degenerate, distance_correlation, mixture,
+                      single_label)
+from .store import STR
 
 PLANTED = "planted"
 CLASS = "class"
@@ -72,8 +79,40 @@ def wanted_labels(ctx, store) -> list[str]:
     return list(setting)
 
 
+def _strings(values) -> np.ndarray:
+    """A str array as h5py writes it: variable-length UTF-8."""
+    return np.array([str(v) for v in values], dtype=STR)
+
+
+def checks(ctx, store) -> None:
+    """Store why a neuron's space or clustering cannot give a score (:mod:`polypure.metrics`, *Non-results*).
+
+    ``/metrics/<target>/degenerate/<space>`` for every clustered space, configured space and reference
+    space of each target, and ``/metrics/<target>/cluster_status/<space>/<method id>`` for every stored
+    clustering.
+    """
+    from .clustering import space_path, target_spaces
+
+    configured = target_spaces(store, ctx.config.cluster.spaces)
+    for target in store.relevance_targets():
+        clustered = dict(store.file[f"clusters/{target}"].items()) if f"clusters/{target}" in store else {}
+        references = [r for r in ctx.config.evaluate.references if f"embeddings/{r}/{target}" in store]
+        for space in dict.fromkeys([*configured.get(target, []), *clustered, *references]):
+            status = degenerate(store.read(space_path(target, space, store)))
+            store.write_array(f"metrics/{target}/degenerate/{space}", _strings(status))
+        for space, methods in clustered.items():
+            for method_id, dataset in methods.items():
+                store.write_array(f"metrics/{target}/cluster_status/{space}/{method_id}",
+                                  _strings(clustering_status(dataset[()])))
+    store.flush()
+
+
 def ground_truth_metrics(ctx, store) -> None:
-    """ARI / NMI of every stored clustering against every wanted label set, and mixtures."""
+    """ARI / NMI of every stored clustering against every wanted label set, and mixtures.
+
+    A neuron gets NaN, not a score, where :func:`checks` found its space degenerate or its clustering no
+    split, or where its references all carry the same label value (``/metrics/<target>/single_label``).
+    """
     wanted = wanted_labels(ctx, store)
     share = ctx.config.evaluate.mixture_share
     for target in store.relevance_targets():
@@ -83,13 +122,17 @@ def ground_truth_metrics(ctx, store) -> None:
             store.write_array(f"metrics/{target}/mixture/{name}",
                               np.array([mixture(row, share) for row in values], np.int64),
                               attrs={"share": share})
+        for name, values in labels.items():
+            store.write_array(f"metrics/{target}/single_label/{name}", single_label(values))
         if f"clusters/{target}" not in store:
             continue
         for space, methods in store.file[f"clusters/{target}"].items():
             for method_id, dataset in methods.items():
                 predicted = dataset[()]
                 for name, truth in labels.items():
-                    scores = np.array([agreement(t, p) for t, p in zip(truth, predicted)], np.float64)
+                    skip = summary.skipped(store, target, space=space, method=method_id, labels=name)
+                    scores = np.array([agreement(t, p) if not s else (np.nan, np.nan)
+                                       for t, p, s in zip(truth, predicted, skip)], np.float64).reshape(-1, 2)
                     for column, metric in enumerate(("ari", "nmi")):
                         store.write_array(f"metrics/{target}/{metric}/{name}/{space}/{method_id}",
                                           scores[:, column])
@@ -97,7 +140,11 @@ def ground_truth_metrics(ctx, store) -> None:
 
 
 def reference_metrics(ctx, store) -> None:
-    """Distance correlation and PURE's cluster distances against every reference space."""
+    """Distance correlation and PURE's cluster distances against every reference space.
+
+    NaN, not a score, where :func:`checks` found the space or the reference space degenerate for a neuron,
+    or (cluster distances) its clustering no split.
+    """
     from .clustering import space_path, target_spaces
 
     references = list(ctx.config.evaluate.references)
@@ -114,14 +161,18 @@ def reference_metrics(ctx, store) -> None:
             for space in spaces:
                 if space == reference:
                     continue
-                values = np.array([distance_correlation(r, f) for r, f in zip(ref, features[space])])
+                skip = summary.skipped(store, target, space=space, reference=reference)
+                values = np.array([distance_correlation(r, f) if not s else np.nan
+                                   for r, f, s in zip(ref, features[space], skip)], np.float64)
                 store.write_array(f"metrics/{target}/distance_correlation/{reference}/{space}", values)
             if f"clusters/{target}" not in store:
                 continue
             for space, methods in store.file[f"clusters/{target}"].items():
                 for method_id, dataset in methods.items():
                     labels = dataset[()]
-                    values = np.array([cluster_distances(r, lab) for r, lab in zip(ref, labels)], np.float64)
+                    skip = summary.skipped(store, target, space=space, method=method_id, reference=reference)
+                    values = np.array([cluster_distances(r, lab) if not s else (np.nan, np.nan)
+                                       for r, lab, s in zip(ref, labels, skip)], np.float64).reshape(-1, 2)
                     store.write_array(f"metrics/{target}/cluster_distances/{reference}/{space}/{method_id}", values,
                                       attrs={"columns": ["inner", "inter"]})
     store.flush()
@@ -136,6 +187,7 @@ def run_stage(ctx) -> list[dict]:
         The summary records.
     """
     with ctx.open_store() as store:
+        checks(ctx, store)
         reference_metrics(ctx, store)
         ground_truth_metrics(ctx, store)
         order = [*ctx.config.evaluate.references, *wanted_labels(ctx, store)]
@@ -143,12 +195,7 @@ def run_stage(ctx) -> list[dict]:
         summary.write(store, records)
     paths = summary.save_beside(ctx.config.store_path, records)
     if ctx.progress:
-        print(summary.format_table(records, _primary_method(ctx)))
+        print(summary.format_table(records, [m.method_id for m in ctx.config.cluster.methods]))
     ctx.log(f"summary: {paths[0]} and {paths[1]}")
     return records
-
-
-def _primary_method(ctx) -> str | None:
-    methods = ctx.config.cluster.methods
-    return methods[0].method_id if methods else None
 

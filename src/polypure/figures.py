@@ -5,18 +5,14 @@ with cluster image grids (Figure 4, PURE 1b), and the ground-truth table.
 
 Example
 -------
->>> import numpy as np
->>> from polypure.data import ArrayDataset
->>> from polypure.figures import thumbnail
->>> thumbnail(ArrayDataset(np.zeros((2, 28, 28), np.uint8)), 1, size=16).shape
-(16, 16, 3)
 >>> from polypure.figures import space_bars                              # doctest: +SKIP
 >>> space_bars("storage/demo.h5", "block_3", "clip", "figures")          # doctest: +SKIP
 [PosixPath('figures/bars_block_3_clip.png'), PosixPath('figures/bars_block_3_clip.svg')]
 
 Every function takes a :class:`~polypure.store.Store` or the path of one, reads only documented store
 paths, and draws on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot state and no
-display, so figures can be made from worker processes and servers.
+display, so figures can be made from worker processes and servers. The images inside figures (thumbnails,
+grids, UMAP canvases) come from :mod:`polypure.imaging`.
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .evaluate import reference_indices
+from .imaging import mosaic, shrink, thumbnail, umap_canvas
 from .metrics import pairwise_distances
 from .store import Store, read_attr
 
@@ -154,60 +151,83 @@ def _features(store: Store, target: str, space: str, row: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# images
+# what each figure reads: every figure is drawn from its reader's result alone, so that a hash of that
+# result tells whether a figure drawn before is still up to date (the report redraws only what changed)
 
 
-def thumbnail(dataset, sample_index: int, crop_box=None, size: int = 64) -> np.ndarray:
-    """A sample's view as a square RGB uint8 thumbnail.
+def _distance_inputs(store: Store, target: str, neuron_row: int, reference: str) -> dict:
+    corr = correlations(store, target, reference)
+    spaces = feature_spaces(store, target)
+    return {"neuron": int(neuron_ids(store, target)[neuron_row]),
+            "reference": _features(store, target, reference, neuron_row),
+            "features": {space: _features(store, target, space, neuron_row) for space in spaces},
+            "corr": {space: float(corr[space][neuron_row]) if space in corr else float("nan") for space in spaces}}
+
+
+def _scatter_inputs(store: Store, target: str, reference: str) -> dict:
+    return {"layers": attribution_layers(store, target), "corr": correlations(store, target, reference),
+            "neurons": neuron_ids(store, target)}
+
+
+def _bars_inputs(store: Store, target: str, reference: str) -> dict:
+    return {"corr": correlations(store, target, reference), "layers": attribution_layers(store, target)}
+
+
+def _umap_inputs(store: Store, target: str, neuron_row: int, method: str, spaces: Sequence[str] | None,
+                 view: str) -> dict:
+    spaces = list(spaces) if spaces is not None else feature_spaces(store, target)
+    boxes = crop_boxes(store, target, view)
+    return {"neuron": int(neuron_ids(store, target)[neuron_row]),
+            "refs": reference_indices(store, target)[neuron_row],
+            "features": {space: _features(store, target, space, neuron_row) for space in spaces},
+            "labels": {space: cluster_labels(store, target, space, method, neuron_row) for space in spaces},
+            "boxes": boxes[neuron_row] if boxes is not None else None}
+
+
+def _truth_inputs(store: Store) -> dict:
+    from . import summary
+
+    targets = store.relevance_targets()
+    return {"records": [r for r in summary.read(store) if str(r["metric"]).startswith("ARI")], "targets": targets,
+            "layers": {target: attribution_layers(store, target) for target in targets}}
+
+
+def inputs(figure, store, *args, **kwargs) -> dict:
+    """The store data a figure function draws from, for the same arguments (less the output folder).
 
     Parameters
     ----------
-    dataset : polypure.data.PolypureDataset
-        Supplies ``view(i)``: float (C, H, W) in [0, 1].
-    sample_index : int
-    crop_box : sequence of 4 int, optional
-        (row start, row stop, column start, column stop) as in ``/crops/<target>``; -1 or an empty box
-        means the whole image.
-    size : int
-        Side of the thumbnail in pixels; the image is fitted inside and centred on white.
+    figure : callable
+        :func:`distance_matrices`, :func:`correlation_scatter`, :func:`space_bars`, :func:`neuron_umap`
+        (without its ``dataset`` argument) or :func:`ground_truth_table`.
+    store : Store or str or Path
+    *args, **kwargs
+        The figure's arguments between ``store`` and ``out_dir`` (``neuron_umap``: also ``method``,
+        ``spaces`` and ``view``; ``ground_truth_table``: none).
 
     Returns
     -------
-    ndarray, shape (size, size, 3), uint8
+    dict
+        Everything the figure reads, as numbers, strings and arrays: a hash of it changes whenever the
+        figure would.
+
+    Examples
+    --------
+    >>> inputs(space_bars, "storage/demo.h5", "block_3", "clip")["layers"]     # doctest: +SKIP
+    ['block_0', 'block_1', 'block_2']
     """
-    from PIL import Image
-
-    img = dataset.view(int(sample_index))
-    img = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, np.float32)
-    if img.ndim == 2:
-        img = img[None]
-    img = np.repeat(img, 3, axis=0) if img.shape[0] == 1 else img[:3]
-    if crop_box is not None and min(int(v) for v in crop_box) >= 0:
-        r1, r2, c1, c2 = (int(v) for v in crop_box)
-        cut = img[:, r1:r2, c1:c2]
-        # the embed stage falls back to the whole image for an empty crop; show what it embedded
-        if cut.size and cut.any():
-            img = cut
-    pixels = (np.clip(img.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
-    h, w = pixels.shape[:2]
-    scale = size / max(h, w)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    resized = np.asarray(Image.fromarray(pixels).resize(new, Image.Resampling.LANCZOS if scale < 1
-                                                        else Image.Resampling.NEAREST))
-    out = np.full((size, size, 3), 255, np.uint8)
-    top, left = (size - new[1]) // 2, (size - new[0]) // 2
-    out[top:top + new[1], left:left + new[0]] = resized
-    return out
+    readers = {distance_matrices: _distance_inputs, correlation_scatter: _scatter_inputs, space_bars: _bars_inputs,
+               neuron_umap: _umap_inputs, ground_truth_table: _truth_inputs}
+    if figure not in readers:
+        raise ValueError(f"{getattr(figure, '__name__', figure)!r} is not a figure of polypure.figures")
+    if figure is neuron_umap:
+        kwargs = {"method": "kmeans", "spaces": None, "view": "auto", **kwargs}
+    with opened(store) as st:
+        return readers[figure](st, *args, **kwargs)
 
 
-def mosaic(images: Sequence[np.ndarray], columns: int = 4, rows: int = 2, gap: int = 2) -> np.ndarray:
-    """Square thumbnails laid out in a grid on white (empty slots stay white)."""
-    size = images[0].shape[0] if len(images) else 8
-    out = np.full((rows * size + (rows - 1) * gap, columns * size + (columns - 1) * gap, 3), 255, np.uint8)
-    for i, img in enumerate(images[:rows * columns]):
-        r, c = divmod(i, columns)
-        out[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = img
-    return out
+# ---------------------------------------------------------------------------------------------------
+# clusters
 
 
 def top_per_cluster(labels: np.ndarray, count: int = TOP_PER_CLUSTER) -> dict[int, np.ndarray]:
@@ -289,19 +309,17 @@ def distance_matrices(store, target: str, neuron_row: int, reference: str, out_d
         The written files, one per format.
     """
     with opened(store) as st:
-        neuron = int(neuron_ids(st, target)[neuron_row])
-        spaces = feature_spaces(st, target)
-        panels = [(f"{reference} (reference)", reference, _features(st, target, reference, neuron_row), None)]
-        corr = correlations(st, target, reference)
-        for space in spaces:
-            value = corr[space][neuron_row] if space in corr else float("nan")
-            panels.append((f"{space}\nr = {_fmt(value)}", space, _features(st, target, space, neuron_row), value))
+        data = _distance_inputs(st, target, neuron_row, reference)
+    neuron = data["neuron"]
+    panels = [(f"{reference} (reference)", reference, data["reference"])]
+    for space, features in data["features"].items():
+        panels.append((f"{space}\nr = {_fmt(data['corr'][space])}", space, features))
     n_refs = len(panels[0][2])
     # a fixed layout instead of a layout engine: this figure is drawn for every neuron page of a report
     fig = _figure(2.3 * len(panels) + 0.3, 3.0, layout=None)
     fig.subplots_adjust(left=0.2 / len(panels), right=1 - 0.1 / len(panels), top=0.76, bottom=0.07, wspace=0.18)
     axes = fig.subplots(1, len(panels))
-    for ax, (title, name, features, _) in zip(np.atleast_1d(axes), panels):
+    for ax, (title, name, features) in zip(np.atleast_1d(axes), panels):
         ax.imshow(pairwise_distances(features), cmap="viridis", interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_xticks([0, n_refs - 1], ["1", str(n_refs)], fontsize=7)
@@ -345,9 +363,8 @@ def correlation_scatter(store, target: str, reference: str, out_dir, *, n_labels
         If the target has fewer than two attribution layers or no correlations with ``reference``.
     """
     with opened(store) as st:
-        layers = attribution_layers(st, target)
-        corr = correlations(st, target, reference)
-        neurons = neuron_ids(st, target)
+        data = _scatter_inputs(st, target, reference)
+    layers, corr, neurons = data["layers"], data["corr"], data["neurons"]
     if len(layers) < 2 or not all(layer in corr for layer in layers):
         raise ValueError(f"{target}: a scatter needs correlations with {reference!r} at two or more attribution "
                          f"layers (found {', '.join(s for s in layers if s in corr) or 'none'})")
@@ -413,8 +430,8 @@ def space_bars(store, target: str, reference: str, out_dir, *, formats: Iterable
         If the store has no correlations of ``target`` with ``reference``.
     """
     with opened(store) as st:
-        corr = correlations(st, target, reference)
-        layers = attribution_layers(st, target)
+        data = _bars_inputs(st, target, reference)
+    corr, layers = data["corr"], data["layers"]
     if not corr:
         raise ValueError(f"{target}: no distance correlations with {reference!r} in the store")
     names = list(corr)
@@ -537,18 +554,15 @@ def neuron_umap(store, dataset, target: str, neuron_row: int, out_dir, method: s
     list of Path
     """
     with opened(store) as st:
-        neuron = int(neuron_ids(st, target)[neuron_row])
-        spaces = list(spaces) if spaces is not None else feature_spaces(st, target)
-        refs = reference_indices(st, target)[neuron_row]
-        features = {space: _features(st, target, space, neuron_row) for space in spaces}
-        labels = {space: cluster_labels(st, target, space, method, neuron_row) for space in spaces}
-        boxes = crop_boxes(st, target, view)
+        data = _umap_inputs(st, target, neuron_row, method, spaces, view)
+    neuron, refs, features, labels = data["neuron"], data["refs"], data["features"], data["labels"]
+    spaces = list(features)
     n_refs = len(refs)
-    boxes_row = boxes[neuron_row] if boxes is not None else [None] * n_refs
+    boxes_row = data["boxes"] if data["boxes"] is not None else [None] * n_refs
     small = big = None
     if dataset is not None:
         big = [thumbnail(dataset, int(i), box, size=grid_size) for i, box in zip(refs, boxes_row)]
-        small = [_shrink(img, thumb_size) for img in big]
+        small = [shrink(img, thumb_size) for img in big]
     clustered = {s for s, lab in labels.items() if lab is not None}
     # an unclustered space is drawn as one group, so its references still show
     labels = {s: lab if lab is not None else np.zeros(n_refs, np.int64) for s, lab in labels.items()}
@@ -594,50 +608,6 @@ def neuron_umap(store, dataset, target: str, neuron_row: int, out_dir, method: s
     return _save(fig, out_dir, stem or f"umap_{safe_name(target)}_{neuron}_{safe_name(method)}", formats, dpi=100)
 
 
-def umap_canvas(coords: np.ndarray, thumbs: Sequence[np.ndarray], colours: Sequence[str], side: int = 380,
-                border: int = 2) -> np.ndarray:
-    """Thumbnails pasted at their 2-D positions on a white square, each framed in its colour.
-
-    Parameters
-    ----------
-    coords : ndarray, shape (n, 2)
-        Positions (any scale; y grows upwards as in a plot).
-    thumbs : sequence of ndarray (t, t, 3) uint8
-    colours : sequence of matplotlib colours
-    side : int
-        Canvas side in pixels.
-    border : int
-        Frame width in pixels.
-
-    Returns
-    -------
-    ndarray, shape (side, side, 3), uint8
-    """
-    from matplotlib.colors import to_rgb
-
-    canvas = np.full((side, side, 3), 255, np.uint8)
-    if not len(coords):
-        return canvas
-    t = thumbs[0].shape[0] + 2 * border
-    lo, hi = coords.min(0), coords.max(0)
-    span = np.where(hi - lo > 0, hi - lo, 1.0)
-    free = side - t
-    cols = np.rint((coords[:, 0] - lo[0]) / span[0] * free).astype(int)
-    rows = np.rint((hi[1] - coords[:, 1]) / span[1] * free).astype(int)
-    for r, c, img, colour in zip(rows, cols, thumbs, colours):
-        canvas[r:r + t, c:c + t] = np.rint(np.array(to_rgb(colour)) * 255).astype(np.uint8)
-        canvas[r + border:r + t - border, c + border:c + t - border] = img
-    return canvas
-
-
-def _shrink(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    if img.shape[0] == size:
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
-
-
 def _pad_limits(ax, coords: np.ndarray) -> None:
     """Leave a margin around the outermost points, so that none is cut by the frame."""
     if not len(coords):
@@ -672,12 +642,9 @@ def ground_truth_table(store, out_dir, method: str | None = None, *, formats: It
     ValueError
         If ``/metrics/summary`` has no ARI rows.
     """
-    from . import summary
-
     with opened(store) as st:
-        records = [r for r in summary.read(st) if str(r["metric"]).startswith("ARI")]
-        targets = st.relevance_targets()
-        layer_order = {target: attribution_layers(st, target) for target in targets}
+        data = _truth_inputs(st)
+    records, targets, layer_order = data["records"], data["targets"], data["layers"]
     if not records:
         raise ValueError("the store's summary table has no ground-truth (ARI) rows")
     method = method or records[0]["method"]

@@ -7,7 +7,25 @@
   same cluster (inner) and in different clusters (inter), with PURE's fallback when one side is empty;
 * :func:`agreement` -- adjusted Rand index and normalised mutual information of a clustering against
   known labels (scikit-learn's implementations);
-* :func:`mixture` -- how many label values make up at least a share of a neuron's references.
+* :func:`mixture` -- how many label values make up at least a share of a neuron's references;
+* :func:`degenerate`, :func:`clustering_status`, :func:`single_label` -- why a neuron's space, clustering
+  or labels give no score at all (a non-result, which must not be averaged in as a zero).
+
+Non-results
+-----------
+A score is only a score where there was something to split and something was split. For one neuron:
+
+* a feature space is *degenerate* (:data:`CONSTANT`) when the vectors of all its references are the same,
+  every channel's spread across the references at most :data:`TOLERANCE` times the largest absolute value
+  (all zero, as for a dead neuron, included); it is :data:`ONE_HOT` when every reference's vector has all but
+  :data:`TOLERANCE` of its L1 mass on one channel, the same channel for every reference (relevance passed
+  straight through, as from a DenseNet concatenation: the space then holds one number per reference, the
+  neuron's own strength, not a decomposition). One-hot is checked first, so identical one-hot vectors are
+  ``one-hot``;
+* a clustering is :data:`ALL_NOISE` when every reference is labelled noise (-1), and :data:`ONE_CLUSTER`
+  when the references it did not call noise all share one cluster;
+* a label set is :data:`ONE_LABEL` for the neuron when all its references carry the same value: there is
+  no split to recover, and ARI / NMI would be 0 or 1 by convention.
 
 Example
 -------
@@ -79,6 +97,89 @@ def cluster_distances(reference: np.ndarray, labels: np.ndarray) -> tuple[float,
     if inner.size == 0:
         return float("nan"), float("nan")
     return float(inner.mean()), float(inter.mean())
+
+
+#: Relative tolerance of the degenerate-space checks (float32 relevance is exact to about 1e-7).
+TOLERANCE = 1e-6
+#: Reasons a neuron gets no score (see the module's section *Non-results*).
+CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL = "constant", "one-hot", "all-noise", "one-cluster", "one-label"
+#: Every reason, in the order they are reported.
+REASONS = (CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL)
+
+
+def degenerate(features: np.ndarray) -> np.ndarray:
+    """Why each neuron's references cannot be split in a space: ``one-hot``, ``constant`` or ``""``.
+
+    Parameters
+    ----------
+    features : ndarray, shape (M, n_refs, D) or (n_refs, D)
+        The vectors of each neuron's references in one space.
+
+    Returns
+    -------
+    ndarray of str, shape (M,) (or a 0-d array for one neuron)
+        ``""`` where the space is usable.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> degenerate(np.array([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]]))
+    array(['one-hot', 'constant', ''], dtype='<U8')
+    """
+    x = np.asarray(features, np.float64)
+    single = x.ndim == 2
+    x = x[None] if single else x
+    if x.shape[1] == 0:
+        out = np.full(len(x), CONSTANT, dtype="<U8")
+        return out[0] if single else out
+    magnitude = np.abs(x)
+    scale = magnitude.max(axis=(1, 2))
+    spread = np.ptp(x, axis=1).max(axis=1) if x.shape[2] else np.zeros(len(x))
+    constant = spread <= TOLERANCE * scale
+    mass = magnitude.sum(axis=2)
+    top = magnitude.argmax(axis=2)
+    share = np.divide(magnitude.max(axis=2), mass, out=np.zeros_like(mass), where=mass > 0)
+    one_hot = (share >= 1 - TOLERANCE).all(axis=1) & (top == top[:, :1]).all(axis=1)
+    out = np.where(one_hot, ONE_HOT, np.where(constant, CONSTANT, "")).astype("<U8")
+    return out[0] if single else out
+
+
+def clustering_status(labels: np.ndarray) -> np.ndarray:
+    """Why each neuron's clustering is no split: ``all-noise``, ``one-cluster`` or ``""``.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (M, n_refs) or (n_refs,)
+        Cluster labels, -1 for noise.
+
+    Returns
+    -------
+    ndarray of str, shape (M,) (or a 0-d array for one neuron)
+
+    Examples
+    --------
+    >>> clustering_status(np.array([[-1, -1, -1], [0, -1, 0], [0, 1, -1]]))
+    array(['all-noise', 'one-cluster', ''], dtype='<U11')
+    """
+    labels = np.asarray(labels)
+    single = labels.ndim == 1
+    labels = labels[None] if single else labels
+    noise = labels < 0
+    all_noise = noise.all(axis=1)
+    # the largest and smallest label among the non-noise ones: equal means one cluster
+    high = np.where(noise, np.iinfo(np.int64).min, labels).max(axis=1, initial=np.iinfo(np.int64).min)
+    low = np.where(noise, np.iinfo(np.int64).max, labels).min(axis=1, initial=np.iinfo(np.int64).max)
+    out = np.where(all_noise, ALL_NOISE, np.where(high == low, ONE_CLUSTER, "")).astype("<U11")
+    return out[0] if single else out
+
+
+def single_label(labels: np.ndarray) -> np.ndarray:
+    """Whether all references of each neuron carry the same label value: (M, n_refs) -> (M,) bool."""
+    labels = np.asarray(labels)
+    single = labels.ndim == 1
+    labels = labels[None] if single else labels
+    out = (labels == labels[:, :1]).all(axis=1)
+    return out[0] if single else out
 
 
 def agreement(labels_true: np.ndarray, labels_pred: np.ndarray) -> tuple[float, float]:

@@ -9,8 +9,9 @@ Example
 >>> write_report("storage/demo.h5")                 # doctest: +SKIP
 PosixPath('storage/demo_report/index.html')
 
-Plain HTML with inline CSS and JavaScript, images as files next to the pages, nothing fetched from
-elsewhere, so it opens from ``file://``. It reads only the store (and, for thumbnails, the data its
+Plain HTML rendered from the Jinja2 templates in ``polypure/templates`` (every value escaped), with the
+styles and the table-sorting script of that folder inlined into each page, images as files next to the
+pages, nothing fetched from elsewhere, so it opens from ``file://``. It reads only the store (and, for thumbnails, the data its
 config describes), so it can be written again at any time.
 
 Layout of the folder::
@@ -20,13 +21,26 @@ Layout of the folder::
     thumbs/                         reference thumbnails, one file per image (or per crop)
     neurons/<target>/<id>.html      a page per chosen neuron
     neurons/<target>/fig/           its distance-matrix and UMAP figures (PNG)
+    manifest.json                   what was drawn from what (see below)
+
+Writing again is incremental. Every drawn file (figure or thumbnail) is keyed in ``manifest.json`` by a
+hash of everything it is drawn from: the store data its figure function reads (:func:`polypure.figures.inputs`),
+the settings, the data's identity (its config and sample ids) and the drawing code itself. A file whose
+key is unchanged is kept, so a report of an unchanged store draws nothing, and a change redraws only the
+figures it affects; pages are rewritten only where their text changes. ``write_report`` owns
+``index.html``, ``manifest.json`` and the folders ``figures/``, ``thumbs/`` and ``neurons/``: whatever it
+did not write this time is removed from them (the pages of neurons and targets no longer in the store, or
+no longer chosen), and anything else in the report folder is left alone.
 """
 
 from __future__ import annotations
 
-import html
+import functools
+import hashlib
+import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +48,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import __version__, figures, summary
+from . import __version__, figures, imaging, summary
 from .errors import PolypureError
 from .evaluate import reference_indices
 from .store import Store, read_attr
@@ -45,6 +59,11 @@ log = logging.getLogger("polypure")
 NEURON_PAGES = 8
 #: Side in pixels of the thumbnail files shown in the cluster grids.
 THUMB_SIZE = 80
+#: The report's record of what it drew from what.
+MANIFEST = "manifest.json"
+#: Folders of the report that belong to ``write_report`` alone (files it did not write there are removed).
+OWNED = ("figures", "thumbs", "neurons")
+_MANIFEST_FORMAT = 1
 
 
 @dataclass
@@ -199,13 +218,180 @@ def _check_dataset(store: Store, dataset):
     return dataset, None
 
 
-class _Thumbs:
-    """Writes each reference thumbnail once and knows its file; describes samples for tooltips."""
+def _digest(*parts) -> str:
+    """A hash of numbers, strings, arrays and (nested) lists and dicts of them; order counts."""
+    h = hashlib.sha256()
 
-    def __init__(self, out: Path, dataset, store: Store):
+    def feed(value) -> None:
+        if isinstance(value, (np.ndarray, np.generic)):
+            array = np.asarray(value)
+            if array.dtype.kind in "OSU":
+                feed([str(v) for v in array.ravel().tolist()] + [array.shape])
+                return
+            h.update(f"a{array.dtype.str}{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+            h.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            h.update(b"[")
+            for item in value:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(parts)
+    return h.hexdigest()[:32]
+
+
+def _code_key() -> str:
+    """The drawing code and version: a new polypure, or edited figure or image code, redraws every figure."""
+    return _digest(__version__, Path(figures.__file__).read_bytes(), Path(imaging.__file__).read_bytes(), THUMB_SIZE)
+
+
+class _Outputs:
+    """The files one ``write_report`` produces, and which of them a previous one left up to date.
+
+    Parameters
+    ----------
+    out : Path
+        The report folder; its ``manifest.json``, when there is one of this format, tells what the
+        previous write drew from what.
+    """
+
+    def __init__(self, out: Path):
         self.out = out
-        self.dataset = dataset
-        self.done: set[str] = set()
+        previous = {}
+        try:
+            previous = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        if not isinstance(previous, dict) or previous.get("format") != _MANIFEST_FORMAT:
+            previous = {}
+        self.previous: dict[str, dict] = previous.get("drawings", {})
+        self.previous_data: dict = previous.get("data", {})
+        self.drawings: dict[str, dict] = {}
+        self.written: set[str] = set()
+        self.drawn = self.kept = self.pages = 0
+
+    def rel(self, path: Path) -> str:
+        return Path(os.path.relpath(path, self.out)).as_posix()
+
+    def cached(self, files: list[Path], key: str) -> dict | None:
+        """The previous entry of a drawing of ``files`` if it was drawn from the same inputs (and recorded)."""
+        name = self.rel(files[0])
+        entry = self.previous.get(name)
+        if entry is None or entry.get("key") != key:
+            return None
+        if entry.get("error") is None and not all(f.is_file() for f in files):
+            return None
+        self.drawings[name] = entry
+        self.kept += 1
+        return entry
+
+    def record(self, files: list[Path], key: str, error: str | None = None) -> None:
+        """A drawing just made (or failed: its error is kept, so the same inputs do not fail again)."""
+        self.drawings[self.rel(files[0])] = {"key": key, "files": [] if error else [self.rel(f) for f in files],
+                                             "error": error}
+        self.drawn += 1
+
+    def write_text(self, path: Path, text: str) -> None:
+        """Write a page, unless it already holds exactly this text."""
+        self.written.add(self.rel(path))
+        self.pages += _write_if_changed(path, text)
+
+    def finish(self, data: dict) -> int:
+        """Remove what this write did not produce from the owned folders, save the manifest; files removed."""
+        keep = set(self.written) | {f for entry in self.drawings.values() for f in entry.get("files", [])}
+        removed = 0
+        for folder in OWNED:
+            root = self.out / folder
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir():
+                    if not any(path.iterdir()):
+                        path.rmdir()
+                elif self.rel(path) not in keep:
+                    path.unlink()
+                    removed += 1
+            if not any(root.iterdir()):
+                root.rmdir()
+        manifest = {"format": _MANIFEST_FORMAT, "polypure": __version__, "data": data,
+                    "drawings": dict(sorted(self.drawings.items()))}
+        _write_if_changed(self.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        return removed
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` unless the file holds exactly that already; whether it wrote."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+class _Images:
+    """The store's samples for thumbnails, looked for only when an image has to be drawn.
+
+    Building a dataset from the store's config can take seconds (the demo renders 3000 images), and a
+    report whose images are all up to date needs none: a previous write that found the same data
+    (config and sample ids) is trusted instead.
+    """
+
+    def __init__(self, store: Store, dataset, previous: dict):
+        self.store = store
+        self.given = dataset
+        section = {}
+        try:
+            section = (yaml.safe_load(store.config_yaml) or {}).get("data") or {}
+        except (yaml.YAMLError, AttributeError):
+            pass
+        self.key = _digest(section, store.sample_ids() if store.has_samples() else [])
+        self.resolved = False
+        self.dataset = None
+        self.why: str | None = None
+        self.assumed = previous.get("key") == self.key and previous.get("available") is True
+
+    def get(self):
+        """The dataset, or None (then :attr:`why` says why)."""
+        if not self.resolved:
+            self.resolved = True
+            given = self.given() if callable(self.given) else self.given
+            if given is None:
+                self.dataset, self.why = _rebuild_dataset(self.store)
+            else:
+                self.dataset, self.why = _check_dataset(self.store, given)
+        return self.dataset
+
+    @property
+    def available(self) -> bool:
+        if not self.resolved and self.assumed:
+            return True
+        return self.get() is not None
+
+    def state(self) -> dict:
+        """What the manifest keeps of the data: its key and whether it was found."""
+        return {"key": self.key, "available": self.dataset is not None if self.resolved else self.assumed}
+
+
+class _Thumbs:
+    """Writes each reference thumbnail (when not up to date) and knows its file; describes samples."""
+
+    def __init__(self, out: Path, images: _Images, store: Store, outputs: _Outputs, code: str):
+        self.out = out
+        self.images = images
+        self.outputs = outputs
+        self.code = code
+        self.done: dict[str, str | None] = {}
         self.ids = store.sample_ids() if store.has_samples() else []
         self.labels = store.labels() if store.has_samples() else np.zeros(0, np.int64)
         classes = store.file["samples/labels"].attrs.get("classes") if store.has_samples() else None
@@ -213,26 +399,36 @@ class _Thumbs:
         self.factors = store.factors()
 
     def file(self, target: _Target, row: int, position: int) -> str | None:
-        """Path (relative to the report) of a reference's thumbnail, written on first use."""
-        if self.dataset is None:
-            return None
-        from PIL import Image
-
+        """Path (relative to the report) of a reference's thumbnail, drawn unless up to date."""
         sample = int(target.refs[row, position])
         box = target.boxes[row, position] if target.boxes is not None else None
         cropped = box is not None and min(int(v) for v in box) >= 0
         name = f"thumbs/{target.slug}/{row}_{position}.png" if cropped else f"thumbs/{sample}.png"
         if name not in self.done:
-            try:
-                pixels = figures.thumbnail(self.dataset, sample, box, size=THUMB_SIZE)
-            except (PolypureError, OSError) as exc:
-                # an unreadable image costs its thumbnail, not the report
-                log.warning("report: no thumbnail of sample %d: %s", sample, exc)
-                return None
-            path = self.out / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(path)
-            self.done.add(name)
+            self.done[name] = self._draw(name, sample, box if cropped else None)
+        return self.done[name]
+
+    def _draw(self, name: str, sample: int, box) -> str | None:
+        path = self.out / name
+        key = _digest("thumbnail", self.code, self.images.key, sample, box)
+        entry = self.outputs.cached([path], key)
+        if entry is not None:
+            return None if entry.get("error") else name
+        dataset = self.images.get()
+        if dataset is None:
+            return None
+        from PIL import Image
+
+        try:
+            pixels = imaging.thumbnail(dataset, sample, box, size=THUMB_SIZE)
+        except (PolypureError, OSError) as exc:
+            # an unreadable image costs its thumbnail, not the report
+            log.warning("report: no thumbnail of sample %d: %s", sample, exc)
+            self.outputs.record([path], key, f"{type(exc).__name__}: {exc}")
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        self.outputs.record([path], key)
         return name
 
     def describe(self, sample: int) -> str:
@@ -250,95 +446,45 @@ class _Thumbs:
 
 
 # ---------------------------------------------------------------------------------------------------
-# HTML
+# HTML: the templates of polypure/templates render what the functions below gather
 
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#fafbfc}
-main{max-width:1500px;margin:0 auto;padding:18px 28px 60px}
-h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:30px 0 8px;border-bottom:1px solid #d8dde6}
-h3{font-size:15px;margin:18px 0 6px}
-a{color:#1b6ca8}.meta{color:#5b6475;font-size:13px}
-.note{background:#fff4d6;border:1px solid #f0c96a;padding:8px 12px;border-radius:4px;margin:10px 0}
-.err{background:#fde2e2;border-color:#e59a9a}
-table{border-collapse:collapse;font-size:12.5px;background:#fff;margin:6px 0 14px}
-th,td{border:1px solid #dde2ea;padding:3px 7px;text-align:right;white-space:nowrap}
-th{background:#eef1f6;font-weight:600;position:sticky;top:0;z-index:1}
-td:first-child,th:first-child{text-align:left}
-table.sortable th{cursor:pointer;user-select:none}
-table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
-table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
-.scroll{overflow:auto;max-height:80vh;border:1px solid #dde2ea;display:inline-block;max-width:100%}
-.scroll table{margin:0}
-.tables{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.tables table{margin:0 0 6px}
-.nolink{color:#5b6475}.poly{color:#b3261e;font-weight:600}
-figure{margin:10px 0;display:inline-block;vertical-align:top}
-figure img{max-width:100%;border:1px solid #dde2ea;background:#fff}
-figcaption{font-size:12px;color:#5b6475}
-.grid{display:flex;flex-wrap:wrap;gap:14px;margin:6px 0 12px}
-.cluster{border:3px solid #999;border-radius:4px;padding:6px;background:#fff}
-.cluster h4{margin:0 0 4px;font-size:13px}
-.imgs{display:grid;grid-template-columns:repeat(4,76px);gap:3px}
-.imgs img{width:76px;height:76px;image-rendering:auto;display:block}
-.ids{font-size:12px;color:#5b6475;max-width:330px}
-nav.top{background:#1d2330;color:#fff;padding:8px 28px;font-size:13px}
-nav.top a{color:#cfe3ff;margin-right:14px}
-"""
+@functools.lru_cache(maxsize=1)
+def _templates():
+    """The report's Jinja2 templates, with every value escaped unless it is marked safe."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+    from markupsafe import Markup
 
-_SORT_JS = """
-(function(){
-  function key(row, col){
-    var cell = row.cells[col]; if (!cell) return null;
-    var v = cell.getAttribute('data-v'); if (v === null) v = cell.textContent.trim();
-    if (v === '') return null;
-    var n = Number(v); return isNaN(n) ? v.toLowerCase() : n;
-  }
-  function compare(a, b, asc){
-    if (a === null || b === null) return (a === null) - (b === null);
-    var byType = (typeof a === 'string') - (typeof b === 'string');
-    if (byType) return byType;
-    var c = a < b ? -1 : a > b ? 1 : 0;
-    return asc ? c : -c;
-  }
-  document.querySelectorAll('table.sortable').forEach(function(table){
-    var heads = table.tHead.rows[0].cells;
-    Array.prototype.forEach.call(heads, function(th, col){
-      th.title = 'click to sort';
-      th.addEventListener('click', function(){
-        var asc = th.getAttribute('aria-sort') !== 'ascending';
-        Array.prototype.forEach.call(heads, function(h){ h.removeAttribute('aria-sort'); });
-        th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
-        rows.sort(function(a, b){ return compare(key(a, col), key(b, col), asc); });
-        rows.forEach(function(r){ body.appendChild(r); });
-      });
-    });
-  });
-})();
-"""
+    env = Environment(loader=PackageLoader("polypure", "templates"), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(number=_number, data_value=_data_value, tint=_tint)
+    # the styles and the sorting script are the package's own files, inlined so that a page stands alone
+    env.globals.update(css=Markup(env.loader.get_source(env, "report.css")[0]),
+                       sort_script=Markup(env.loader.get_source(env, "report.js")[0]))
+    return env
 
 
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
+def _render(template: str, **context) -> str:
+    return _templates().get_template(template).render(version=__version__, **context)
 
 
-def _page(title: str, body: str, root: str = "", script: bool = False) -> str:
-    nav = f'<nav class="top"><a href="{root}index.html">polypure report</a>{_e(title)}</nav>'
-    js = f"<script>{_SORT_JS}</script>" if script else ""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>{nav}<main>\n{body}\n</main>{js}"
-            f"</body></html>\n")
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
 
 
 def _number(value, digits: int = 3) -> str:
-    return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+    """A table cell's text: the value to ``digits`` decimals, empty where missing."""
+    return f"{value:.{digits}f}" if _finite(value) else ""
 
 
-def _shade(value, kind: str) -> str:
-    """A background tint so that large values stand out in long tables."""
-    if value is None or not np.isfinite(value):
+def _data_value(value) -> str:
+    """The value a column sorts by (``data-v``), empty where missing (sorted last)."""
+    return str(float(value)) if _finite(value) else ""
+
+
+def _tint(value, kind: str = "value") -> str:
+    """A background tint so that large values stand out in long tables (gaps: green above 0, red below)."""
+    if not _finite(value):
         return ""
     if kind == "gap":
         alpha = min(abs(float(value)) * 2.0, 1.0) * 0.55
@@ -346,122 +492,57 @@ def _shade(value, kind: str) -> str:
     else:
         alpha = min(max(float(value), 0.0), 1.0) * 0.5
         rgb = "27,108,168"
-    return f' style="background:rgba({rgb},{alpha:.2f})"'
+    return f"rgba({rgb},{alpha:.2f})"
 
 
-def _cell(value, kind: str = "value") -> str:
-    ok = value is not None and np.isfinite(value)
-    return f'<td data-v="{float(value) if ok else ""}"{_shade(value, kind)}>{_number(value)}</td>'
+def _summary_groups(records: list[dict], methods: list[str]) -> list[dict]:
+    """The tables of :func:`polypure.summary.pivot`, gathered per group and cluster method (side by side in
+    the index), with the reasons neurons were left out."""
+    tables = summary.pivot(records, methods)
+    return [{"title": title, "tables": [t for t in tables if t.title == title],
+             "notes": [note for t in tables if t.title == title for note in t.notes()]}
+            for title in dict.fromkeys(t.title for t in tables)]
 
 
-def _figure_html(paths: list[Path], page_dir: Path, caption: str) -> str:
-    """A figure's PNG with links to every written format, addressed relative to the page's folder."""
-    png = next((p for p in paths if p.suffix == ".png"), None)
-    if png is None:
-        return ""
-
-    def link(path: Path) -> str:
-        return Path(os.path.relpath(path, page_dir)).as_posix()
-
-    links = " ".join(f'<a href="{_e(link(p))}">{p.suffix[1:].upper()}</a>' for p in paths)
-    rel = link(png)
-    return (f'<figure><a href="{_e(rel)}"><img src="{_e(rel)}" alt="{_e(caption)}"></a>'
-            f"<figcaption>{_e(caption)} · {links}</figcaption></figure>")
-
-
-def _summary_html(records: list[dict], methods: list[str]) -> str:
-    """The summary table as HTML: per group and cluster method, a row per space, a column per metric."""
-    if not records:
-        return '<p class="meta">The store has no summary table (run the evaluate stage).</p>'
-    found = list(dict.fromkeys(r["method"] for r in records if r["method"]))
-    order = [m for m in methods if m in found] + [m for m in found if m not in methods] or [None]
-    out = []
-    for group in dict.fromkeys(r["group"] for r in records):
-        for method in order:
-            chosen = [r for r in records if r["group"] == group and r["method"] in ("", method)]
-            if not chosen:
-                continue
-            n = max(r["n"] for r in chosen)
-            title = f"{group} ({n} neuron{'s' if n != 1 else ''})" + (f", clusters: {method}" if method else "")
-            tables = []
-            # reference-space metrics and ground truth side by side, as the text table's two blocks
-            for part in (("corr", "inner", "inter"), ("ARI", "NMI")):
-                rows = [r for r in chosen if r["metric"].split(" ", 1)[0] in part]
-                if not rows:
-                    continue
-                metrics = list(dict.fromkeys(r["metric"] for r in rows))
-                spaces = list(dict.fromkeys(r["space"] for r in rows))
-                cells = {(r["space"], r["metric"]): r for r in rows}
-                head = "".join(f"<th>{_e(m)}</th>" for m in metrics)
-                body = []
-                for space in spaces:
-                    tds = []
-                    for metric in metrics:
-                        r = cells.get((space, metric))
-                        ok = r is not None and np.isfinite(r["mean"])
-                        tds.append(f"<td>{r['mean']:.3f} ± {r['std']:.3f}</td>" if ok else "<td></td>")
-                    body.append(f"<tr><td>{_e(space)}</td>{''.join(tds)}</tr>")
-                tables.append(f"<table><thead><tr><th>space</th>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
-                              "</table>")
-            out.append(f'<h3>{_e(title)}</h3><div class="tables">{"".join(tables)}</div>')
-    return "\n".join(out)
-
-
-def _columns(target: _Target) -> list[tuple[str, str, np.ndarray]]:
-    """(header, kind, per-row values) of the neuron table."""
+def _columns(target: _Target) -> list[dict]:
+    """The value columns of a target's neuron table: header, kind (``value`` or ``gap``) and per-row values."""
     cols = []
     for reference, corr in target.corr.items():
-        cols += [(f"corr {reference}: {space}", "value", values) for space, values in corr.items()]
+        cols += [{"header": f"corr {reference}: {space}", "kind": "value", "values": values}
+                 for space, values in corr.items()]
         last = target.layers[-1] if target.layers else None
-        cols += [(f"{layer} − {last} ({reference})", "gap", gap) for layer, gap in target.gaps(reference).items()]
+        cols += [{"header": f"{layer} − {last} ({reference})", "kind": "gap", "values": gap}
+                 for layer, gap in target.gaps(reference).items()]
     for label, spaces in target.ari.items():
-        cols += [(f"ARI {label}: {space}", "value", values) for space, values in spaces.items()]
+        cols += [{"header": f"ARI {label}: {space}", "kind": "value", "values": values}
+                 for space, values in spaces.items()]
     return cols
 
 
-def _neuron_table(target: _Target) -> str:
-    cols = _columns(target)
-    mixtures = list(target.mixture.items())
-    head = ["<th>neuron</th>", *(f"<th>{_e(h)}</th>" for h, _, _ in cols),
-            *(f"<th>{_e(label)} values</th>" for label, _ in mixtures), "<th>polysemantic by</th>"]
+def _neuron_rows(target: _Target) -> list[dict]:
+    """A row per neuron of a target: its id, its page (where it has one), mixture counts and flags."""
     pages = set(target.pages)
     rows = []
     for row, neuron in enumerate(target.neurons):
-        neuron = int(neuron)
-        name = (f'<a href="{_e(target.page(row))}">{neuron}</a>' if row in pages
-                else f'<span class="nolink">{neuron}</span>')
-        cells = [f'<td data-v="{neuron}">{name}</td>', *(_cell(values[row], kind) for _, kind, values in cols)]
-        flags = []
-        for label, values in mixtures:
-            count = int(values[row])
-            flag = ' class="poly"' if count >= 2 else ""
-            cells.append(f'<td data-v="{count}"{flag}>{count}</td>')
-            if count >= 2:
-                flags.append(label)
-        cells.append(f'<td class="poly">{_e(", ".join(flags))}</td>')
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    return (f'<div class="scroll"><table class="sortable" id="neurons-{_e(target.slug)}"><thead><tr>{"".join(head)}'
-            f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+        counts = [int(values[row]) for values in target.mixture.values()]
+        rows.append({"index": row, "neuron": int(neuron), "page": target.page(row) if row in pages else None,
+                     "mixture": counts,
+                     "flags": [label for label, count in zip(target.mixture, counts) if count >= 2]})
+    return rows
 
 
-def _grids_html(store: Store, target: _Target, row: int, thumbs: _Thumbs, root: str) -> str:
-    """The first references of each cluster, per space and method, as thumbnails (or sample ids)."""
-    out = []
+def _grids(store: Store, target: _Target, row: int, thumbs: _Thumbs) -> list[dict]:
+    """The first references of each cluster, per space and method: thumbnails, or sample ids without them."""
     refs = target.refs[row]
 
-    def block(title: str, colour: str, positions) -> str:
-        names = [thumbs.file(target, row, int(p)) for p in positions]
-        tips = [thumbs.describe(int(refs[p])) for p in positions]
-        if all(n is None for n in names):
-            inner = f'<div class="ids">{_e(", ".join(str(int(refs[p])) for p in positions))}</div>'
-        else:
-            inner = '<div class="imgs">' + "".join(
-                f'<img src="{root}{_e(n)}" alt="{_e(t)}" title="{_e(t)}">' for n, t in zip(names, tips)) + "</div>"
-        return f'<div class="cluster" style="border-color:{colour}"><h4>{_e(title)}</h4>{inner}</div>'
+    def block(title: str, colour: str, positions) -> dict:
+        images = [{"src": thumbs.file(target, row, int(p)), "tip": thumbs.describe(int(refs[p]))} for p in positions]
+        return {"title": title, "colour": colour, "images": [i for i in images if i["src"] is not None],
+                "ids": [int(refs[p]) for p in positions]}
 
-    out.append("<h3>Most activating references</h3><div class='grid'>"
-               + block(f"top {figures.TOP_PER_CLUSTER} of {len(refs)}", "#1d2330",
-                       range(min(figures.TOP_PER_CLUSTER, len(refs)))) + "</div>")
+    sections = [{"title": "Most activating references",
+                 "blocks": [block(f"top {figures.TOP_PER_CLUSTER} of {len(refs)}", "#1d2330",
+                                  range(min(figures.TOP_PER_CLUSTER, len(refs))))]}]
     for method in target.methods:
         for space in [*target.spaces, *(s for s in store.file[f"clusters/{target.name}"] if s not in target.spaces)]:
             labels = figures.cluster_labels(store, target.name, space, method, row)
@@ -472,74 +553,129 @@ def _grids_html(store: Store, target: _Target, row: int, thumbs: _Thumbs, root: 
                 count = int((labels == cluster).sum())
                 name = "noise" if cluster < 0 else f"cluster {cluster}"
                 blocks.append(block(f"{name}: {count} refs", figures.cluster_colour(cluster), positions))
-            out.append(f"<h3>{_e(space)} · {_e(method)}</h3><div class='grid'>{''.join(blocks)}</div>")
-    return "\n".join(out)
+            sections.append({"title": f"{space} · {method}", "blocks": blocks})
+    return sections
 
 
-def _neuron_metrics(target: _Target, row: int) -> str:
+def _neuron_metrics(target: _Target, row: int) -> dict:
     """This neuron's numbers: a row per space, a column per reference correlation and ARI."""
     columns = [(f"corr {ref}", values) for ref, values in target.corr.items()]
     columns += [(f"ARI {label}", values) for label, values in target.ari.items()]
-    if not columns:
-        return ""
     spaces = list(dict.fromkeys(s for _, values in columns for s in values))
-    head = "".join(f"<th>{_e(name)}</th>" for name, _ in columns)
-    body = []
-    for space in spaces:
-        tds = "".join(_cell(values[space][row]) if space in values else "<td></td>" for _, values in columns)
-        body.append(f"<tr><td>{_e(space)}</td>{tds}</tr>")
-    return f"<table><thead><tr><th>space</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return {"columns": [name for name, _ in columns],
+            "rows": [(space, [values[space][row] if space in values else None for _, values in columns])
+                     for space in spaces]}
 
 
-def _neuron_page(store: Store, target: _Target, row: int, out: Path, thumbs: _Thumbs, dataset,
-                 notes: list[str]) -> None:
+def _neuron_parts(store: Store, target: _Target, row: int, out: Path, thumbs: _Thumbs, draw: "_Drawer") -> dict:
+    """A neuron page's figures and cluster grids (drawn or found up to date), for :func:`_neuron_page`."""
     neuron = int(target.neurons[row])
-    root = "../../"
     page_dir = out / "neurons" / target.slug
     fig_dir = page_dir / "fig"
-    position = target.pages.index(row)
-    links = [f'<a href="{root}index.html#t-{_e(target.slug)}">all neurons of {_e(target.name)}</a>']
-    if position > 0:
-        links.append(f'<a href="{int(target.neurons[target.pages[position - 1]])}.html">previous</a>')
-    if position + 1 < len(target.pages):
-        links.append(f'<a href="{int(target.neurons[target.pages[position + 1]])}.html">next</a>')
-    flags = [f"{label} ({int(v[row])} values)" for label, v in target.mixture.items() if v[row] >= 2]
-    parts = [f"<h1>{_e(target.name)} neuron {neuron}</h1>",
-             f'<p class="meta">{" · ".join(links)}<br>{len(target.refs[row])} references'
-             + (f' · <span class="poly">polysemantic by {_e(", ".join(flags))}</span>' if flags else "") + "</p>"]
-    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    parts.append(_neuron_metrics(target, row))
     figs = []
     for reference in target.corr:
-        figs.append(_draw(page_dir, f"distance matrices, reference {reference} (seed Figure 2)",
-                          figures.distance_matrices, store, target.name, row, reference, fig_dir, formats=("png",),
-                          stem=f"{neuron}_distances_{figures.safe_name(reference)}"))
-    figs.append(_draw(page_dir, "UMAP of the references per space, coloured by cluster, and the top references of "
-                                "each cluster (seed Figure 4)",
-                      figures.neuron_umap, store, dataset, target.name, row, fig_dir,
-                      method=target.method or "kmeans", view=_view(target), formats=("png",), stem=f"{neuron}_umap"))
-    parts.append("<h2>Figures</h2>" + "<br>".join(figs))
-    parts.append("<h2>Clusters</h2>" + _grids_html(store, target, row, thumbs, root))
-    path = out / target.page(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_page(f"{target.name} neuron {neuron}", "\n".join(parts), root=root), encoding="utf-8")
+        files = _files(fig_dir, f"{neuron}_distances_{figures.safe_name(reference)}", ("png",))
+        figs.append(draw(page_dir, f"distance matrices, reference {reference} (seed Figure 2)", files,
+                         draw.key(figures.distance_matrices, target.name, row, reference, settings=files[0].name),
+                         lambda: figures.distance_matrices(store, target.name, row, reference, fig_dir,
+                                                           formats=("png",), stem=files[0].stem)))
+    method = target.method or "kmeans"
+    view = _view(target)
+    files = _files(fig_dir, f"{neuron}_umap", ("png",))
+    # the images drawn depend on the data, which the store holds only by its sample ids
+    key = draw.key(figures.neuron_umap, target.name, row, method=method, view=view,
+                   settings=(files[0].name, draw.images.key, draw.images.available))
+    figs.append(draw(page_dir, "UMAP of the references per space, coloured by cluster, and the top references of "
+                               "each cluster (seed Figure 4)", files, key,
+                     lambda: figures.neuron_umap(store, draw.images.get(), target.name, row, fig_dir, method=method,
+                                                 view=view, formats=("png",), stem=files[0].stem)))
+    return {"figures": figs, "grids": _grids(store, target, row, thumbs)}
+
+
+def _neuron_page(target: _Target, row: int, parts: dict, notes: list[str]) -> str:
+    neuron = int(target.neurons[row])
+    position = target.pages.index(row)
+    return _render("neuron.html", title=f"{target.name} neuron {neuron}", root="../../", sortable=False,
+                   target=target, neuron=neuron, notes=notes, references=len(target.refs[row]),
+                   previous=int(target.neurons[target.pages[position - 1]]) if position > 0 else None,
+                   next=int(target.neurons[target.pages[position + 1]]) if position + 1 < len(target.pages) else None,
+                   flags=[f"{label} ({int(v[row])} values)" for label, v in target.mixture.items() if v[row] >= 2],
+                   metrics=_neuron_metrics(target, row), figures=parts["figures"], grids=parts["grids"])
+
+
+def _index_html(store: Store, store_path: Path, targets: list[_Target], records: list[dict], truth: dict | None,
+                target_figs: dict[str, list[dict]], notes: list[str]) -> str:
+    attrs = {k: read_attr(v) for k, v in store.file.attrs.items() if k != "config"}
+    try:
+        config = yaml.safe_load(store.config_yaml) or {}
+    except yaml.YAMLError:
+        config = {}
+    about = {"name": store_path.name, "path": store_path.resolve(), "created": attrs.get("created", "?"),
+             "version": attrs.get("polypure_version", "?"), "model": (config.get("model") or {}).get("name", "?"),
+             "data": (config.get("data") or {}).get("kind", "?"),
+             "samples": len(store.sample_ids()) if store.has_samples() else 0}
+    methods = list(dict.fromkeys(m for t in targets for m in t.methods))
+    shown = [{"name": t.name, "slug": t.slug, "neurons": t.neurons, "pages": t.pages, "method": t.method,
+              "ari": bool(t.ari), "mixture": list(t.mixture), "has_gaps": any(t.gaps(r) for r in t.corr),
+              "columns": _columns(t), "rows": _neuron_rows(t)} for t in targets]
+    return _render("index.html", title=f"polypure report: {store_path.name}", root="", sortable=True, store=about,
+                   notes=notes, targets=shown, summary=_summary_groups(records, methods), truth=truth,
+                   target_figures={name: figs for name, figs in target_figs.items() if figs})
 
 
 def _view(target: _Target) -> str:
     return "crop" if target.boxes is not None else "full"
 
 
-def _draw(page_dir: Path, caption: str, draw, *args, **kwargs) -> str:
-    """``draw(*args, **kwargs)`` shown as HTML, or the reason it failed (the rest of the report still gets written)."""
-    try:
-        return _figure_html(draw(*args, **kwargs), page_dir, caption)
-    except Exception as exc:  # one figure that fails must not cost the whole report
-        log.warning("report: %s: %s", caption, exc)
-        return f'<p class="note err">{_e(caption)}: not drawn ({_e(type(exc).__name__)}: {_e(exc)})</p>'
+def _files(out_dir: Path, stem: str, formats) -> list[Path]:
+    return [out_dir / f"{stem}.{fmt}" for fmt in formats]
+
+
+class _Drawer:
+    """Draws a figure unless the previous report drew it from the same inputs; gives its HTML either way."""
+
+    def __init__(self, store: Store, outputs: _Outputs, images: _Images, code: str):
+        self.store = store
+        self.outputs = outputs
+        self.images = images
+        self.code = code
+
+    def key(self, figure, *args, settings=(), **kwargs) -> str:
+        """A figure's key: the drawing code, the store data the figure reads for these arguments
+        (:func:`polypure.figures.inputs`), and any further ``settings`` it depends on."""
+        return _digest(self.code, figure.__name__, figures.inputs(figure, self.store, *args, **kwargs), kwargs,
+                       settings)
+
+    def __call__(self, page_dir: Path, caption: str, files: list[Path], key: str,
+                 make: Callable[[], object]) -> dict:
+        """The figure for a page in ``page_dir`` (for the template's ``figure``), or the reason it failed (the
+        rest of the report still gets written).
+
+        ``make`` draws ``files``; it is called only when they are not up to date for ``key``.
+        """
+        entry = self.outputs.cached(files, key)
+        error = entry.get("error") if entry is not None else None
+        if entry is None:
+            try:
+                make()
+            except Exception as exc:  # one figure that fails must not cost the whole report
+                log.warning("report: %s: %s", caption, exc)
+                error = f"{type(exc).__name__}: {exc}"
+            self.outputs.record(files, key, error)
+        if error is not None:
+            return {"caption": caption, "error": error}
+
+        def link(path: Path) -> str:
+            return Path(os.path.relpath(path, page_dir)).as_posix()
+
+        # the PNG is shown, every written format linked; addresses relative to the page's folder
+        png = next(p for p in files if p.suffix == ".png")
+        return {"caption": caption, "error": None, "src": link(png),
+                "links": [{"href": link(p), "label": p.suffix[1:].upper()} for p in files]}
 
 
 def write_report(store_path, out=None, dataset=None, max_neurons=None, view="auto", progress=True) -> Path:
-    """Write the HTML report of a store.
+    """Write the HTML report of a store, drawing only what is not up to date.
 
     Parameters
     ----------
@@ -547,9 +683,10 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         The polypure HDF5 store.
     out : str or Path, optional
         The report folder (default ``<store without .h5>_report`` next to the store).
-    dataset : polypure.data.PolypureDataset, optional
-        The store's samples, for thumbnails. Default: rebuilt from the store's config; where that is not
-        possible (``data.kind: memory``, a missing folder) the report has no images and says why.
+    dataset : polypure.data.PolypureDataset or callable, optional
+        The store's samples, for thumbnails, or a function without arguments that returns them (called
+        only if an image has to be drawn). Default: rebuilt from the store's config when needed; where that
+        is not possible (``data.kind: memory``, a missing folder) the report has no images and says why.
     max_neurons : int, optional
         Neuron pages per target (default :data:`NEURON_PAGES`), chosen by interest; every neuron is listed
         in the index either way.
@@ -569,87 +706,64 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
     if view not in ("auto", "full", "crop"):
         raise ValueError(f"view must be auto, full or crop, not {view!r}")
     out.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
+    outputs = _Outputs(out)
+    code = _code_key()
     with Store(store_path, "r") as store:
-        if dataset is None:
-            dataset, why = _rebuild_dataset(store)
-        else:
-            dataset, why = _check_dataset(store, dataset)
-        if why:
-            notes.append(f"No thumbnails: {why}.")
+        images = _Images(store, dataset, outputs.previous_data)
+        draw = _Drawer(store, outputs, images, code)
         records = summary.read(store)
         targets = [_read_target(store, name, view, _label_order(records)) for name in store.relevance_targets()]
         for target in targets:
             target.pages = _choose_pages(target, limit)
-        thumbs = _Thumbs(out, dataset, store)
+        thumbs = _Thumbs(out, images, store, outputs, code)
         global_jobs = [(t, ref) for t in targets for ref in t.corr]
         has_truth = any(str(r["metric"]).startswith("ARI") for r in records)
         total = len(global_jobs) + has_truth + sum(len(t.pages) for t in targets)
         with tqdm(total=total, desc="report", unit="step", disable=not progress, leave=False) as bar:
             fig_dir = out / "figures"
-            truth_html = ""
+            truth = None
             if has_truth:
-                truth_html = _draw(out, "ground truth: ARI of the clusters with known labels, per group and space",
-                                   figures.ground_truth_table, store, fig_dir)
+                files = _files(fig_dir, "ground_truth", figures.FORMATS)
+                truth = draw(out, "ground truth: ARI of the clusters with known labels, per group and space",
+                                  files, draw.key(figures.ground_truth_table),
+                                  lambda: figures.ground_truth_table(store, fig_dir, stem="ground_truth"))
                 bar.update()
             target_figs = {}
             for target, reference in global_jobs:
                 shown = []
+                names = f"{target.slug}_{figures.safe_name(reference)}"
                 if len(target.layers) >= 2:
-                    shown.append(_draw(out, f"{target.name}: earlier layers against {target.layers[-1]}, correlation "
-                                            f"with {reference} (seed Figure 3a)",
-                                       figures.correlation_scatter, store, target.name, reference, fig_dir))
-                shown.append(_draw(out, f"{target.name}: correlation with {reference} per space (seed Figure 3b)",
-                                   figures.space_bars, store, target.name, reference, fig_dir))
+                    files = _files(fig_dir, f"scatter_{names}", figures.FORMATS)
+                    shown.append(draw(out, f"{target.name}: earlier layers against {target.layers[-1]}, correlation "
+                                           f"with {reference} (seed Figure 3a)", files,
+                                      draw.key(figures.correlation_scatter, target.name, reference,
+                                               settings=files[0].stem),
+                                      lambda: figures.correlation_scatter(store, target.name, reference, fig_dir,
+                                                                          stem=f"scatter_{names}")))
+                files = _files(fig_dir, f"bars_{names}", figures.FORMATS)
+                shown.append(draw(out, f"{target.name}: correlation with {reference} per space (seed Figure 3b)",
+                                  files, draw.key(figures.space_bars, target.name, reference, settings=files[0].stem),
+                                  lambda: figures.space_bars(store, target.name, reference, fig_dir,
+                                                             stem=f"bars_{names}")))
                 target_figs.setdefault(target.name, []).extend(shown)
                 bar.update()
+            parts = {}
             for target in targets:
                 for row in target.pages:
                     bar.set_postfix_str(f"{target.name} {int(target.neurons[row])}")
-                    _neuron_page(store, target, row, out, thumbs, dataset, notes)
+                    parts[target.name, row] = _neuron_parts(store, target, row, out, thumbs, draw)
                     bar.update()
-        index = _index_html(store, store_path, targets, records, truth_html, target_figs, notes)
+        # pages last: whether the data could be found is only known once everything is drawn
+        notes = [f"No thumbnails: {images.why}."] if images.why else []
+        for target in targets:
+            for row in target.pages:
+                outputs.write_text(out / target.page(row), _neuron_page(target, row, parts[target.name, row], notes))
+        index = _index_html(store, store_path, targets, records, truth, target_figs, notes)
     path = out / "index.html"
-    path.write_text(index, encoding="utf-8")
+    outputs.write_text(path, index)
+    removed = outputs.finish(images.state())
+    log.info("report: %d figure(s) and thumbnail(s) drawn, %d up to date; %d page(s) written; %d stale file(s) "
+             "removed", outputs.drawn, outputs.kept, outputs.pages, removed)
     return path
 
 
-def _index_html(store: Store, store_path: Path, targets: list[_Target], records: list[dict], truth_html: str,
-                target_figs: dict[str, list[str]], notes: list[str]) -> str:
-    attrs = {k: read_attr(v) for k, v in store.file.attrs.items() if k != "config"}
-    try:
-        config = yaml.safe_load(store.config_yaml) or {}
-    except yaml.YAMLError:
-        config = {}
-    model = (config.get("model") or {}).get("name", "?")
-    data = (config.get("data") or {}).get("kind", "?")
-    methods = list(dict.fromkeys(m for t in targets for m in t.methods))
-    samples = len(store.sample_ids()) if store.has_samples() else 0
-    parts = [f"<h1>polypure report: {_e(store_path.name)}</h1>",
-             (f'<p class="meta">store {_e(store_path.resolve())} · created {_e(attrs.get("created", "?"))} · '
-              f'polypure {_e(attrs.get("polypure_version", "?"))} (report by {_e(__version__)}) · model '
-              f"{_e(model)} · data {_e(data)} · {samples} samples</p>")]
-    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    toc = ['<a href="#summary">summary</a>', '<a href="#figures">figures</a>']
-    toc += [f'<a href="#t-{_e(t.slug)}">neurons of {_e(t.name)}</a>' for t in targets]
-    parts.append(f'<p>{" · ".join(toc)}</p>')
-    parts.append(f'<h2 id="summary">Summary</h2>{_summary_html(records, methods)}')
-    figs = [truth_html] if truth_html else []
-    for target in targets:
-        if target_figs.get(target.name):
-            figs.append(f"<h3>{_e(target.name)}</h3>" + "".join(target_figs[target.name]))
-    parts.append('<h2 id="figures">Figures</h2>'
-                 + ("\n".join(figs) if figs else '<p class="meta">No reference or ground-truth metrics in the '
-                                                 "store, so no global figures.</p>"))
-    for target in targets:
-        linked = len(target.pages)
-        parts.append(f'<h2 id="t-{_e(target.slug)}">Neurons of {_e(target.name)}</h2>'
-                     f'<p class="meta">{len(target.neurons)} neurons, {linked} with a page (linked). Click a column '
-                     f"header to sort. "
-                     + ("Gap columns: how much an earlier layer's correlation beats the last attribution layer's. "
-                        if any(target.gaps(r) for r in target.corr) else "")
-                     + (f"ARI columns: clusters of {_e(target.method)}. " if target.ari else "")
-                     + ("“values”: how many label values each make up a large share of the top-K "
-                        "(2 or more: polysemantic)." if target.mixture else "") + "</p>"
-                     + _neuron_table(target))
-    return _page(f"polypure report: {store_path.name}", "\n".join(parts), script=True)
