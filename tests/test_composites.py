@@ -118,16 +118,16 @@ def test_input_bounds_are_the_normalised_pixel_range():
 
 def test_crop_view_runs_the_box_rule_for_every_batch_size(tmp_path):
     """The crop view's input heatmaps go through the ZBox rule with batches of several sizes."""
-    from polypure.embed import crop_heatmaps
-    from polypure.evaluate import reference_indices
-    from polypure.relevance import plan_targets
+    from polypure.crops import crop_heatmaps
+    from polypure.stages.relevance import plans
 
     exp = Experiment(demo_config(tmp_path, "gradient", neurons=[3, 7, 9], n_refs=3, batch_size=7), progress=False)
     exp.run(["topk", "relevance"])
-    plan, = plan_targets(exp)
     with exp.open_store() as store:
-        refs = reference_indices(store, "block_3")
-    boxes = crop_heatmaps(exp, plan, refs, "epsilon_gamma_box")
+        plan, = plans(exp, store)
+        refs = store.reference_indices("block_3")
+    boxes = crop_heatmaps(exp.model, exp.dataset, plan, refs, "epsilon_gamma_box", list(exp.model.canonizers),
+                          batch_size=7, device=exp.device)
     assert len(boxes) == 9 and any(box is not None for box in boxes.values())
 
 

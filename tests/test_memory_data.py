@@ -12,7 +12,7 @@ from polypure import Experiment
 from polypure.data import MEMORY_DATA_KEYS, FactoryDataset, WrappedDataset
 from polypure.errors import ConfigError
 from polypure.evaluators import EVALUATORS, Evaluator
-from polypure.inspect import MEMORY_DATA_SHOWN, describe, shown_config
+from polypure.describe import MEMORY_DATA_SHOWN, describe, shown_config
 from polypure.store import Store
 
 from .conftest import random_images

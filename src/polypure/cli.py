@@ -3,7 +3,7 @@
 ::
 
     polypure run [CONFIG] [--set KEY=VALUE ...]   every stage (no CONFIG: the bundled demo)
-    polypure topk CONFIG                          one stage alone (also: relevance)
+    polypure topk CONFIG                          one stage alone (any of polypure.stages.NAMES but report)
     polypure inspect STORE                        what a store holds
     polypure report STORE                         the browsable HTML report of a store
     polypure list [KIND]                          registered models, composites, canonizers, ...
@@ -20,15 +20,7 @@ import traceback
 
 from . import __version__
 from .errors import ConfigError, PolypureError
-
-STAGE_HELP = {
-    "topk": "find each layer's top-K most-activating samples",
-    "relevance": "compute conditional relevance of the references at the attribution layers",
-    "embed": "embed the references with the configured evaluators (CLIP, DINOv2, labels)",
-    "cluster": "cluster each neuron's references in every space",
-    "evaluate": "compute per-neuron metrics and the summary table from the store",
-}
-
+from .stages import NAMES, STAGES
 
 def _add_run_options(parser: argparse.ArgumentParser, config_optional: bool) -> None:
     if config_optional:
@@ -55,10 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run every stage of a config in order, skipping work already complete "
                                      "in its store.")
     _add_run_options(run, config_optional=True)
-    run.add_argument("--stages", default=None, help="comma-separated subset of stages to run, in order")
+    run.add_argument("--stages", default=None,
+                     help=f"comma-separated subset of stages to run, in order ({', '.join(NAMES)})")
 
-    for stage, text in STAGE_HELP.items():
-        p = sub.add_parser(stage, help=text, description=text[0].upper() + text[1:] + ".")
+    for stage in STAGES:
+        if stage.NAME == "report":
+            continue  # `polypure report STORE` writes the report of any store, without its config
+        text = stage.HELP
+        p = sub.add_parser(stage.NAME, help=text, description=text[0].upper() + text[1:] + ".")
         _add_run_options(p, config_optional=False)
 
     report = sub.add_parser("report", help="write the browsable HTML report of a store",
@@ -112,14 +108,14 @@ def _registries():
 
 
 def _run(args) -> int:
-    from .experiment import STAGES, Experiment
+    from .experiment import Experiment
 
     if args.command == "run":
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
         if stages:
-            unknown = [s for s in stages if s not in STAGES]
+            unknown = [s for s in stages if s not in NAMES]
             if unknown:
-                raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+                raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages: {', '.join(NAMES)}")
     else:
         stages = [args.command]
     exp = Experiment(args.config, overrides=args.overrides, overwrite=args.overwrite, progress=not args.quiet)
@@ -166,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="polypure: %(message)s", stream=sys.stderr)
     try:
         if args.command == "inspect":
-            from .inspect import describe
+            from .describe import describe
             print(describe(args.store, show_config=not args.no_config))
             return 0
         if args.command == "report":

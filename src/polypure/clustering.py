@@ -1,4 +1,4 @@
-"""The cluster stage: split each neuron's references into groups, per feature space, with any clusterer.
+"""Clusterers by name: split each neuron's references into groups with any scikit-learn-style estimator.
 
 A clusterer is anything with ``fit_predict(X) -> labels`` (the scikit-learn protocol): KMeans,
 HDBSCAN, SpectralClustering, a user's own class. Names in configs map through :data:`CLUSTERERS` to an
@@ -11,9 +11,8 @@ The config's parameters go to the class or factory as keyword arguments, checked
 The run's seed goes as ``random_state`` where it takes that parameter (as scikit-learn's estimators do)
 and as ``seed`` where it names that, unless the config sets them itself.
 
-Results go to ``/clusters/<target>/<space>/<method id>`` (M, n_refs) int64, with the method's name and
-parameters in attributes. A space is an attribution layer, ``activation``, or an evaluator's embedding
-(``clip``, ``dinov2``).
+:func:`cluster_rows` clusters every neuron of a (M, n_refs, D) feature array; the stage that does so for
+every space and writes ``/clusters`` is :mod:`polypure.stages.cluster`.
 
 Example
 -------
@@ -157,93 +156,3 @@ def cluster_rows(features: np.ndarray, estimator) -> np.ndarray:
                                 f"{features.shape[1]} references")
         out[m] = labels
     return out
-
-
-def space_path(target: str, space: str, store) -> str:
-    """Where a space's features for a target live in the store."""
-    relevance = f"relevance/{target}/{space}"
-    if relevance in store:
-        return relevance
-    embedding = f"embeddings/{space}/{target}"
-    if embedding in store:
-        return embedding
-    raise ConfigError(f"cluster.spaces: {space!r} is neither an attribution layer of target {target!r}, "
-                      f"'activation', nor an evaluator embedding in the store")
-
-
-def default_spaces(store, target: str) -> list[str]:
-    """Every attribution layer of the target, then ``activation``."""
-    from .store import read_attr
-    group = store.file[f"relevance/{target}"]
-    return [*read_attr(group.attrs["attribution_layers"]), "activation"]
-
-
-def target_spaces(store, configured: list[str] | None) -> dict[str, list[str]]:
-    """The spaces of every relevance target: ``cluster.spaces`` where the target has them, else its defaults.
-
-    Raises
-    ------
-    ConfigError
-        If a configured space exists for no target at all.
-    """
-    out = {}
-    for target in store.relevance_targets():
-        if configured is None:
-            out[target] = default_spaces(store, target)
-            continue
-        out[target] = [s for s in configured
-                       if f"relevance/{target}/{s}" in store or f"embeddings/{s}/{target}" in store]
-    for space in configured or []:
-        if not any(space in spaces for spaces in out.values()):
-            raise ConfigError(f"cluster.spaces: {space!r} is neither an attribution layer of any target, "
-                              "'activation', nor an evaluator embedding in the store (run the embed stage first)")
-    return out
-
-
-def _methods(ctx, methods) -> list[tuple[str, str, dict, Any]]:
-    """(id, name, params, estimator) for the config's methods or estimators passed from Python."""
-    if methods is None:
-        return [(m.method_id, m.name, m.params, make_clusterer(m.name, m.params, ctx.config.seed))
-                for m in ctx.config.cluster.methods]
-    out = []
-    for method_id, est in methods.items():
-        if not callable(getattr(est, "fit_predict", None)):
-            raise ConfigError(f"clusterer {method_id!r}: {type(est).__name__} has no fit_predict(X)")
-        params = est.get_params() if hasattr(est, "get_params") else {}
-        out.append((method_id, type(est).__name__, params, est))
-    return out
-
-
-def run_stage(ctx, methods: dict[str, Any] | None = None) -> None:
-    """Cluster every complete relevance target in every space with every method.
-
-    Parameters
-    ----------
-    ctx : Experiment
-    methods : dict of str to estimator, optional
-        Estimators by method id, used instead of ``config.cluster.methods`` (for objects built in Python).
-    """
-    chosen = _methods(ctx, methods)
-    with ctx.open_store() as store:
-        for target, spaces in target_spaces(store, ctx.config.cluster.spaces).items():
-            complete = store.read(f"relevance/{target}/complete")
-            if not complete.all():
-                raise PolypureError(f"relevance of target {target!r} is incomplete ({int((~complete).sum())} "
-                                    "neurons left); run the relevance stage first")
-            jobs = [(space, mid, name, params, est) for space in spaces for mid, name, params, est in chosen]
-            bar = tqdm(jobs, desc=f"cluster {target}", disable=not ctx.progress, leave=False)
-            done = []
-            for space, method_id, name, params, estimator in bar:
-                path = f"clusters/{target}/{space}/{method_id}"
-                signature = json.dumps({"name": name, "params": params, "seed": ctx.config.seed}, sort_keys=True,
-                                       default=str)
-                if path in store and store.file[path].attrs.get("signature") == signature:
-                    continue
-                features = store.read(space_path(target, space, store))
-                labels = cluster_rows(features, estimator)
-                store.write_array(path, labels, attrs={"method": name, "params": json.dumps(params, default=str),
-                                                       "signature": signature, "space": space})
-                store.flush()
-                done.append(path)
-            ctx.log(f"cluster {target}: {len(done)} new clustering(s) over {len(spaces)} space(s)"
-                    if done else f"cluster {target}: up to date, skipped")

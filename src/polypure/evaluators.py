@@ -276,3 +276,12 @@ def make_evaluator(name: str, settings: dict[str, Any] | None = None) -> Evaluat
     if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
         raise ConfigError(f"evaluator {implementation!r} is not a polypure.evaluators.Evaluator subclass")
     return cls(name, **settings)
+
+
+def evaluator_names(config, relevance_spaces: set[str] = frozenset()) -> list[str]:
+    """Evaluators to run: the references, then evaluator spaces named in ``cluster.spaces``."""
+    names = list(config.evaluate.references)
+    for space in config.cluster.spaces or []:
+        if space not in relevance_spaces and space != "activation" and space not in names:
+            names.append(space)
+    return names

@@ -32,13 +32,15 @@ from torch import nn
 from .config import Config, config_from_dict, load_config
 from .data import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset, no_pixels_message
 from .errors import ConfigError
-from .models import ExplainedModel, create_model
+from .models import ExplainedModel, build_model
+from .stages import NAMES
+from .stages import get as get_stage
 from .store import Store
 
 log = logging.getLogger("polypure")
 
 #: Stage names in the order ``run`` executes them.
-STAGES = ("topk", "relevance", "embed", "cluster", "evaluate", "report")
+STAGES = NAMES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,7 +135,7 @@ class Experiment:
 
     def _check_evaluators(self) -> None:
         """Validate evaluator names and settings now, so that a typo fails before hours of work."""
-        from .embed import evaluator_names
+        from .evaluators import evaluator_names
         from .evaluators import EVALUATORS, make_evaluator
 
         references = set(self.config.evaluate.references)
@@ -172,9 +174,7 @@ class Experiment:
                 model = ExplainedModel(arg, {**default_layers(arg), **self.config.model.layers},
                                        name=self.config.model.name, canonizers=_default_canonizers(arg))
             else:
-                torch.manual_seed(self.config.seed)
-                spec = self.config.model
-                model = create_model(spec.name, spec.weights, spec.layers, **spec.kwargs)
+                model = build_model(self.config)
             model.module.eval().to(self.device)
             self._model = model
         return self._model
@@ -243,42 +243,32 @@ class Experiment:
             self._validated = True
         return self
 
-    def virtual_neurons(self, planted, store: Store | None = None):
-        """The planted virtual neurons of one ``relevance.planted`` entry, from the store's pairs."""
-        from .planted import VirtualNeurons
-
-        group = f"planted/{planted.layer}"
-        with (contextlib.nullcontext(store) if store is not None else self.open_store()) as st:
-            pairs, scales = st.read(f"{group}/pairs"), st.read(f"{group}/scales")
-        return VirtualNeurons.build(pairs, scales, planted.modes)
-
     def log(self, message: str) -> None:
         log.info(message)
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def topk(self) -> "Experiment":
+    def _stage(self, name: str, **options):
+        """Run one stage (:mod:`polypure.stages`) after checking the config."""
+        self.validate()
+        return get_stage(name).run(self, **options)
+
+    def topk(self) -> Experiment:
         """Find each needed layer's top-K references (streaming, resumable)."""
-        self.validate()
-        from . import topk
-        topk.run_stage(self)
+        self._stage("topk")
         return self
 
-    def relevance(self) -> "Experiment":
+    def relevance(self) -> Experiment:
         """Compute the conditional relevance of every selected neuron's references."""
-        self.validate()
-        from . import relevance
-        relevance.run_stage(self)
+        self._stage("relevance")
         return self
 
-    def embed(self) -> "Experiment":
+    def embed(self) -> Experiment:
         """Embed every target's references with the configured evaluators (CLIP, DINOv2, ...)."""
-        self.validate()
-        from . import embed
-        embed.run_stage(self)
+        self._stage("embed")
         return self
 
-    def cluster(self, methods: dict[str, Any] | None = None) -> "Experiment":
+    def cluster(self, methods: dict[str, Any] | None = None) -> Experiment:
         """Cluster each neuron's references in every space.
 
         Parameters
@@ -286,40 +276,27 @@ class Experiment:
         methods : dict of str to estimator, optional
             Objects with ``fit_predict(X)`` by method id, instead of ``config.cluster.methods``.
         """
-        self.validate()
-        from . import clustering
-        clustering.run_stage(self, methods)
+        self._stage("cluster", methods=methods)
         return self
 
-    def evaluate(self) -> "Experiment":
-        """Compute per-neuron metrics and the summary table from the store."""
-        self.validate()
-        from . import evaluate
-        self.summary = evaluate.run_stage(self)
+    def evaluate(self) -> Experiment:
+        """Compute per-neuron metrics and the summary table from the store (kept as ``summary``)."""
+        self.summary = self._stage("evaluate")
         return self
 
-    def report(self) -> "Experiment":
+    def report(self) -> Experiment:
         """Write the browsable HTML report of the store (``report.enabled``); its path is ``report_path``."""
-        cfg = self.config.report
-        if not cfg.enabled:
-            self.log("report: disabled (report.enabled: false), skipped")
-            return self
-        from .report import write_report
-        if not self.dataset.has_pixels:
-            self.log("report: no thumbnails: " + no_pixels_message("a thumbnail"))
-        self.report_path = write_report(self.config.store_path, out=cfg.out, dataset=self.dataset,
-                                        max_neurons=cfg.neurons, view=cfg.view, progress=self.progress)
-        self.log(f"report: {self.report_path}")
+        self.report_path = self._stage("report")
         return self
 
-    def run(self, stages: list[str] | None = None) -> "Experiment":
-        """Run stages in order (default: every stage), after checking the config (:meth:`validate`)."""
-        for stage in stages or STAGES:
-            if stage not in STAGES:
-                raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    def run(self, stages: list[str] | None = None) -> Experiment:
+        """Run stages in order (default: every stage of :data:`polypure.stages.NAMES`), after :meth:`validate`."""
+        chosen = list(stages or STAGES)
+        for name in chosen:
+            get_stage(name)
         self.validate()
-        for stage in stages or STAGES:
-            getattr(self, stage)()
+        for name in chosen:
+            getattr(self, name)()
         return self
 
 

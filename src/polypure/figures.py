@@ -29,7 +29,6 @@ from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .evaluate import reference_indices
 from .imaging import mosaic, shrink, thumbnail, umap_canvas
 from .metrics import pairwise_distances
 from .store import Store, read_attr
@@ -66,20 +65,17 @@ def safe_name(text: str) -> str:
 
 def attribution_layers(store: Store, target: str) -> list[str]:
     """The attribution layers of a relevance target, lowest first."""
-    group = store.file[f"relevance/{target}"]
-    if "attribution_layers" in group.attrs:
-        return [name for name in read_attr(group.attrs["attribution_layers"]) if name in group]
-    return [name for name in group if name not in ("neurons", "activation", "complete")]
+    return store.attribution_layers(target)
 
 
 def feature_spaces(store: Store, target: str) -> list[str]:
     """The relevance spaces of a target: its attribution layers, then ``activation``."""
-    return [*attribution_layers(store, target), "activation"]
+    return store.spaces(target)
 
 
 def neuron_ids(store: Store, target: str) -> np.ndarray:
     """Channel (or virtual-neuron) id of every row of a target."""
-    return store.file[f"relevance/{target}/neurons"][()]
+    return store.neurons(target)
 
 
 def references(store: Store, target: str) -> list[str]:
@@ -87,12 +83,11 @@ def references(store: Store, target: str) -> list[str]:
 
     ``clip``, ``dinov2``, ... in the order of the store config's ``evaluate.references``, then any others.
     """
-    path = f"metrics/{target}/distance_correlation"
-    if path not in store:
+    found = store.metric_keys(target, "distance_correlation")
+    if not found:
         return []
-    found = list(store.file[path].keys())
     try:
-        listed = ((yaml.safe_load(store.config_yaml) or {}).get("evaluate") or {}).get("references") or []
+        listed = (store.config().get("evaluate") or {}).get("references") or []
     except (yaml.YAMLError, AttributeError):
         listed = []
     # the config's order (the first reference is the main one), then any others the store holds
@@ -108,27 +103,20 @@ def correlations(store: Store, target: str, reference: str) -> dict[str, np.ndar
         Space -> (M,) float64, in the order attribution layers, ``activation``, other spaces (such as
         another reference, DINOv2).
     """
-    path = f"metrics/{target}/distance_correlation/{reference}"
-    if path not in store:
-        return {}
-    stored = store.file[path]
+    stored = store.metric_keys(target, "distance_correlation", reference)
     order = [s for s in feature_spaces(store, target) if s in stored]
     order += sorted(s for s in stored if s not in order)
-    return {space: stored[space][()] for space in order}
+    return {space: store.metric(target, "distance_correlation", reference, space) for space in order}
 
 
 def cluster_methods(store: Store, target: str) -> list[str]:
     """Method ids with stored clusterings for a target, in the order first found."""
-    path = f"clusters/{target}"
-    if path not in store:
-        return []
-    return list(dict.fromkeys(m for space in store.file[path].values() for m in space))
+    return store.cluster_methods(target)
 
 
 def cluster_labels(store: Store, target: str, space: str, method: str, row: int) -> np.ndarray | None:
     """One neuron's cluster labels in one space, or None where that clustering is not stored."""
-    path = f"clusters/{target}/{space}/{method}"
-    return store.file[path][row] if path in store else None
+    return store.cluster_labels(target, space, method, row)
 
 
 def crop_boxes(store: Store, target: str, view: str = "auto") -> np.ndarray | None:
@@ -138,16 +126,11 @@ def crop_boxes(store: Store, target: str, view: str = "auto") -> np.ndarray | No
     """
     if view not in ("auto", "crop", "full"):
         raise ValueError(f"view must be auto, crop or full, not {view!r}")
-    path = f"crops/{target}"
-    if view == "full" or path not in store:
-        return None
-    return store.file[path][()]
+    return None if view == "full" else store.crop_boxes(target)
 
 
 def _features(store: Store, target: str, space: str, row: int) -> np.ndarray:
-    relevance = f"relevance/{target}/{space}"
-    path = relevance if relevance in store else f"embeddings/{space}/{target}"
-    return np.asarray(store.file[path][row], np.float64)
+    return np.asarray(store.features(target, space, row), np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,7 +161,7 @@ def _umap_inputs(store: Store, target: str, neuron_row: int, method: str, spaces
     spaces = list(spaces) if spaces is not None else feature_spaces(store, target)
     boxes = crop_boxes(store, target, view)
     return {"neuron": int(neuron_ids(store, target)[neuron_row]),
-            "refs": reference_indices(store, target)[neuron_row],
+            "refs": store.reference_indices(target)[neuron_row],
             "features": {space: _features(store, target, space, neuron_row) for space in spaces},
             "labels": {space: cluster_labels(store, target, space, method, neuron_row) for space in spaces},
             "boxes": boxes[neuron_row] if boxes is not None else None}

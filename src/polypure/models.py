@@ -312,3 +312,16 @@ def create_model(name: str, weights: str | None = None, layers: dict[str, str] |
         model.module_path(alias)
     model.module.eval()
     return model
+
+
+def build_model(config, device: str | torch.device = "cpu") -> ExplainedModel:
+    """The model a run's config names, in eval mode on ``device``, built as every process of a run builds it.
+
+    Random initialisation is seeded by ``config.seed``, so workers that each build the model from the same
+    config get the same weights.
+    """
+    torch.manual_seed(config.seed)
+    spec = config.model
+    model = create_model(spec.name, spec.weights, spec.layers, **spec.kwargs)
+    model.module.eval().to(device)
+    return model

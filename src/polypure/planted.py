@@ -35,11 +35,6 @@ from .topk import channel_statistic
 MODES = ("sum", "max")
 
 
-def target_name(layer: str) -> str:
-    """The store name of a layer's planted virtual neurons: ``<layer>@planted``."""
-    return f"{layer}@planted"
-
-
 def choose_pairs(values: np.ndarray, indices: np.ndarray, n_pairs: int, max_overlap: float,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random disjoint pairs of channels whose top-K sets overlap by at most ``max_overlap``.
@@ -162,6 +157,12 @@ class VirtualNeurons:
             grad[rows, pairs[:, 1]] = torch.where(gate & a_wins, torch.zeros_like(v), v / scale_b)
             return grad
         return init
+
+
+def virtual_neurons(store, planted) -> VirtualNeurons:
+    """The virtual neurons of one ``relevance.planted`` entry, from the pairs the store keeps for its layer."""
+    pairs, scales = store.planted_pairs(planted.layer)
+    return VirtualNeurons.build(pairs, scales, planted.modes)
 
 
 def _expand(per_unit: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:

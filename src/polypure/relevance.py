@@ -1,15 +1,19 @@
-"""The relevance stage: conditional relevance vectors of every selected neuron's references.
+"""Relevance work: which targets and neurons, with which rule, computed chunk by chunk.
 
-For each target (a layer's real channels, or its planted virtual neurons) and each selected neuron,
-the n_refs first references of its top-K are explained at every attribution layer with one backward
-pass per batch (:mod:`polypure.attribution`). Whole neurons are written at a time and flagged in
-``/relevance/<target>/complete``, so an interrupted run continues where it stopped and the work can be
-split by ranges of neurons.
+A :class:`TargetPlan` names a target (a layer's real channels, or its planted virtual neurons), its
+neurons and attribution layers; a :class:`Rule` names the composite, canonizers and the activation
+product and builds the engine (:class:`polypure.attribution.ConditionalRelevance`);
+:func:`compute_target` explains any subset of a target's rows with one backward pass per batch and hands
+each finished chunk of whole neurons to a writer. All three are plain data or plain functions, so a
+range of neurons can be computed in another process (:func:`polypure.work.relevance_rows`); the stage
+that writes the store is :mod:`polypure.stages.relevance`.
 
 Example
 -------
->>> from polypure import Experiment            # doctest: +SKIP
->>> Experiment("configs/demo.yaml").relevance()  # doctest: +SKIP
+>>> import numpy as np
+>>> from polypure.relevance import select_neurons
+>>> select_neurons("2:5", channels=8).tolist()
+[2, 3, 4]
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from tqdm.auto import tqdm
 from .attribution import ConditionalRelevance, channel_init
 from .composites import composite_kwargs, input_bounds, make_composite, times_activation, warn_uncanonized
 from .errors import ConfigError
-from .planted import VirtualNeurons, target_name
+from .planted import VirtualNeurons
+from .store import planted_target
 
 INIT_REL = "clamp(min=0)"
 
@@ -147,13 +152,27 @@ def rule_from_config(config, model, dataset=None) -> Rule:
                 tuple((key, tuple(v) if isinstance(v, list) else v) for key, v in params.items()))
 
 
-def plan_targets(ctx) -> list[TargetPlan]:
-    """The targets the config asks for, real ones first, then planted ones."""
-    cfg = ctx.config.relevance
+def plan_targets(config, channels: dict[str, int], virtual: dict[str, VirtualNeurons]) -> list[TargetPlan]:
+    """The targets a config asks for, real ones first, then planted ones.
+
+    Parameters
+    ----------
+    config : Config
+    channels : dict of str to int
+        Channels of every real target layer.
+    virtual : dict of str to VirtualNeurons
+        The planted virtual neurons of every planted layer of the config.
+
+    Raises
+    ------
+    ConfigError
+        For neuron ids out of range, a planted layer without attribution layers, a target listed twice.
+    """
+    cfg = config.relevance
     plans = []
-    for spec in cfg.target_list:
-        channels = ctx.layer_shapes([spec.layer])[spec.layer][0]
-        plans.append(TargetPlan(spec.layer, spec.layer, select_neurons(spec.neurons, channels),
+    for i, spec in enumerate(cfg.target_list):
+        key = "relevance.neurons" if cfg.targets is None else f"relevance.targets[{i}].neurons"
+        plans.append(TargetPlan(spec.layer, spec.layer, select_neurons(spec.neurons, channels[spec.layer], key),
                                 list(spec.attribution_layers)))
     for planted in cfg.planted_list:
         layers = planted.attribution_layers
@@ -163,9 +182,9 @@ def plan_targets(ctx) -> list[TargetPlan]:
                 raise ConfigError(f"relevance.planted: give attribution_layers for layer {planted.layer!r} "
                                   "(no real target on that layer to take them from)")
             layers = list(same[0].attribution_layers)
-        virtual = ctx.virtual_neurons(planted)
-        plans.append(TargetPlan(target_name(planted.layer), planted.layer, np.arange(len(virtual), dtype=np.int64),
-                                list(layers), virtual, f"planted: {', '.join(planted.modes)}, {INIT_REL}"))
+        neurons = virtual[planted.layer]
+        plans.append(TargetPlan(planted_target(planted.layer), planted.layer, np.arange(len(neurons), dtype=np.int64),
+                                list(layers), neurons, f"planted: {', '.join(planted.modes)}, {INIT_REL}"))
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise ConfigError("relevance.targets: a target layer is listed twice")
@@ -255,39 +274,3 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
     finally:
         loader.close()
         bar.close()
-
-
-def run_stage(ctx) -> None:
-    """Compute (or finish) the relevance of every target in the config, writing to the store."""
-    cfg = ctx.config.relevance
-    rule = rule_from_config(ctx.config, ctx.model, ctx.dataset)
-    with ctx.open_store() as store:
-        for plan in plan_targets(ctx):
-            values, indices = store.read_topk(plan.name)
-            shapes = ctx.layer_shapes(plan.attribution_layers + [plan.layer])
-            layer_channels = {name: shapes[name][0] for name in plan.attribution_layers}
-            attrs = {"composite": rule.composite, "canonizers": list(rule.canonizers), "init_rel": plan.init_rel,
-                     "times_activation": rule.times_activation, "n_refs": cfg.n_refs, "layer": plan.layer,
-                     "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
-            if rule.params:
-                attrs["composite_params"] = rule.params_json
-            group = store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels,
-                                            shapes[plan.layer][0], attrs, overwrite=ctx.overwrite)
-            # the store's row order: neurons added by a later run follow the ones it already had
-            plan.neurons = group["neurons"][()]
-            refs = indices[plan.neurons, :cfg.n_refs]
-            if (refs < 0).any():
-                raise ConfigError(f"target {plan.name!r}: fewer than relevance.n_refs={cfg.n_refs} references")
-            todo = np.flatnonzero(~group["complete"][()])
-            if len(todo) == 0:
-                ctx.log(f"relevance {plan.name}: complete, skipped")
-                continue
-            warn_uncanonized(ctx.model.module, rule.composite, list(rule.canonizers),
-                             sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
-            with rule.engine(ctx.model, plan) as engine:
-                compute_target(ctx.dataset, plan, refs, todo, engine,
-                               lambda rows, arrays, name=plan.name: store.write_relevance_rows(name, rows, arrays),
-                               batch_size=cfg.batch_size, num_workers=ctx.num_workers, device=ctx.device,
-                               progress=ctx.progress)
-            ctx.log(f"relevance {plan.name}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
-                    f"{', '.join(plan.attribution_layers)}")

@@ -50,7 +50,6 @@ from tqdm.auto import tqdm
 
 from . import __version__, figures, imaging, summary
 from .errors import PolypureError
-from .evaluate import reference_indices
 from .store import Store, read_attr
 
 log = logging.getLogger("polypure")
@@ -113,24 +112,20 @@ def _read_target(store: Store, name: str, view: str, labels: list[str]) -> _Targ
     methods = figures.cluster_methods(store, name)
     method = methods[0] if methods else None
     ari: dict[str, dict[str, np.ndarray]] = {}
-    root = f"metrics/{name}/ari"
-    if method is not None and root in store:
-        stored = store.file[root]
+    if method is not None:
+        stored = store.metric_keys(name, "ari")
         for label in [n for n in labels if n in stored] + sorted(n for n in stored if n not in labels):
-            spaces = stored[label]
-            found = {space: group[method][()] for space, group in spaces.items() if method in group}
+            found = {space: store.metric(name, "ari", label, space, method)
+                     for space in store.metric_keys(name, "ari", label)}
+            found = {space: values for space, values in found.items() if values is not None}
             order = [s for s in [*layers, "activation"] if s in found] + sorted(s for s in found if s not in layers
                                                                               and s != "activation")
             ari[label] = {space: found[space] for space in order}
-    mixture = {}
-    if f"metrics/{name}/mixture" in store:
-        stored = store.file[f"metrics/{name}/mixture"]
-        mixture = {label: stored[label][()] for label in [n for n in labels if n in stored]
-                   + sorted(n for n in stored if n not in labels)}
-    group = store.file[f"relevance/{name}"]
-    return _Target(name=name, slug=figures.safe_name(name), neurons=group["neurons"][()],
-                   refs=reference_indices(store, name), layers=layers,
-                   complete=group["complete"][()] if "complete" in group else np.ones(len(group["neurons"]), bool),
+    stored = store.metric_keys(name, "mixture")
+    mixture = {label: store.metric(name, "mixture", label)
+               for label in [n for n in labels if n in stored] + sorted(n for n in stored if n not in labels)}
+    return _Target(name=name, slug=figures.safe_name(name), neurons=store.neurons(name),
+                   refs=store.reference_indices(name), layers=layers, complete=store.complete(name),
                    methods=methods, corr={ref: figures.correlations(store, name, ref)
                                           for ref in figures.references(store, name)},
                    ari=ari, mixture=mixture, boxes=figures.crop_boxes(store, name, view))
@@ -188,7 +183,7 @@ def _rebuild_dataset(store: Store):
     from .data import build_dataset
 
     try:
-        cfg = config_from_dict(yaml.safe_load(store.config_yaml) or {})
+        cfg = config_from_dict(store.config())
     except Exception as exc:  # any unreadable config only costs the thumbnails
         return None, f"the store's config cannot be read ({exc})"
     if cfg.data is None:
@@ -352,7 +347,7 @@ class _Images:
         self.given = dataset
         section = {}
         try:
-            section = (yaml.safe_load(store.config_yaml) or {}).get("data") or {}
+            section = store.config().get("data") or {}
         except (yaml.YAMLError, AttributeError):
             pass
         self.key = _digest(section, store.sample_ids() if store.has_samples() else [])
@@ -394,8 +389,7 @@ class _Thumbs:
         self.done: dict[str, str | None] = {}
         self.ids = store.sample_ids() if store.has_samples() else []
         self.labels = store.labels() if store.has_samples() else np.zeros(0, np.int64)
-        classes = store.file["samples/labels"].attrs.get("classes") if store.has_samples() else None
-        self.classes = read_attr(classes) if classes is not None else None
+        self.classes = store.class_names() if store.has_samples() else None
         self.factors = store.factors()
 
     def file(self, target: _Target, row: int, position: int) -> str | None:
@@ -544,7 +538,8 @@ def _grids(store: Store, target: _Target, row: int, thumbs: _Thumbs) -> list[dic
                  "blocks": [block(f"top {figures.TOP_PER_CLUSTER} of {len(refs)}", "#1d2330",
                                   range(min(figures.TOP_PER_CLUSTER, len(refs))))]}]
     for method in target.methods:
-        for space in [*target.spaces, *(s for s in store.file[f"clusters/{target.name}"] if s not in target.spaces)]:
+        clustered = dict.fromkeys(space for space, _ in store.clusterings(target.name))
+        for space in [*target.spaces, *(s for s in clustered if s not in target.spaces)]:
             labels = figures.cluster_labels(store, target.name, space, method, row)
             if labels is None:
                 continue
@@ -605,9 +600,9 @@ def _neuron_page(target: _Target, row: int, parts: dict, notes: list[str]) -> st
 
 def _index_html(store: Store, store_path: Path, targets: list[_Target], records: list[dict], truth: dict | None,
                 target_figs: dict[str, list[dict]], notes: list[str]) -> str:
-    attrs = {k: read_attr(v) for k, v in store.file.attrs.items() if k != "config"}
+    attrs = store.attributes()
     try:
-        config = yaml.safe_load(store.config_yaml) or {}
+        config = store.config()
     except yaml.YAMLError:
         config = {}
     about = {"name": store_path.name, "path": store_path.resolve(), "created": attrs.get("created", "?"),

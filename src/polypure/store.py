@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from . import __version__
-from .errors import StaleResultError, StoreError
+from .errors import ConfigError, StaleResultError, StoreError
 
 FORMAT = "polypure"
 #: A planted target is named after its layer: ``block_3@planted``.
@@ -229,8 +229,18 @@ class Store:
             raise StoreError(f"store {str(self.path)!r} holds results for other samples ({len(stored)} stored, "
                              f"{len(ids)} now); use --overwrite or another store path")
 
+    def class_names(self) -> list[str] | None:
+        """Names of the classes the labels index, where known."""
+        classes = self.file["samples/labels"].attrs.get("classes")
+        return read_attr(classes) if classes is not None else None
+
     def labels(self) -> np.ndarray:
+        """Class of every sample, -1 where unknown."""
         return self.file["samples/labels"][()]
+
+    def update_labels(self, labels: np.ndarray) -> None:
+        """Replace the class of every sample (labels collected from the items as the top-K pass reads them)."""
+        self.file["samples/labels"][:] = np.asarray(labels, np.int64)
 
     def factors(self) -> dict[str, tuple[np.ndarray, list[str]]]:
         out = {}
@@ -261,6 +271,10 @@ class Store:
         group.attrs["statistic"] = statistic
         group.attrs["samples_done"] = int(samples_done)
         group.attrs["complete"] = bool(complete)
+
+    def topk_statistic(self, name: str) -> str:
+        """The statistic (``max`` or ``mean``) a stored top-K ranks by."""
+        return read_attr(self.file[f"topk/{name}"].attrs["statistic"])
 
     def read_topk(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """``(values, indices)`` of a complete top-K.
@@ -377,6 +391,13 @@ class Store:
             self.drop(f"embeddings/{evaluator}/{target}")
         self.drop("metrics/summary")
 
+    def drop_planted(self, layer: str) -> None:
+        """Delete a layer's planted pairs and what was computed from them (the real layer's top-K stays)."""
+        target = planted_target(layer)
+        for path in (f"planted/{layer}", f"topk/{target}", f"relevance/{target}"):
+            self.drop(path)
+        self.drop_derived(target)
+
     def drop_topk(self, layer: str) -> None:
         """Delete a layer's top-K and everything chosen from it.
 
@@ -392,6 +413,10 @@ class Store:
                 self.drop_derived(target)
 
     # -- targets and their spaces ------------------------------------------------------------------
+
+    def attributes(self) -> dict[str, Any]:
+        """The store's own attributes (format, version, creation time, ...) without its config."""
+        return {k: read_attr(v) for k, v in self.file.attrs.items() if k != "config"}
 
     def config(self) -> dict:
         """The resolved config the store was last written with, as a mapping (empty if none)."""
@@ -452,6 +477,24 @@ class Store:
                 return self.file[path][()] if row is None else self.file[path][row]
         raise StoreError(f"store {str(self.path)!r} has no space {space!r} for target {target!r} (attribution "
                          "layers, 'activation', or evaluator embeddings)")
+
+    def target_spaces(self, configured: list[str] | None = None) -> dict[str, list[str]]:
+        """The spaces of every target: ``configured`` ones (``cluster.spaces``) where it has them, else its own.
+
+        Raises
+        ------
+        ConfigError
+            If a configured space exists for no target at all.
+        """
+        out = {}
+        for target in self.relevance_targets():
+            out[target] = self.spaces(target) if configured is None else [
+                s for s in configured if self.has_space(target, s)]
+        for space in configured or []:
+            if not any(space in spaces for spaces in out.values()):
+                raise ConfigError(f"cluster.spaces: {space!r} is neither an attribution layer of any target, "
+                                  "'activation', nor an evaluator embedding in the store (run the embed stage first)")
+        return out
 
     def planted_targets(self) -> list[str]:
         """The relevance targets made of planted virtual neurons."""
@@ -577,6 +620,62 @@ class Store:
         if path not in self.file:
             return False
         return signature is None or self.file[path].attrs.get("signature") == signature
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def write_metric(self, target: str, kind: str, key: Iterable[str], values, attrs: dict[str, Any] | None = None,
+                     ) -> None:
+        """Store a per-neuron metric of a target: ``/metrics/<target>/<kind>/<key...>``.
+
+        Parameters
+        ----------
+        target : str
+        kind : str
+            ``distance_correlation`` (key: reference, space), ``cluster_distances`` (reference, space,
+            method), ``ari`` / ``nmi`` (labels, space, method), ``mixture`` (labels), ``degenerate`` (space),
+            ``cluster_status`` (space, method), ``single_label`` (labels), or a purity score.
+        key : iterable of str
+        values : array-like, (M,) or (M, k)
+        attrs : dict, optional
+        """
+        self.write_array("/".join(["metrics", target, kind, *key]), values, attrs=attrs)
+
+    def metric(self, target: str, kind: str, *key: str) -> np.ndarray | None:
+        """A stored per-neuron metric (strings decoded), or None where it is not stored."""
+        path = "/".join(["metrics", target, kind, *key])
+        if path not in self.file:
+            return None
+        ds = self.file[path]
+        if h5py.check_string_dtype(ds.dtype) is not None:
+            return np.asarray(ds.asstr()[()], dtype=str)
+        return ds[()]
+
+    def metric_keys(self, target: str, kind: str, *key: str) -> list[str]:
+        """The names directly under ``/metrics/<target>/<kind>/<key...>`` (references, label sets, spaces)."""
+        path = "/".join(["metrics", target, kind, *key])
+        return list(self.file[path].keys()) if path in self.file else []
+
+    def metric_entries(self, target: str) -> list[tuple[str, tuple[str, ...], np.ndarray]]:
+        """``(kind, key, values)`` of every per-neuron metric stored for a target."""
+        root = f"metrics/{target}"
+        if root not in self.file:
+            return []
+        found: list[tuple[str, h5py.Dataset]] = []
+        self.file[root].visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset)
+                                   else None)
+        out = []
+        for name, ds in found:
+            kind, *key = name.split("/")
+            out.append((kind, tuple(key), ds[()]))
+        return out
+
+    def write_summary(self, table: np.ndarray) -> None:
+        """Store the summary table (a structured array) as ``/metrics/summary``."""
+        self.write_array("metrics/summary", table)
+
+    def summary_table(self) -> np.ndarray | None:
+        """The stored summary table, or None before the evaluate stage ran."""
+        return self.read("metrics/summary") if "metrics/summary" in self.file else None
 
     # -- generic -----------------------------------------------------------------------------------
 

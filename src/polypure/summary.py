@@ -36,11 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .metrics import ALL_NOISE, CONSTANT, ONE_CLUSTER, ONE_HOT, ONE_LABEL, REASONS
-from .store import STR, read_attr
+from .store import STR, planted_layer
 
 FIELDS = ("target", "group", "space", "method", "metric", "mean", "std", "n", "neurons", "skipped")
 #: The reason given for a missing value that no check explains (all distances equal, for instance).
@@ -49,45 +48,36 @@ UNDEFINED = "undefined"
 
 def groups(store, target: str, polysemantic_by: str | None) -> list[tuple[str, np.ndarray]]:
     """(name, row mask) of the neuron groups of a target."""
-    m = len(store.file[f"relevance/{target}/neurons"])
-    if target.endswith("@planted"):
-        layer = target.rsplit("@", 1)[0]
-        modes = np.array(read_attr(store.read(f"planted/{layer}/modes")))
+    m = len(store.neurons(target))
+    layer = planted_layer(target)
+    if layer is not None:
+        modes = np.array(store.planted_modes(layer))
         return [(f"{target} ({mode})", modes == mode) for mode in dict.fromkeys(modes.tolist())]
     out = [(target, np.ones(m, bool))]
-    path = f"metrics/{target}/mixture/{polysemantic_by}"
-    if polysemantic_by and path in store:
-        poly = store.read(path) >= 2
+    mixture = store.metric(target, "mixture", polysemantic_by) if polysemantic_by else None
+    if mixture is not None:
+        poly = mixture >= 2
         if poly.any():
             out.append((f"{target} [polysemantic by {polysemantic_by}]", poly))
     return out
 
 
 def _space_order(store, target: str) -> dict[str, int]:
-    layers = read_attr(store.file[f"relevance/{target}"].attrs.get("attribution_layers", []))
-    return {name: i for i, name in enumerate([*layers, "activation"])}
+    return {name: i for i, name in enumerate(store.spaces(target))}
 
 
 def _metric_arrays(store, target: str):
     """(metric label, space, method, values, reasons) for every per-neuron metric of a target."""
-    root = f"metrics/{target}"
-    if root not in store:
-        return
-    found = []
-    store.file[root].visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
-    for name, dataset in found:
-        parts = name.split("/")
-        kind = parts[0]
-        if kind in ("ari", "nmi") and len(parts) == 4:
-            _, of, space, method = parts
+    for kind, key, values in store.metric_entries(target):
+        if kind in ("ari", "nmi") and len(key) == 3:
+            of, space, method = key
             because = reasons(store, target, space=space, method=method, labels=of)
-            yield f"{kind.upper()} {of}", space, method, dataset[()], because
-        elif kind == "distance_correlation" and len(parts) == 3:
-            _, reference, space = parts
-            yield f"corr {reference}", space, "", dataset[()], reasons(store, target, space=space, reference=reference)
-        elif kind == "cluster_distances" and len(parts) == 4:
-            _, reference, space, method = parts
-            values = dataset[()]
+            yield f"{kind.upper()} {of}", space, method, values, because
+        elif kind == "distance_correlation" and len(key) == 2:
+            reference, space = key
+            yield f"corr {reference}", space, "", values, reasons(store, target, space=space, reference=reference)
+        elif kind == "cluster_distances" and len(key) == 3:
+            reference, space, method = key
             because = reasons(store, target, space=space, method=method, reference=reference)
             yield f"inner {reference}", space, method, values[:, 0], because
             yield f"inter {reference}", space, method, values[:, 1], because
@@ -125,22 +115,21 @@ def reasons(store, target: str, *, space: str, method: str | None = None, refere
     dict of str to ndarray of bool, shape (M,)
         One mask per reason of :data:`polypure.metrics.REASONS` (all False where the check is not stored).
     """
-    root = f"metrics/{target}"
-    m = len(store.file[f"relevance/{target}/neurons"])
+    m = len(store.neurons(target))
     out = {reason: np.zeros(m, bool) for reason in REASONS}
 
-    def status(path: str, names: tuple[str, ...]) -> None:
-        if path in store:
-            stored = np.asarray(store.file[path].asstr()[()], dtype=str)
+    def status(stored: np.ndarray | None, names: tuple[str, ...]) -> None:
+        if stored is not None:
             for name in names:
                 out[name] |= stored == name
 
     for name in dict.fromkeys(s for s in (space, reference) if s):
-        status(f"{root}/degenerate/{name}", (CONSTANT, ONE_HOT))
+        status(store.metric(target, "degenerate", name), (CONSTANT, ONE_HOT))
     if method:
-        status(f"{root}/cluster_status/{space}/{method}", (ALL_NOISE, ONE_CLUSTER))
-    if labels and f"{root}/single_label/{labels}" in store:
-        out[ONE_LABEL] |= store.read(f"{root}/single_label/{labels}").astype(bool)
+        status(store.metric(target, "cluster_status", space, method), (ALL_NOISE, ONE_CLUSTER))
+    single = store.metric(target, "single_label", labels) if labels else None
+    if single is not None:
+        out[ONE_LABEL] |= single.astype(bool)
     return out
 
 
@@ -209,7 +198,7 @@ def write(store, records: list[dict]) -> None:
                       ("mean", np.float64), ("std", np.float64), ("n", np.int64), ("neurons", np.int64),
                       ("skipped", STR)])
     table = np.array([tuple(r[f] for f in FIELDS) for r in records], dtype=dtype)
-    store.write_array("metrics/summary", table)
+    store.write_summary(table)
     store.flush()
 
 
@@ -219,9 +208,9 @@ def read(store) -> list[dict]:
     A table written before ``neurons`` and ``skipped`` existed reads with the largest ``n`` of each group
     as its size and nothing skipped.
     """
-    if "metrics/summary" not in store:
+    rows = store.summary_table()
+    if rows is None:
         return []
-    rows = store.read("metrics/summary")
     present = [f for f in FIELDS if f in (rows.dtype.names or ())]
     records = [{f: (row[f].decode() if isinstance(row[f], bytes) else row[f].item() if hasattr(row[f], "item")
                     else row[f]) for f in present} for row in rows]

@@ -120,7 +120,7 @@ def check_samples(config, count: int) -> None:
 
 def available_label_sets(config, dataset) -> list[str]:
     """Label sets the evaluate stage can score against with this config and data."""
-    from .evaluate import CLASS, PLANTED
+    from .store import CLASS, PLANTED
 
     # planted truth belongs to planted targets; a config without them simply has nothing to score with it
     names = [PLANTED]

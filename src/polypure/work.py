@@ -23,19 +23,10 @@ import torch
 
 from .config import Config
 from .data import PolypureDataset, build_dataset
-from .models import ExplainedModel, create_model
+from .models import ExplainedModel, build_model
 from .planted import VirtualNeurons
 from .relevance import Rule, TargetPlan, compute_target
 from .topk import Scorer, TopK, channel_scorer, collect_topk
-
-
-def build_model(config: Config, device: str | torch.device = "cpu") -> ExplainedModel:
-    """The model a config names, in eval mode on ``device`` (random weights seeded by ``config.seed``)."""
-    torch.manual_seed(config.seed)
-    spec = config.model
-    model = create_model(spec.name, spec.weights, spec.layers, **spec.kwargs)
-    model.module.eval().to(device)
-    return model
 
 
 def build_data(config: Config, model: ExplainedModel) -> PolypureDataset:

@@ -2,7 +2,7 @@
 
 Example
 -------
->>> from polypure.inspect import describe   # doctest: +SKIP
+>>> from polypure.describe import describe  # doctest: +SKIP
 >>> print(describe("storage/demo.h5"))     # doctest: +SKIP
 """
 
@@ -64,12 +64,12 @@ def describe(path: str | Path, show_config: bool = True) -> str:
     lines = []
     with Store(path, "r") as store:
         f = store.file
-        attrs = {k: read_attr(v) for k, v in f.attrs.items() if k != "config"}
+        attrs = store.attributes()
         lines.append(f"store {path}  (format {attrs.get('format')} v{attrs.get('format_version')}, "
                      f"polypure {attrs.get('polypure_version')}, created {attrs.get('created')})")
-        if "samples/ids" in f:
-            labels = f["samples/labels"][()]
-            factors = list(f["samples/factors"].keys()) if "samples/factors" in f else []
+        if store.has_samples():
+            labels = store.labels()
+            factors = list(store.factors())
             lines.append(f"samples: {len(labels)}, labelled {int((labels >= 0).sum())}"
                          + (f", factors: {', '.join(factors)}" if factors else "")
                          + (", from a dataset passed from Python (given to the model as it yields them)"

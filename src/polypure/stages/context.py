@@ -1,0 +1,64 @@
+"""What a stage may use of the run it belongs to: the :class:`StageContext` protocol.
+
+:class:`~polypure.experiment.Experiment` implements it; a test or another driver can pass any object
+with these members.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import Config
+    from ..data import PolypureDataset
+    from ..models import ExplainedModel
+    from ..store import Store
+
+
+class StageContext(Protocol):
+    """The run a stage works for.
+
+    Attributes
+    ----------
+    config : Config
+        The validated run configuration.
+    device : torch.device
+        Where the model computes.
+    progress : bool
+        Whether to show progress bars (and print the summary).
+    overwrite : bool
+        Whether stale results in the store are recomputed instead of refused.
+    """
+
+    config: Config
+    device: torch.device
+    progress: bool
+    overwrite: bool
+
+    @property
+    def model(self) -> ExplainedModel:
+        """The explained model (built on first use)."""
+
+    @property
+    def dataset(self) -> PolypureDataset:
+        """The samples (built on first use)."""
+
+    @property
+    def num_workers(self) -> int:
+        """Loader workers for the data."""
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per forward pass of the top-K stage."""
+
+    def open_store(self) -> AbstractContextManager[Store]:
+        """The store, opened for writing."""
+
+    def layer_shapes(self, layers: list[str]) -> dict[str, tuple]:
+        """Output shapes (without batch) of layers."""
+
+    def log(self, message: str) -> None:
+        """Report a line of progress."""

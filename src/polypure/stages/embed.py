@@ -1,0 +1,85 @@
+"""The embed stage: evaluator embeddings of every target's references (``/embeddings/<evaluator>/<target>``).
+
+Rows are aligned with ``/relevance/<target>``: row m, column r is the r-th reference of ``neurons[m]``.
+With the ``full`` view each distinct image is embedded once, however many neurons and targets use it;
+with the ``crop`` view (PURE) every (neuron, reference) pair is first cut to its heatmap
+(:mod:`polypure.crops`), and the boxes are kept in ``/crops/<target>``. Embeddings already stored with the
+same evaluator signature are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .context import StageContext
+
+NAME = "embed"
+HELP = "embed the references with the configured evaluators (CLIP, DINOv2, labels)"
+
+
+def run(ctx: StageContext) -> None:
+    """Embed the references of every target with every evaluator the config uses."""
+    from tqdm.auto import tqdm
+
+    from ..crops import crop, crop_heatmaps
+    from ..evaluators import as_rgb, evaluator_names, make_evaluator
+    from .relevance import plans as target_plans
+
+    with ctx.open_store() as store:
+        targets = store.relevance_targets()
+        layers = {name for t in targets for name in store.spaces(t)}
+        names = evaluator_names(ctx.config, layers)
+        if not names:
+            ctx.log("embed: no evaluator configured (evaluate.references), skipped")
+            return
+        if ctx.dataset.labels_from_items:
+            # the top-K pass collected them from the items, maybe in another process
+            ctx.dataset.labels = store.labels()
+        plans = None
+        for name in names:
+            evaluator = make_evaluator(name, ctx.config.evaluate.settings(name))
+            if evaluator.settings.device is None:
+                evaluator.device = ctx.device
+            signature = evaluator.signature()
+            if evaluator.image_based and ctx.dataset.pixels_signature is not None:
+                # the config does not say how an in-memory dataset's pixels are made; other pixels, other embedding
+                signature["pixels"] = ctx.dataset.pixels_signature
+            signature = json.dumps(signature, sort_keys=True)
+            cache: dict[int, np.ndarray] = {}
+            for target in targets:
+                if store.has_embeddings(name, target, signature):
+                    continue
+                refs = store.reference_indices(target)
+                if evaluator.view == "full":
+                    missing = np.array([i for i in np.unique(refs) if int(i) not in cache], np.int64)
+                    for start in tqdm(range(0, len(missing), ctx.config.evaluate.batch_size),
+                                      desc=f"embed {name} {target}", disable=not ctx.progress, leave=False):
+                        chunk = missing[start:start + ctx.config.evaluate.batch_size]
+                        for i, vector in zip(chunk, evaluator.embed_samples(ctx.dataset, chunk, len(chunk))):
+                            cache[int(i)] = vector
+                    embeddings = np.stack([np.stack([cache[int(i)] for i in row]) for row in refs])
+                else:
+                    plans = plans or {p.name: p for p in target_plans(ctx, store)}
+                    plan = plans[target]
+                    plan.neurons = store.neurons(target)
+                    canonizers = list(ctx.config.relevance.canonizers) or list(ctx.model.canonizers)
+                    boxes = crop_heatmaps(ctx.model, ctx.dataset, plan, refs, evaluator.settings.crop_composite,
+                                          canonizers, batch_size=ctx.config.relevance.batch_size, device=ctx.device,
+                                          key=f"evaluate.{name}.crop_composite")
+                    store.write_crops(target, np.array(
+                        [[boxes[(m, r)] or (-1, -1, -1, -1) for r in range(refs.shape[1])] for m in range(len(refs))],
+                        np.int64), evaluator.settings.crop_composite)
+                    rows = []
+                    for m in tqdm(range(len(refs)), desc=f"embed {name} {target} (crops)",
+                                  disable=not ctx.progress, leave=False):
+                        crops = [crop(as_rgb(ctx.dataset.view(int(i))), boxes[(m, r)]) for r, i in enumerate(refs[m])]
+                        rows.append(evaluator.embed_images(crops).float().cpu().numpy())
+                    embeddings = np.stack(rows)
+                store.write_embeddings(name, target, embeddings, attrs={
+                    "view": evaluator.view, "signature": signature, "evaluator": type(evaluator).__name__})
+                store.flush()
+                ctx.log(f"embed {name}: {target} {embeddings.shape}")

@@ -1,0 +1,169 @@
+"""The evaluate stage: per-neuron metrics from the store, written back to it, and the summary table.
+
+Everything here reads stored results (clusters, relevance, embeddings, factors, planted truth) and
+writes ``/metrics``:
+
+* ``/metrics/<target>/distance_correlation/<reference>/<space>`` (M,) float64: the seed paper's
+  correlation between the reference space's distances (CLIP) and a space's (a layer's relevance, the
+  activations, another reference such as DINOv2);
+* ``/metrics/<target>/cluster_distances/<reference>/<space>/<method id>`` (M, 2) float64: PURE's mean
+  reference-space distance within (inner) and between (inter) the clusters found in a space;
+* ``/metrics/<target>/ari/<labels>/<space>/<method id>`` and ``.../nmi/...`` (M,) float64: agreement of
+  each neuron's clustering with known labels of its references (``planted`` truth, a generative factor
+  such as ``shape``, or the ``class`` label);
+* ``/metrics/<target>/mixture/<labels>`` (M,) int64: how many label values each make up at least
+  ``evaluate.mixture_share`` of the neuron's top-K (2 or more: polysemantic by that label);
+* ``/metrics/<target>/degenerate/<space>`` (M,) UTF-8, ``/metrics/<target>/cluster_status/<space>/<method id>``
+  (M,) UTF-8 and ``/metrics/<target>/single_label/<labels>`` (M,) bool: the checks of
+  :mod:`polypure.metrics` (``constant``, ``one-hot``; ``all-noise``, ``one-cluster``; one label value)
+  that make a neuron's score a non-result. Such a score is stored as NaN, never as a number, and the
+  summary counts the neurons left out per reason;
+* ``/metrics/summary``: the summary table (also saved beside the store as CSV and JSON).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .context import StageContext
+
+NAME = "evaluate"
+HELP = "compute per-neuron metrics and the summary table from the store"
+
+
+def wanted_labels(ctx: StageContext, store) -> list[str]:
+    """The label sets to score against: ``evaluate.ground_truth``, or every one the store knows."""
+    setting = ctx.config.evaluate.ground_truth
+    available = store.label_sets()
+    if setting == "auto":
+        return available
+    unknown = [name for name in setting if name not in available]
+    if unknown:
+        raise ConfigError(f"evaluate.ground_truth: {unknown[0]!r} is not known for this data (known: "
+                          f"{', '.join(available)})")
+    return list(setting)
+
+
+def _strings(values) -> np.ndarray:
+    """A str array as h5py writes it: variable-length UTF-8."""
+    from ..store import STR
+    return np.array([str(v) for v in values], dtype=STR)
+
+
+def checks(ctx: StageContext, store) -> None:
+    """Store why a neuron's space or clustering cannot give a score (:mod:`polypure.metrics`, *Non-results*).
+
+    ``/metrics/<target>/degenerate/<space>`` for every clustered space, configured space and reference
+    space of each target, and ``/metrics/<target>/cluster_status/<space>/<method id>`` for every stored
+    clustering.
+    """
+    from ..metrics import clustering_status, degenerate
+
+    configured = store.target_spaces(ctx.config.cluster.spaces)
+    for target in store.relevance_targets():
+        clustered = store.clusterings(target)
+        references = [r for r in ctx.config.evaluate.references if store.has_embeddings(r, target)]
+        for space in dict.fromkeys([*configured.get(target, []), *(s for s, _ in clustered), *references]):
+            status = degenerate(store.features(target, space))
+            store.write_metric(target, "degenerate", [space], _strings(status))
+        for space, method_id in clustered:
+            store.write_metric(target, "cluster_status", [space, method_id],
+                               _strings(clustering_status(store.cluster_labels(target, space, method_id))))
+    store.flush()
+
+
+def ground_truth_metrics(ctx: StageContext, store) -> None:
+    """ARI / NMI of every stored clustering against every wanted label set, and mixtures.
+
+    A neuron gets NaN, not a score, where :func:`checks` found its space degenerate or its clustering no
+    split, or where its references all carry the same label value (``/metrics/<target>/single_label``).
+    """
+    from .. import summary
+    from ..metrics import agreement, mixture, single_label
+
+    wanted = wanted_labels(ctx, store)
+    share = ctx.config.evaluate.mixture_share
+    for target in store.relevance_targets():
+        labels = {k: v for k, v in store.known_labels(target).items() if k in wanted}
+        topk_labels = {k: v for k, v in store.known_labels(target, full_topk=True).items() if k in wanted}
+        for name, values in topk_labels.items():
+            store.write_metric(target, "mixture", [name], np.array([mixture(row, share) for row in values], np.int64),
+                               attrs={"share": share})
+        for name, values in labels.items():
+            store.write_metric(target, "single_label", [name], single_label(values))
+        for space, method_id in store.clusterings(target):
+            predicted = store.cluster_labels(target, space, method_id)
+            for name, truth in labels.items():
+                skip = summary.skipped(store, target, space=space, method=method_id, labels=name)
+                scores = np.array([agreement(t, p) if not s else (np.nan, np.nan)
+                                   for t, p, s in zip(truth, predicted, skip)], np.float64).reshape(-1, 2)
+                for column, metric in enumerate(("ari", "nmi")):
+                    store.write_metric(target, metric, [name, space, method_id], scores[:, column])
+    store.flush()
+
+
+def reference_metrics(ctx: StageContext, store) -> None:
+    """Distance correlation and PURE's cluster distances against every reference space.
+
+    NaN, not a score, where :func:`checks` found the space or the reference space degenerate for a neuron,
+    or (cluster distances) its clustering no split.
+    """
+    from .. import summary
+    from ..metrics import cluster_distances, distance_correlation
+
+    references = list(ctx.config.evaluate.references)
+    for target, cluster_spaces in store.target_spaces(ctx.config.cluster.spaces).items():
+        available = [r for r in references if store.has_embeddings(r, target)]
+        missing = [r for r in references if r not in available]
+        if missing:
+            raise ConfigError(f"evaluate.references: no {missing[0]!r} embeddings of target {target!r} in the store; "
+                              "run the embed stage first")
+        spaces = list(dict.fromkeys([*cluster_spaces, *available]))
+        features = {space: store.features(target, space) for space in spaces}
+        for reference in available:
+            ref = store.embeddings(reference, target)
+            for space in spaces:
+                if space == reference:
+                    continue
+                skip = summary.skipped(store, target, space=space, reference=reference)
+                values = np.array([distance_correlation(r, f) if not s else np.nan
+                                   for r, f, s in zip(ref, features[space], skip)], np.float64)
+                store.write_metric(target, "distance_correlation", [reference, space], values)
+            for space, method_id in store.clusterings(target):
+                labels = store.cluster_labels(target, space, method_id)
+                skip = summary.skipped(store, target, space=space, method=method_id, reference=reference)
+                values = np.array([cluster_distances(r, lab) if not s else (np.nan, np.nan)
+                                   for r, lab, s in zip(ref, labels, skip)], np.float64).reshape(-1, 2)
+                store.write_metric(target, "cluster_distances", [reference, space, method_id], values,
+                                   attrs={"columns": ["inner", "inter"]})
+    store.flush()
+
+
+def run(ctx: StageContext) -> list[dict]:
+    """Compute every metric the store allows, then the summary table (printed and saved).
+
+    Returns
+    -------
+    list of dict
+        The summary records.
+    """
+    from .. import summary
+
+    with ctx.open_store() as store:
+        checks(ctx, store)
+        reference_metrics(ctx, store)
+        ground_truth_metrics(ctx, store)
+        order = [*ctx.config.evaluate.references, *wanted_labels(ctx, store)]
+        records = summary.build(store, polysemantic_by=ctx.config.evaluate.polysemantic_by, order=order)
+        summary.write(store, records)
+    paths = summary.save_beside(ctx.config.store_path, records)
+    if ctx.progress:
+        print(summary.format_table(records, [m.method_id for m in ctx.config.cluster.methods]))
+    ctx.log(f"summary: {paths[0]} and {paths[1]}")
+    return records
+
