@@ -105,7 +105,7 @@ class DataSection(_Section):
     classes: Path | None = None
     image_size: int | None = Field(224, ge=1)
     resize: int | None = Field(None, ge=1)
-    normalize: Union[Literal["auto", "imagenet", "none"], NormalizeSpec] = "auto"
+    normalize: Literal["auto", "imagenet", "none"] | NormalizeSpec = "auto"
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
     limit: int | None = Field(None, ge=1)
@@ -116,14 +116,20 @@ class DataSection(_Section):
     @classmethod
     def _kind(cls, value: str) -> str:
         if value.startswith("python:"):
-            _check_python_spec(value, "data file")
-        elif value not in ("imagefolder", "images", "npz", "synthetic", "memory"):
-            raise ValueError(f"unknown data kind {value!r}; use imagefolder, images, npz, synthetic or "
-                             "python:MODULE:FACTORY")
+            return _check_python_spec(value, "data file")
+        # imported here rather than at the top: the data kinds bring torch, which the rest of a config does not need
+        from .data import DATASETS
+
+        if value not in DATASETS:
+            # 'memory' is reserved for a dataset passed from Python, not a kind to choose
+            kinds = ", ".join(name for name in DATASETS.names() if name != "memory")
+            raise ValueError(f"unknown data kind {value!r}; use {kinds} or python:MODULE:FACTORY")
         return value
 
     @model_validator(mode="after")
     def _paths(self):
+        # the keys of the built-in kinds, checked before any work starts; a plugin kind checks its own options
+        # when it builds its dataset
         if self.kind in ("imagefolder", "images"):
             if self.root is None:
                 raise ValueError(f"data.root is required for data.kind {self.kind!r}")

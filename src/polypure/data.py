@@ -11,6 +11,9 @@ and whose ``view`` un-does the normalisation it is told the items carry. All of 
 (stable strings: the path relative to the data root, or ``index:<i>``), ``labels`` (int64, -1 where
 unknown) and, for generated data, ``factors`` (name -> per-sample codes and value names).
 
+:func:`build_dataset` makes the dataset a config's ``data`` section describes, with the factory that
+:data:`DATASETS` holds for its kind; packages add kinds through the entry-point group ``polypure.datasets``.
+
 Example
 -------
 >>> from polypure.data import ArrayDataset
@@ -22,17 +25,19 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from .errors import ConfigError, PolypureError
+from .registry import Registry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,10 +80,11 @@ class PolypureDataset(Dataset):
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
+        """Return the number of samples."""
         return len(self.ids)
 
     def _raw(self, index: int) -> torch.Tensor:
-        """The image as float (C, H, W) in [0, 1], before resizing."""
+        """Return the image as float (C, H, W) in [0, 1], before resizing."""
         raise NotImplementedError
 
     def _geometry(self, img: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,7 @@ class PolypureDataset(Dataset):
     pixels_signature = None
 
     def view(self, index: int) -> torch.Tensor:
-        """The sample as the model sees it before normalisation: float (C, H, W) in [0, 1]."""
+        """Return the sample as the model sees it before normalisation: float (C, H, W) in [0, 1]."""
         return self._geometry(self._raw(index)).clamp(0, 1)
 
     def normalize(self, img: torch.Tensor) -> torch.Tensor:
@@ -111,11 +117,12 @@ class PolypureDataset(Dataset):
         return (img - self.mean) / self.std
 
     def __getitem__(self, index: int):
+        """Return ``(view normalised for the model, label)`` of sample ``index``."""
         if index < 0 or index >= len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
         return self.normalize(self.view(index)), int(self.labels[index])
 
-    def subset(self, count: int) -> "PolypureDataset":
+    def subset(self, count: int) -> PolypureDataset:
         """Keep the first ``count`` samples (in place) and return self."""
         keep = min(count, len(self))
         self._keep(keep)
@@ -197,7 +204,7 @@ MEMORY_DATA_KEYS = ("batch_size", "num_workers")
 
 
 def _item_label(item) -> int:
-    """The integer class an ``(image, label, ...)`` item carries, else -1."""
+    """Return the integer class an ``(image, label, ...)`` item carries, else -1."""
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         return -1
     label = item[1]
@@ -228,7 +235,7 @@ class _ItemDataset(PolypureDataset):
         self.factors = dict(getattr(dataset, "factors", {}) or {})
 
     def _item(self, index: int) -> tuple[torch.Tensor, int]:
-        """The item's image as a tensor (a PIL image becomes float in [0, 1]) and its label."""
+        """Return the item's image as a tensor (a PIL image becomes float in [0, 1]) and its label."""
         if index < 0 or index >= len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
         item = self.dataset[index]
@@ -262,12 +269,13 @@ class FactoryDataset(_ItemDataset):
         return self._item(index)[0].float()
 
     def __getitem__(self, index: int):
+        """Return the item's image resized, cropped and normalised like image files, and its label."""
         img, label = self._item(index)
         return self.normalize(self._geometry(img.float()).clamp(0, 1)), label
 
 
 def no_pixels_message(needs: str) -> str:
-    """The one line that says how to let an in-memory dataset give pixels to ``needs``."""
+    """Return the one line that says how to let an in-memory dataset give pixels to ``needs``."""
     return (f"{needs} needs the images as pixels in [0, 1], but the in-memory dataset's items go to the model as "
             "they are and polypure cannot tell how to turn them back: pass Experiment(..., mean=..., std=...) "
             "(the normalisation the items carry), to_pixels=<callable>, or to_pixels='identity' if they already "
@@ -325,6 +333,7 @@ class WrappedDataset(_ItemDataset):
 
     @property
     def has_pixels(self) -> bool:
+        """Whether :meth:`view` can give pixels: given ``mean`` and ``std`` or ``to_pixels``."""
         return self.mean is not None or self.to_pixels is not None
 
     @property
@@ -338,12 +347,13 @@ class WrappedDataset(_ItemDataset):
         return None if self.to_pixels is None else {"to_pixels": self.to_pixels}
 
     def __getitem__(self, index: int):
+        """Return the item's image as the dataset yields it (a copy, cast to ``dtype``) and its label."""
         img, label = self._item(index)
         # a copy: whatever the model, hooks or composites do to their input must not reach the user's tensors
         return img.detach().to(self.dtype, copy=True), label
 
     def view(self, index: int) -> torch.Tensor:
-        """The item's image as float (C, H, W) pixels in [0, 1], made from a copy of it."""
+        """Return the item's image as float (C, H, W) pixels in [0, 1], made from a copy of it."""
         if not self.has_pixels:
             raise ConfigError(no_pixels_message("the pixel view (for evaluators, crops and thumbnails)"))
         img, _ = self._item(index)
@@ -363,6 +373,16 @@ class WrappedDataset(_ItemDataset):
 
 # ---------------------------------------------------------------------------------------------------
 # building from the config
+
+#: Data kinds by name, as ``data.kind`` names them; plugins register under the entry-point group
+#: ``polypure.datasets``. Each entry is a factory ``factory(data, **geometry)``: ``data`` is the
+#: :class:`~polypure.config.DataSection`, ``geometry`` the ``image_size`` and ``resize`` keyword arguments of
+#: :class:`PolypureDataset`. It returns a :class:`PolypureDataset` (made with ``**geometry``), or a torch
+#: dataset of ``image`` or ``(image, label, ...)`` items with pixels in [0, 1], which :func:`build_dataset`
+#: wraps in a :class:`FactoryDataset`.
+DATASETS = Registry("data kind", group="polypure.datasets")
+# by name, not by import: the synthetic data is built on this module
+DATASETS.register_lazy("synthetic", "polypure.synthetic:synthetic_dataset")
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -438,6 +458,40 @@ def npz_images(path: Path, images_key: str, labels_key: str | None, **kwargs) ->
     return ArrayDataset(images, labels=labels, **kwargs)
 
 
+@DATASETS.register("imagefolder")
+def _imagefolder_kind(data, **geometry) -> FileDataset:
+    """``data.kind: imagefolder``: class subfolders of ``data.root``."""
+    return image_folder(data.root, **geometry)
+
+
+@DATASETS.register("images")
+def _images_kind(data, **geometry) -> FileDataset:
+    """``data.kind: images``: one flat folder ``data.root``, labels from file-name prefixes with ``labels: prefix``."""
+    return flat_images(data.root, labels="prefix" if data.labels == "prefix" else "none", classes=data.classes,
+                       **geometry)
+
+
+@DATASETS.register("npz")
+def _npz_kind(data, **geometry) -> ArrayDataset:
+    """``data.kind: npz``: arrays ``data.images_key`` and ``data.labels_key`` of the file ``data.path``."""
+    return npz_images(data.path, data.images_key, data.labels_key, **geometry)
+
+
+@DATASETS.register("memory")
+def _memory_kind(data, **geometry):
+    """``data.kind: memory``: reserved (no plugin may take it) for the dataset passed to an Experiment."""
+    raise ConfigError("data.kind 'memory' stands for a dataset passed from Python (Experiment(dataset=...))")
+
+
+def _as_dataset(made, kind: str, geometry: dict[str, Any]) -> PolypureDataset:
+    """Return what a data factory made as a polypure dataset, wrapping a torch dataset in a :class:`FactoryDataset`."""
+    if isinstance(made, PolypureDataset):
+        return made
+    if not (hasattr(made, "__getitem__") and hasattr(made, "__len__")):
+        raise ConfigError(f"data.kind: {kind} returned {type(made).__name__}, not a dataset")
+    return FactoryDataset(made, **geometry)
+
+
 def resolve_normalization(spec, model_preprocessing: dict[str, Any] | None, channels: int):
     """(mean, std) for ``data.normalize``; ``auto`` takes the model's own, else ImageNet for RGB data."""
     if spec == "none":
@@ -454,6 +508,9 @@ def resolve_normalization(spec, model_preprocessing: dict[str, Any] | None, chan
 def build_dataset(cfg, model=None) -> PolypureDataset:
     """Build the dataset a :class:`~polypure.config.DataSection` describes.
 
+    The kind is ``python:MODULE:FACTORY`` (called with ``data.kwargs``) or a name of :data:`DATASETS`
+    (called with the section and the geometry).
+
     Parameters
     ----------
     cfg : polypure.config.DataSection
@@ -465,24 +522,12 @@ def build_dataset(cfg, model=None) -> PolypureDataset:
     PolypureDataset
     """
     geometry = {"image_size": cfg.image_size, "resize": cfg.resize_to}
-    if cfg.kind == "imagefolder":
-        ds = image_folder(cfg.root, **geometry)
-    elif cfg.kind == "images":
-        ds = flat_images(cfg.root, labels="prefix" if cfg.labels == "prefix" else "none",
-                         classes=cfg.classes, **geometry)
-    elif cfg.kind == "npz":
-        ds = npz_images(cfg.path, cfg.images_key, cfg.labels_key, **geometry)
-    elif cfg.kind == "synthetic":
-        from .synthetic import synthetic_dataset
-        ds = synthetic_dataset(cfg.synthetic, **geometry)
-    elif cfg.kind.startswith("python:"):
+    if cfg.kind.startswith("python:"):
         from .models import import_factory
         made = import_factory(cfg.kind.split(":", 1)[1], "data.kind")(**cfg.kwargs)
-        ds = made if isinstance(made, PolypureDataset) else FactoryDataset(made, **geometry)
-    elif cfg.kind == "memory":
-        raise ConfigError("data.kind 'memory' stands for a dataset passed from Python (Experiment(dataset=...))")
-    else:  # pragma: no cover - the config validator rejects other kinds
-        raise ConfigError(f"unknown data kind {cfg.kind!r}")
+    else:
+        made = DATASETS.get(cfg.kind)(cfg, **geometry)
+    ds = _as_dataset(made, cfg.kind, geometry)
     if len(ds) == 0:
         raise ConfigError(f"data: the dataset ({cfg.kind}) is empty")
     if cfg.limit is not None:

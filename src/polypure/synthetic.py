@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import DataSection, format_validation_error
+from .data import ArrayDataset
 from .errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "crescent", "bar")
@@ -54,6 +56,7 @@ def class_of_shape() -> np.ndarray:
 
 
 def class_names() -> list[str]:
+    """Name of every class: its two shapes joined by ``|``."""
     return ["|".join(pair) for pair in CLASS_PAIRS]
 
 
@@ -150,22 +153,25 @@ def render(n: int, size: int = 64, seed: int = 0, noise: float = 0.04) -> tuple[
     return images, {k: v.astype(np.int64) for k, v in factors.items()}
 
 
-def synthetic_dataset(options: dict | None = None, **geometry):
-    """The dataset ``data.kind: synthetic`` builds, with labels, factors and class names.
+def synthetic_dataset(data: DataSection, **geometry) -> ArrayDataset:
+    """Build the dataset of ``data.kind: synthetic``, with labels, factors and class names.
+
+    Registered as the data kind ``synthetic`` (:data:`polypure.data.DATASETS`).
 
     Parameters
     ----------
-    options : dict
-        ``data.synthetic`` (n, size, seed, noise).
+    data : polypure.config.DataSection
+        Its ``synthetic`` mapping holds the options (n, size, seed, noise).
     **geometry
         ``image_size`` and ``resize`` of :class:`polypure.data.PolypureDataset`.
-    """
-    from .data import ArrayDataset
 
+    Returns
+    -------
+    polypure.data.ArrayDataset
+    """
     try:
-        spec = SyntheticSpec.model_validate(options or {})
+        spec = SyntheticSpec.model_validate(data.synthetic or {})
     except ValidationError as exc:
-        from .config import format_validation_error
         raise ConfigError(f"data.synthetic: {format_validation_error(exc)}") from None
     images, factors = render(spec.n, spec.size, spec.seed, spec.noise)
     ds = ArrayDataset(images, labels=class_of_shape()[factors["shape"]], **geometry)
