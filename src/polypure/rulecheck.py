@@ -24,7 +24,7 @@ Example
 -------
 >>> from polypure.config import load_config
 >>> from polypure.rulecheck import check_config
->>> cfg = load_config("demo", ["data.synthetic={n: 2, size: 32}", "relevance.composite=epsilon_plus_flat", "device=cpu"])
+>>> cfg = load_config("demo", ["data.synthetic={n: 2, size: 32}", "relevance.composite=epsilon_plus", "device=cpu"])
 >>> report = check_config(cfg, samples=2, neurons=1)
 >>> report.passed, [check.layer for check in report.checks[:3]]
 (True, ['output', 'logits', 'block_0'])
@@ -281,10 +281,11 @@ def _worst(ratios: np.ndarray) -> float:
 
 def _relevance_rows(model: ExplainedModel, rule: Rule, plan: TargetPlan, images: torch.Tensor,
                     batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Exception | None]:
-    """Compute initial relevance sums (R,) and unreduced relevance maps (R, ...) per layer; row = (neuron, sample).
+    """Compute per row (neuron, sample) the initial relevance sum, and per layer the relevance sum and flags.
 
-    The third value is the error that removing the engine's composite and canonizers raised, if any: the
-    relevance was computed all the same.
+    The layers' values are (R, 3) tensors: the sum, all zero (1 or 0), all finite (1 or 0). The third value
+    is the error that removing the engine's composite and canonizers raised, if any: the relevance was
+    computed all the same.
     """
     n = len(images)
     per_batch = max(1, batch_size // n)
@@ -307,7 +308,10 @@ def _relevance_rows(model: ExplainedModel, rule: Rule, plan: TargetPlan, images:
             out = engine(images, torch.arange(n).repeat(len(neurons) // n), init,
                          keep_maps=tuple(plan.attribution_layers))
             for name, value in out.maps.items():
-                maps.setdefault(name, []).append(value.double().cpu())
+                # per row: the relevance sum, whether it is all zero, whether it is all finite
+                flat = value.flatten(1)
+                maps.setdefault(name, []).append(torch.stack([flat.double().sum(1), (flat == 0).all(1).double(),
+                                                              torch.isfinite(flat).all(1).double()], 1).cpu())
         computing.pop_all()
     try:
         engine.__exit__(None, None, None)
@@ -334,21 +338,20 @@ def _check_target(variant: str, model: ExplainedModel, rule: Rule, plan: TargetP
                                f"{int((~finite_start).sum())} of {len(start)} rows")
     checks = [target]
     for layer in plan.attribution_layers:
-        flat = maps[layer].flatten(1)
-        finite = torch.isfinite(flat).all(1)
-        zero = (flat == 0).all(1)
+        sums, zero, finite = maps[layer].unbind(1)
+        zero, finite = zero.bool(), finite.bool()
         check = LayerCheck(variant, plan.name, layer, *change.get(layer, (None, None)),
                            zero=float(zero[fired].double().mean()) if fired.any() else None,
-                           non_finite=float((~finite).double().mean()), rows=len(flat))
+                           non_finite=float((~finite).double().mean()), rows=len(sums))
         at = f"{where}, layer {layer!r}"
         if not finite.all():
-            check.failures.append(f"{at}: non-finite relevance in {int((~finite).sum())} of {len(flat)} rows")
+            check.failures.append(f"{at}: non-finite relevance in {int((~finite).sum())} of {len(sums)} rows")
         if check.zero is not None and check.zero > zero_share:
             check.failures.append(f"{at}: all-zero relevance in {check.zero:.0%} of the rows whose neuron fired "
                                   f"(at most {zero_share:.0%})")
         usable = fired & finite
         if conserves and usable.any():
-            ratios = (flat[usable].sum(1) / start[usable]).numpy()
+            ratios = (sums[usable] / start[usable]).numpy()
             check.conservation_median, check.conservation_worst = float(np.median(ratios)), _worst(ratios)
             if not check.conservation_median <= conservation:
                 check.failures.append(f"{at}: the median row has {check.conservation_median:.3g} times the "
