@@ -6,6 +6,7 @@
     polypure topk CONFIG                          one stage alone (any of polypure.stages.NAMES but report)
     polypure inspect STORE                        what a store holds
     polypure report STORE                         the browsable HTML report of a store
+    polypure check-rules CONFIG                   check composites and canonizers on a few samples
     polypure list [KIND]                          registered models, composites, canonizers, ...
 
 Exit status: 0 success, 1 runtime failure, 2 usage or config error.
@@ -78,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("-q", "--quiet", action="store_true")
 
+    rules = sub.add_parser("check-rules", help="check the relevance rule's composite and canonizers on a few samples",
+                           description="On the first samples of the data and the first neurons of each target: "
+                                       "how much the canonizers change the model, whether LRP relevance is "
+                                       "conserved, and how often it is all zero or non-finite. Prints one "
+                                       "table; exit status 1 names each failed check.")
+    rules.add_argument("config", help="YAML config file or bundled config name (e.g. demo)")
+    rules.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override config keys, values read as YAML")
+    rules.add_argument("--samples", type=int, default=8, help="the first N samples of the data (default 8)")
+    rules.add_argument("--neurons", type=int, default=4, help="the first M neurons of each target (default 4)")
+    rules.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
     inspect = sub.add_parser("inspect", help="show what a store holds", description="Show a store's layers, "
                              "shapes, completeness and the config that made it.")
     inspect.add_argument("store", help="HDF5 store written by polypure")
@@ -125,6 +138,20 @@ def _run(args) -> int:
         if exp.report_path is not None:
             print(f"report: {exp.report_path}")
     return 0
+
+
+def _check_rules(args) -> int:
+    from .config import load_config
+    from .rulecheck import check_config
+
+    for option in ("samples", "neurons"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option}: must be at least 1, not {getattr(args, option)}")
+    report = check_config(load_config(args.config, args.overrides), samples=args.samples, neurons=args.neurons)
+    print(report.table())
+    for failure in report.failures:
+        print(f"polypure: error: {failure}", file=sys.stderr)
+    return 0 if report.passed else 1
 
 
 def split_overrides(argv: list[str]) -> list[str]:
@@ -181,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.kind in (None, kind):
                     print(f"{kind}: {', '.join(registry.names())}")
             return 0
+        if args.command == "check-rules":
+            return _check_rules(args)
         return _run(args)
     except ConfigError as exc:
         print(f"polypure: config error: {exc}", file=sys.stderr)
