@@ -28,6 +28,7 @@ class FashionCNN(nn.Module):
         self.linear2 = nn.Linear(120, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores of a batch of (B, 1, 28, 28) images."""
         h = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
         h = self.pool(self.act2(h + self.parallel(x)))
         return self.linear2(self.act3(self.linear1(h.flatten(1))))

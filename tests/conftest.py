@@ -24,7 +24,7 @@ def shared_data(name: str) -> Path:
 
 
 def random_images(n: int, size: int, channels: int = 3, seed: int = 0) -> ArrayDataset:
-    """n random uint8 images as a dataset normalised like ImageNet."""
+    """N random uint8 images as a dataset normalised like ImageNet."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
     return ArrayDataset(pixels, labels=np.arange(n) % 3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

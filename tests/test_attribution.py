@@ -1,5 +1,7 @@
-"""The relevance engine against independent computations: crp on a model with a bypass branch, and
-plain autograd for planted virtual neurons."""
+"""The relevance engine against independent computations.
+
+crp on a model with a bypass branch, and plain autograd for planted virtual neurons.
+"""
 
 from __future__ import annotations
 

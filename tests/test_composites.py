@@ -14,8 +14,14 @@ from torch import nn
 from polypure import Experiment
 from polypure.attribution import INPUT, ConditionalRelevance, channel_init
 from polypure.cli import main
-from polypure.composites import (COMPOSITES, GRADIENT_COMPOSITES, canonizer_advice, input_bounds, make_composite,
-                                 times_activation)
+from polypure.composites import (
+    COMPOSITES,
+    GRADIENT_COMPOSITES,
+    canonizer_advice,
+    input_bounds,
+    make_composite,
+    times_activation,
+)
 from polypure.config import load_config
 from polypure.data import ArrayDataset
 from polypure.errors import ConfigError

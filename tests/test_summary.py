@@ -1,5 +1,7 @@
-"""The summary table shows every cluster method, and non-results (all noise, degenerate spaces, references
-of one label) as counted reasons, never as a score of 0."""
+"""The summary table shows every cluster method, and non-results as counted reasons.
+
+All noise, degenerate spaces and references of one label are never shown as a score of 0.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ NEURONS = [0, 3, 5]
 
 
 def experiment(path, progress=False) -> Experiment:
-    """Three neurons with 8 references each, clustered by k-means and by HDBSCAN (which, with 8 references
-    and its default minimum cluster size of 5, calls every reference noise)."""
+    """Three neurons with 8 references each, clustered by k-means and by HDBSCAN.
+
+    With 8 references and its default minimum cluster size of 5, HDBSCAN calls every reference noise.
+    """
     return Experiment(model=tiny(seed=5), dataset=random_images(24, 32, seed=11), store=path, progress=progress,
                       topk={"layers": ["c3"], "k": 8},
                       relevance={"targets": [{"layer": "c3", "neurons": NEURONS, "attribution_layers": ["c1", "c2"]}],

@@ -31,7 +31,7 @@ def brute_force(model, dataset, layer, statistic, k):
     with torch.no_grad():
         for i in range(len(dataset)):
             out = {}
-            handle = module.register_forward_hook(lambda m, a, o: out.setdefault("a", o))
+            handle = module.register_forward_hook(lambda m, a, o, out=out: out.setdefault("a", o))
             model.module(dataset[i][0].unsqueeze(0))
             handle.remove()
             stats.append(channel_statistic(out["a"], statistic)[0])

@@ -10,8 +10,8 @@ import pytest
 
 from polypure import Experiment
 from polypure.config import load_config
-from polypure.relevance import TargetPlan, rule_from_config
 from polypure.models import build_model
+from polypure.relevance import TargetPlan, rule_from_config
 from polypure.work import relevance_rows, topk_shard
 
 OVERRIDES = ["data.synthetic.n=40", "topk.k=6", "topk.layers=[block_3]", "relevance.n_refs=4",

@@ -29,8 +29,8 @@ torch.Size([3, 256])
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -124,7 +124,7 @@ class ConditionalRelevance:
 
     # -- set-up ------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "ConditionalRelevance":
+    def __enter__(self) -> ConditionalRelevance:
         if self._entered == 0:
             self._grad_flags = [p.requires_grad for p in self.model.parameters()]
             self.model.requires_grad_(False)

@@ -23,6 +23,7 @@ from . import __version__
 from .errors import ConfigError, PolypureError
 from .stages import NAMES, STAGES
 
+
 def _add_run_options(parser: argparse.ArgumentParser, config_optional: bool) -> None:
     if config_optional:
         parser.add_argument("config", nargs="?", default=None,
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list registered names", description="List registered models, "
                             "composites, canonizers, clusterers and evaluators (plugins included).")
     lister.add_argument("kind", nargs="?", default=None,
-                        choices=["models", "composites", "canonizers", "clusterers", "evaluators"])
+                        choices=["models", "composites", "canonizers", "clusterers", "evaluators", "datasets"])
     return parser
 
 
@@ -117,6 +118,8 @@ def _registries():
         out["evaluators"] = EVALUATORS
     except ImportError:
         pass
+    from .data import DATASETS
+    out["datasets"] = DATASETS
     return out
 
 

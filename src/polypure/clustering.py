@@ -27,14 +27,13 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import json
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
-from tqdm.auto import tqdm
 
 from .errors import ConfigError, PolypureError
 from .registry import Registry

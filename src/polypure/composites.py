@@ -24,8 +24,9 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
+from collections.abc import Callable
 from numbers import Real
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ GRADIENT_COMPOSITES = frozenset({"gradient", "guided_backprop", "deconvnet"})
 INPUT_BOUNDS = ("low", "high")
 
 #: An input bound: one value for every channel, or one per channel.
-Bound = Union[float, list[float]]
+Bound = float | list[float]
 
 COMPOSITES.register("gradient", lambda canonizers=None: Composite(canonizers=canonizers))
 for _name, _cls in ZENNIT_COMPOSITES.items():
@@ -244,8 +245,22 @@ def make_composite(name: str, canonizers: list[str] | None = None, params: dict[
     """
     kwargs = composite_kwargs(name, params, bounds, key)
     factory = COMPOSITES.get(name)
-    return factory(canonizers=[CANONIZERS.get(c)() for c in canonizers or []],
+    chosen = [CANONIZERS.get(c)() for c in canonizers or []]
+    return factory(canonizers=[LastFirst(chosen)] if chosen else [],
                    **{key: _as_argument(key, value) for key, value in kwargs.items()})
+
+
+class LastFirst(CompositeCanonizer):
+    """Canonizers applied in the order given and undone in the reverse order.
+
+    zennit reverts canonizers in the order it applied them. Two that change the same module (``resnet``,
+    which merges batch norms into the convolutions before them, then ``merge_bn``) must be undone
+    last-first, or the second undo finds the first's state gone and the weights stay changed.
+    """
+
+    def apply(self, root_module):
+        """Apply every canonizer; the handles come back last-first, the order zennit removes them in."""
+        return list(reversed(super().apply(root_module)))
 
 
 def times_activation(composite: str, setting="auto") -> bool:
@@ -263,7 +278,7 @@ def times_activation(composite: str, setting="auto") -> bool:
 # ---------------------------------------------------------------------------------------------------
 # batch norms an LRP composite would leave alone
 
-_ADVISED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_ADVISED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _has_resnet_blocks(module: nn.Module) -> bool:

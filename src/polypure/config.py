@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,7 +59,7 @@ class ModelSection(_Section):
     """Which network to explain and where its layers are."""
 
     name: str = "torchvision:resnet34"
-    weights: Union[str, bool, None] = None
+    weights: str | bool | None = None
     layers: dict[str, str] = Field(default_factory=dict)
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -81,6 +81,8 @@ class ModelSection(_Section):
 
 
 class NormalizeSpec(_Section):
+    """Per-channel mean and std that turn [0, 1] pixels into model inputs."""
+
     mean: list[float]
     std: list[float]
 
@@ -163,7 +165,7 @@ class TopKSection(_Section):
     checkpoint_every: int = Field(50, ge=1)
 
 
-NeuronSpec = Union[Literal["all"], list[int], str, int]
+NeuronSpec = Literal["all"] | list[int] | str | int
 
 
 def _check_neurons(value):
@@ -189,7 +191,7 @@ class PlantedSection(_Section):
 
     pairs: int = Field(16, ge=1)
     layer: str = "block_3"
-    mode: Union[Literal["sum", "max"], list[Literal["sum", "max"]]] = "sum"
+    mode: Literal["sum", "max"] | list[Literal["sum", "max"]] = "sum"
     seed: int = 0
     max_overlap: float = Field(0.1, ge=0, le=1)
     attribution_layers: list[str] | None = None
@@ -209,11 +211,12 @@ class CompositeSpec(BaseModel):
 
     @property
     def params(self) -> dict[str, Any]:
+        """The composite's parameters from the mapping form (empty for a plain name)."""
         return dict(self.model_extra or {})
 
 
 #: ``relevance.composite``: a registered name, or ``{name: ..., <parameter>: <value>, ...}``.
-CompositeField = Union[str, CompositeSpec]
+CompositeField = str | CompositeSpec
 
 
 def _composite_form(value: Any) -> Any:
@@ -235,9 +238,9 @@ class RelevanceSection(_Section):
     n_refs: int = Field(50, ge=1)
     composite: CompositeField = "gradient"
     canonizers: list[str] = Field(default_factory=list)
-    times_activation: Union[Literal["auto"], bool] = "auto"
+    times_activation: Literal["auto"] | bool = "auto"
     batch_size: int = Field(64, ge=1)
-    planted: Union[PlantedSection, list[PlantedSection], None] = None
+    planted: PlantedSection | list[PlantedSection] | None = None
 
     _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
     _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
@@ -272,6 +275,7 @@ class RelevanceSection(_Section):
 
     @property
     def planted_list(self) -> list[PlantedSection]:
+        """The planted entries as a list, whichever form the config used."""
         if self.planted is None:
             return []
         return [self.planted] if isinstance(self.planted, PlantedSection) else list(self.planted)
@@ -287,10 +291,12 @@ class ClusterMethod(BaseModel):
 
     @property
     def params(self) -> dict[str, Any]:
+        """The clusterer's parameters: every key but ``name`` and ``id``."""
         return dict(self.model_extra or {})
 
     @property
     def method_id(self) -> str:
+        """Where the clustering is stored: ``id``, or else ``name``."""
         return self.id or self.name
 
 
@@ -318,12 +324,13 @@ class EvaluateSection(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     references: list[str] = Field(default_factory=list)
-    ground_truth: Union[Literal["auto"], list[str]] = "auto"
+    ground_truth: Literal["auto"] | list[str] = "auto"
     mixture_share: float = Field(0.2, gt=0, le=1)
     polysemantic_by: str | None = None
     batch_size: int = Field(32, ge=1)
 
     def settings(self, name: str) -> dict[str, Any]:
+        """The settings of evaluator ``name`` (``evaluate.<name>``), empty where none are given."""
         value = (self.model_extra or {}).get(name, {})
         if not isinstance(value, dict):
             raise ConfigError(f"evaluate.{name}: expected a mapping of settings, got {value!r}")

@@ -59,6 +59,7 @@ class DemoResNet(nn.Module):
         self.fc = nn.Linear(WIDTHS[3], classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores of a batch of images."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))

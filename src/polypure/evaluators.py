@@ -29,7 +29,7 @@ Example
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -85,6 +85,7 @@ class Evaluator:
 
     @property
     def view(self) -> str:
+        """``full`` (whole images) or ``crop`` (PURE's crops)."""
         return self.settings.view
 
     def signature(self) -> dict[str, Any]:
@@ -131,8 +132,10 @@ def _is_file(value) -> bool:
 
 
 class ClipSettings(EvaluatorSettings):
+    """Settings of the CLIP evaluator (``evaluate.clip``)."""
+
     model: str = "ViT-B-32"
-    pretrained: Union[str, None] = "openai"
+    pretrained: str | None = "openai"
     pooling: Literal["auto", "tokens", "embed"] = "auto"
 
 
@@ -174,6 +177,7 @@ class ClipEvaluator(Evaluator):
         self._model = model
 
     def embed_images(self, images):
+        """CLIP embeddings of [0, 1] images: (len(images), D)."""
         self._load()
         x = prepare(images, self._size, self._size, self._mean, self._std).to(self.device)
         with torch.no_grad():
@@ -193,8 +197,10 @@ class ClipEvaluator(Evaluator):
 
 
 class Dinov2Settings(EvaluatorSettings):
+    """Settings of the DINOv2 evaluator (``evaluate.dinov2``)."""
+
     model: str = "vit_base_patch14_dinov2.lvd142m"
-    pretrained: Union[bool, str, None] = True
+    pretrained: bool | str | None = True
     image_size: int = 224
     resize: int = 256
 
@@ -231,6 +237,7 @@ class Dinov2Evaluator(Evaluator):
         self._model = model.eval().to(self.device)
 
     def embed_images(self, images):
+        """DINOv2 embeddings of [0, 1] images: (len(images), D)."""
         self._load()
         s = self.settings
         x = prepare(images, s.resize, s.image_size, self._mean, self._std).to(self.device)
@@ -239,6 +246,8 @@ class Dinov2Evaluator(Evaluator):
 
 
 class LabelsSettings(EvaluatorSettings):
+    """Settings of the labels evaluator (``evaluate.labels``)."""
+
     of: str = "class"
 
 
@@ -250,6 +259,7 @@ class LabelsEvaluator(Evaluator):
     image_based = False
 
     def embed_samples(self, dataset, indices, batch_size=32):
+        """One-hot vectors of the samples' labels (no pixels needed)."""
         of = self.settings.of
         if of == "class":
             codes = np.asarray(dataset.labels)

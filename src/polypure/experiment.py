@@ -135,8 +135,7 @@ class Experiment:
 
     def _check_evaluators(self) -> None:
         """Validate evaluator names and settings now, so that a typo fails before hours of work."""
-        from .evaluators import evaluator_names
-        from .evaluators import EVALUATORS, make_evaluator
+        from .evaluators import EVALUATORS, evaluator_names, make_evaluator
 
         references = set(self.config.evaluate.references)
         for name in evaluator_names(self.config, relevance_spaces=self._relevance_spaces()):
@@ -170,7 +169,7 @@ class Experiment:
                 model = arg
                 model.layers = {**model.layers, **self.config.model.layers}
             elif isinstance(arg, nn.Module):
-                from .models import default_layers, _default_canonizers
+                from .models import _default_canonizers, default_layers
                 model = ExplainedModel(arg, {**default_layers(arg), **self.config.model.layers},
                                        name=self.config.model.name, canonizers=_default_canonizers(arg))
             else:
@@ -192,10 +191,12 @@ class Experiment:
 
     @property
     def num_workers(self) -> int:
+        """Loader workers for the data (``data.num_workers``)."""
         return self.config.data.num_workers
 
     @property
     def batch_size(self) -> int:
+        """Samples per forward pass of the top-K stage (``data.batch_size``)."""
         return self.config.data.batch_size
 
     @contextlib.contextmanager
@@ -227,7 +228,7 @@ class Experiment:
         self._shapes.update(shapes)
         return shapes, order
 
-    def validate(self) -> "Experiment":
+    def validate(self) -> Experiment:
         """Check every name and number of the config against the model and data, before any stage runs.
 
         Called by every stage the first time; call it directly to check a config without computing.
@@ -244,6 +245,7 @@ class Experiment:
         return self
 
     def log(self, message: str) -> None:
+        """Report a line of progress through the ``polypure`` logger."""
         log.info(message)
 
     # -- stages ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from .imaging import mosaic, shrink, thumbnail, umap_canvas
 from .metrics import pairwise_distances
-from .store import Store, read_attr
+from .store import Store
 
 #: Formats every figure function writes.
 FORMATS = ("png", "svg")

@@ -8,8 +8,8 @@ reference) pair its own row above that layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 from torch import nn

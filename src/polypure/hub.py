@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from .errors import ConfigError, PolypureError

@@ -24,16 +24,17 @@ import difflib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, PolypureError
-from .hub import download_error, host_reachable, fetch
+from .hub import download_error, fetch, host_reachable
 from .registry import Registry
 
 #: Registered model factories: ``factory(weights=None, **kwargs) -> nn.Module | ExplainedModel``.

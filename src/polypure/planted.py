@@ -101,7 +101,7 @@ class VirtualNeurons:
     modes: list[str]
 
     @classmethod
-    def build(cls, pairs: np.ndarray, scales: np.ndarray, modes: list[str]) -> "VirtualNeurons":
+    def build(cls, pairs: np.ndarray, scales: np.ndarray, modes: list[str]) -> VirtualNeurons:
         """Every pair in every mode, mode by mode."""
         for mode in modes:
             if mode not in MODES:

@@ -19,16 +19,17 @@ Example
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .attribution import ConditionalRelevance, channel_init
-from .composites import composite_kwargs, input_bounds, make_composite, times_activation, warn_uncanonized
+from .composites import composite_kwargs, input_bounds, make_composite, times_activation
 from .errors import ConfigError
 from .planted import VirtualNeurons
 from .store import planted_target

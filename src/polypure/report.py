@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, figures, imaging, summary
 from .errors import PolypureError
-from .store import Store, read_attr
+from .store import Store
 
 log = logging.getLogger("polypure")
 
@@ -490,8 +490,10 @@ def _tint(value, kind: str = "value") -> str:
 
 
 def _summary_groups(records: list[dict], methods: list[str]) -> list[dict]:
-    """The tables of :func:`polypure.summary.pivot`, gathered per group and cluster method (side by side in
-    the index), with the reasons neurons were left out."""
+    """The tables of :func:`polypure.summary.pivot`, gathered per group and cluster method.
+
+    They stand side by side in the index, with the reasons neurons were left out.
+    """
     tables = summary.pivot(records, methods)
     return [{"title": title, "tables": [t for t in tables if t.title == title],
              "notes": [note for t in tables if t.title == title for note in t.notes()]}
@@ -553,7 +555,7 @@ def _grids(store: Store, target: _Target, row: int, thumbs: _Thumbs) -> list[dic
 
 
 def _neuron_metrics(target: _Target, row: int) -> dict:
-    """This neuron's numbers: a row per space, a column per reference correlation and ARI."""
+    """A neuron's numbers: a row per space, a column per reference correlation and ARI."""
     columns = [(f"corr {ref}", values) for ref, values in target.corr.items()]
     columns += [(f"ARI {label}", values) for label, values in target.ari.items()]
     spaces = list(dict.fromkeys(s for _, values in columns for s in values))
@@ -562,7 +564,7 @@ def _neuron_metrics(target: _Target, row: int) -> dict:
                      for space in spaces]}
 
 
-def _neuron_parts(store: Store, target: _Target, row: int, out: Path, thumbs: _Thumbs, draw: "_Drawer") -> dict:
+def _neuron_parts(store: Store, target: _Target, row: int, out: Path, thumbs: _Thumbs, draw: _Drawer) -> dict:
     """A neuron page's figures and cluster grids (drawn or found up to date), for :func:`_neuron_page`."""
     neuron = int(target.neurons[row])
     page_dir = out / "neurons" / target.slug
@@ -572,8 +574,8 @@ def _neuron_parts(store: Store, target: _Target, row: int, out: Path, thumbs: _T
         files = _files(fig_dir, f"{neuron}_distances_{figures.safe_name(reference)}", ("png",))
         figs.append(draw(page_dir, f"distance matrices, reference {reference} (seed Figure 2)", files,
                          draw.key(figures.distance_matrices, target.name, row, reference, settings=files[0].name),
-                         lambda: figures.distance_matrices(store, target.name, row, reference, fig_dir,
-                                                           formats=("png",), stem=files[0].stem)))
+                         lambda reference=reference, files=files: figures.distance_matrices(
+                             store, target.name, row, reference, fig_dir, formats=("png",), stem=files[0].stem)))
     method = target.method or "kmeans"
     view = _view(target)
     files = _files(fig_dir, f"{neuron}_umap", ("png",))
@@ -636,15 +638,19 @@ class _Drawer:
         self.code = code
 
     def key(self, figure, *args, settings=(), **kwargs) -> str:
-        """A figure's key: the drawing code, the store data the figure reads for these arguments
-        (:func:`polypure.figures.inputs`), and any further ``settings`` it depends on."""
+        """A figure's key: its drawing code, the data it reads and its settings.
+
+        The data is what :func:`polypure.figures.inputs` says the figure reads for these arguments;
+        ``settings`` are whatever else it depends on.
+        """
         return _digest(self.code, figure.__name__, figures.inputs(figure, self.store, *args, **kwargs), kwargs,
                        settings)
 
     def __call__(self, page_dir: Path, caption: str, files: list[Path], key: str,
                  make: Callable[[], object]) -> dict:
-        """The figure for a page in ``page_dir`` (for the template's ``figure``), or the reason it failed (the
-        rest of the report still gets written).
+        """The figure for a page in ``page_dir`` (for the template's ``figure``), or the reason it failed.
+
+        The rest of the report still gets written when one figure fails.
 
         ``make`` draws ``files``; it is called only when they are not up to date for ``key``.
         """
@@ -733,13 +739,14 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
                                            f"with {reference} (seed Figure 3a)", files,
                                       draw.key(figures.correlation_scatter, target.name, reference,
                                                settings=files[0].stem),
-                                      lambda: figures.correlation_scatter(store, target.name, reference, fig_dir,
-                                                                          stem=f"scatter_{names}")))
+                                      lambda target=target, reference=reference, names=names:
+                                      figures.correlation_scatter(store, target.name, reference, fig_dir,
+                                                                  stem=f"scatter_{names}")))
                 files = _files(fig_dir, f"bars_{names}", figures.FORMATS)
                 shown.append(draw(out, f"{target.name}: correlation with {reference} per space (seed Figure 3b)",
                                   files, draw.key(figures.space_bars, target.name, reference, settings=files[0].stem),
-                                  lambda: figures.space_bars(store, target.name, reference, fig_dir,
-                                                             stem=f"bars_{names}")))
+                                  lambda target=target, reference=reference, names=names:
+                                  figures.space_bars(store, target.name, reference, fig_dir, stem=f"bars_{names}")))
                 target_figs.setdefault(target.name, []).extend(shown)
                 bar.update()
             parts = {}

@@ -29,8 +29,9 @@ Example
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -54,6 +55,9 @@ STR = h5py.string_dtype("utf-8")
 #: Other settings (top-K, relevance rules, planted pairs) are checked result by result, so that a study can
 #: grow (more neurons, another target) without redoing what is finished.
 GLOBAL_SECTIONS = ("model", "data", "seed")
+
+#: Datasets of a relevance target that are bookkeeping of its rows, not a feature space.
+_ROW_BOOKKEEPING = ("neurons", "complete")
 
 #: Where the results derived from one relevance target live (recomputed when its rows change).
 _DERIVED = ("clusters/{t}", "crops/{t}", "metrics/{t}")
@@ -98,7 +102,12 @@ class Store:
             self.file = h5py.File(self.path, mode)
         except OSError as exc:
             raise StoreError(f"store {str(self.path)!r} cannot be opened: {exc}") from None
-        self._check_format()
+        try:
+            self._check_format()
+        except StoreError:
+            # a refused file must not stay open: a notebook could not overwrite or reopen it
+            self.file.close()
+            raise
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -114,7 +123,7 @@ class Store:
                              f"({__version__}) reads up to {FORMAT_VERSION}")
 
     @classmethod
-    def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False) -> "Store":
+    def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False) -> Store:
         """Open (or create) the store a run writes, checking it was made for the same model and data.
 
         Only the sections every result depends on (:data:`GLOBAL_SECTIONS`) are compared here; the
@@ -183,7 +192,7 @@ class Store:
         """Push written data to disk, so an interruption loses nothing written so far."""
         self.file.flush()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -191,6 +200,7 @@ class Store:
 
     @property
     def config_yaml(self) -> str:
+        """The resolved config the store was last written with, as YAML text."""
         return _decode(self.file.attrs.get("config", ""))
 
     def _group(self, path: str) -> h5py.Group:
@@ -204,6 +214,7 @@ class Store:
     # -- samples -----------------------------------------------------------------------------------
 
     def has_samples(self) -> bool:
+        """Whether the sample ids and labels were written."""
         return "samples/ids" in self.file
 
     def write_samples(self, ids: list[str], labels: np.ndarray,
@@ -220,6 +231,7 @@ class Store:
             ds.attrs["values"] = attr_value(list(values))
 
     def sample_ids(self) -> list[str]:
+        """The stable id of every sample."""
         return [_decode(s) for s in self.file["samples/ids"][()]]
 
     def check_samples(self, ids: list[str]) -> None:
@@ -243,6 +255,7 @@ class Store:
         self.file["samples/labels"][:] = np.asarray(labels, np.int64)
 
     def factors(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """Generative factors: name -> (code per sample, value names)."""
         out = {}
         if "samples/factors" in self.file:
             for name, ds in self.file["samples/factors"].items():
@@ -456,6 +469,8 @@ class Store:
 
     def has_space(self, target: str, space: str) -> bool:
         """Whether the store has features of ``space`` for ``target`` (a layer, activation or an embedding)."""
+        if space in _ROW_BOOKKEEPING:
+            return False
         return f"relevance/{target}/{space}" in self.file or f"embeddings/{space}/{target}" in self.file
 
     def features(self, target: str, space: str, row: int | None = None) -> np.ndarray:
@@ -473,7 +488,7 @@ class Store:
             If the store has no such space for the target.
         """
         for path in (f"relevance/{target}/{space}", f"embeddings/{space}/{target}"):
-            if path in self.file:
+            if path in self.file and space not in _ROW_BOOKKEEPING:
                 return self.file[path][()] if row is None else self.file[path][row]
         raise StoreError(f"store {str(self.path)!r} has no space {space!r} for target {target!r} (attribution "
                          "layers, 'activation', or evaluator embeddings)")
@@ -548,10 +563,10 @@ class Store:
         indices = self.read(f"topk/{target}/indices")[neurons]
         refs = indices if full_topk else indices[:, :self.n_refs(target)]
         out = {}
-        layer = planted_layer(target)
-        if layer is not None:
-            truth = self.topk_payload(target, "truth")[neurons] if full_topk else self.read(f"planted/{layer}/truth")
-            out[PLANTED] = truth[:, :refs.shape[1]]
+        if planted_layer(target) is not None:
+            # the truth of every top-K entry, in the target's row order: /planted/<layer>/truth has the n_refs of
+            # the run that chose the pairs and one row per virtual neuron, which a later run may not share
+            out[PLANTED] = self.topk_payload(target, "truth")[neurons][:, :refs.shape[1]]
         for name, (codes, _) in self.factors().items():
             out[name] = codes[refs]
         labels = self.labels()
@@ -691,6 +706,7 @@ class Store:
         return ds
 
     def read(self, path: str):
+        """A dataset at ``path`` as an array."""
         if path not in self.file:
             raise StoreError(f"store {str(self.path)!r} has no {path!r}")
         return self.file[path][()]

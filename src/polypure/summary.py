@@ -272,8 +272,11 @@ class Table:
             f", clusters: {self.method}" if self.method else "")
 
     def text(self, space: str, metric: str) -> str:
-        """A cell as shown: ``mean ± std``, with ``n=`` where fewer neurons than the group's have a value,
-        ``n/a`` where none has; empty where the metric does not exist for the space."""
+        """A cell as shown: ``mean ± std``, ``n/a``, or empty.
+
+        ``n=`` follows where fewer neurons than the group's have a value; ``n/a`` stands where none has;
+        the cell is empty where the metric does not exist for the space.
+        """
         r = self.cells.get((space, metric))
         if r is None:
             return ""
@@ -282,8 +285,10 @@ class Table:
         return f"{r['mean']:.3f} ± {r['std']:.3f}" + (f" n={r['n']}" if r["n"] < self.neurons else "")
 
     def notes(self) -> list[str]:
-        """Why neurons were left out: ``where: count reason`` per reason and count, where is whole rows
-        (spaces), whole columns (metrics), or single cells."""
+        """Why neurons were left out: ``where: count reason`` per reason and count.
+
+        ``where`` is whole rows (spaces), whole columns (metrics), or single cells.
+        """
         by: dict[tuple[str, int], list[tuple[str, str]]] = {}
         for key, r in self.cells.items():
             for reason, count in parse_skipped(r.get("skipped", "")).items():

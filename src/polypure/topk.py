@@ -17,15 +17,15 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, PolypureError
+from .errors import PolypureError
 from .hooks import forward_to, tap_layers
 
 _EMPTY_INDEX = torch.iinfo(torch.int64).max
@@ -93,7 +93,7 @@ class TopK:
             joined = torch.cat([self.payloads[name], extra[name].to(self.payloads[name].dtype)], dim=1)
             self.payloads[name] = joined.gather(1, keep)
 
-    def merge(self, other: "TopK") -> "TopK":
+    def merge(self, other: TopK) -> TopK:
         """Fold in the top-K of another shard of the data (disjoint samples); returns self."""
         self._combine(other.values, other.indices, other.payloads)
         return self
@@ -111,7 +111,7 @@ class TopK:
 
     @classmethod
     def from_arrays(cls, values: np.ndarray, indices: np.ndarray,
-                    payloads: dict[str, np.ndarray] | None = None) -> "TopK":
+                    payloads: dict[str, np.ndarray] | None = None) -> TopK:
         """Rebuild a running top-K from stored arrays (to resume or merge)."""
         acc = cls(values.shape[0], values.shape[1])
         acc.values = torch.as_tensor(values, dtype=torch.float32).clone()

@@ -15,7 +15,7 @@ ConfigError: relevance.neurons: neuron 999 out of range for a layer with 128 cha
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import ConfigError
 

@@ -100,7 +100,7 @@ def _planted_settings(planted) -> dict:
 
 def _check_planted(ctx, store, planted) -> None:
     """Stored planted pairs must come from the same settings, and their virtual neurons from the same modes."""
-    name = planted_target(planted.layer)
+    planted_target(planted.layer)
     if not store.has_planted_pairs(planted.layer):
         return
     stored = store.planted_settings(planted.layer)

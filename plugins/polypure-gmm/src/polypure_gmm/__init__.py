@@ -36,6 +36,7 @@ class GaussianMixtureClusterer(ClusterMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y=None):
+        """Fit the mixture to the projected references; returns self."""
         X = np.asarray(X, dtype=np.float64)
         dims = max(1, min(self.n_dims, X.shape[0] - 1, X.shape[1]))
         projected = PCA(n_components=dims, random_state=self.random_state).fit_transform(X)
@@ -45,4 +46,5 @@ class GaussianMixtureClusterer(ClusterMixin, BaseEstimator):
         return self
 
     def fit_predict(self, X, y=None):
+        """Fit and return the component of every reference."""
         return self.fit(X).labels_
