@@ -284,7 +284,7 @@ class Results:
         other than the baseline: :func:`polypure.stats.paired` of the baseline's values (``a``) and the
         space's (``b``), so a positive ``mean_diff`` or ``effect`` means the space scores higher. Neurons
         without a score on either side are dropped and counted. The store keeps no comparisons; they are
-        computed here from the stored per-neuron metrics, within a second for a store like the demo's.
+        computed here from the stored per-neuron metrics.
 
         Parameters
         ----------
