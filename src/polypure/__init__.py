@@ -22,6 +22,7 @@ _LAZY = {
     "Experiment": "experiment",
     "ExplainedModel": "models", "create_model": "models",
     "Store": "store",
+    "Results": "results", "open_results": "results",
 }
 
 __all__ = ["__version__", *_LAZY]

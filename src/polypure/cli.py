@@ -6,6 +6,7 @@
     polypure topk CONFIG                          one stage alone (any of polypure.stages.NAMES but report)
     polypure inspect STORE                        what a store holds
     polypure report STORE                         the browsable HTML report of a store
+    polypure export STORE DIR [--format parquet]  metrics, summary and comparisons as CSV or Parquet tables
     polypure check-rules CONFIG                   check composites and canonizers on a few samples
     polypure list [KIND]                          registered models, composites, canonizers, ...
 
@@ -69,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--view", choices=["auto", "full", "crop"], default="auto",
                         help="thumbnails of whole images or of the crop view's crops")
     report.add_argument("-q", "--quiet", action="store_true")
+
+    export = sub.add_parser("export", help="write a store's metrics, summary and comparisons as tables",
+                            description="Write metrics (every per-neuron metric in long form), summary (the "
+                                        "summary table) and comparisons (each space against a baseline space, "
+                                        "Holm-adjusted) into DIR as CSV or Parquet files; prints their paths.")
+    export.add_argument("store", help="HDF5 store written by polypure")
+    export.add_argument("out", metavar="DIR", help="output folder (made if needed)")
+    export.add_argument("--format", choices=["csv", "parquet"], default="csv",
+                        help="csv (default) or parquet (needs pyarrow: pip install 'polypure[parquet]')")
+    export.add_argument("--baseline", default=None, metavar="SPACE",
+                        help="space the comparisons are against (default: each target's last attribution layer)")
 
     train = sub.add_parser("demo-train", help="retrain the demo model on synthetic concept images",
                            description="Train the demo ResNet from a fixed seed on fresh synthetic images with "
@@ -199,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
             print(write_report(args.store, out=args.out, max_neurons=args.neurons, view=args.view,
                                progress=not args.quiet))
+            return 0
+        if args.command == "export":
+            from .results import export
+            for path in export(args.store, args.out, format=args.format, baseline=args.baseline):
+                print(path)
             return 0
         if args.command == "demo-train":
             from .demo_model import train_demo

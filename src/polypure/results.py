@@ -1,0 +1,443 @@
+"""A store's results for notebooks: per-neuron metrics, the summary and comparisons as pandas DataFrames.
+
+:func:`open_results` opens a store read-only and gives
+
+* :meth:`Results.metrics`: every per-neuron metric in long form, one row per neuron, space, cluster method,
+  reference or label set and metric, with the value (NaN kept) and why a missing value is missing;
+* :meth:`Results.summary`: the stored summary table (:data:`polypure.summary.FIELDS`);
+* :meth:`Results.compare`: one metric (or every one) compared between each space and a baseline space over
+  the same neurons (:func:`polypure.stats.paired`), Holm-adjusted over the returned table. The store keeps
+  no comparisons: they are computed from the stored per-neuron metrics when asked for;
+* :meth:`Results.relevance`, :meth:`Results.embeddings`, :meth:`Results.features`: the arrays, as numpy.
+
+:func:`export` (``polypure export STORE DIR``) writes the three tables as CSV or Parquet files.
+
+Example
+-------
+>>> import polypure                                                    # doctest: +SKIP
+>>> with polypure.open_results("storage/demo.h5") as results:         # doctest: +SKIP
+...     metrics = results.metrics()
+...     table = results.compare("ARI shape", baseline="activation", target="block_3")
+>>> metrics.groupby(["space", "metric", "of"]).value.mean()          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import stats, summary
+from .errors import ConfigError
+from .metrics import REASONS
+from .store import ACTIVATION, Store, planted_layer
+
+#: Columns of :meth:`Results.metrics`.
+METRIC_COLUMNS = ("target", "neuron", "row", "mode", "space", "method", "of", "metric", "value", "skipped")
+#: Columns of :meth:`Results.compare`.
+COMPARISON_COLUMNS = ("target", "group", "metric", "method", "space_a", "space_b", "n", "dropped", "zeros",
+                      "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "effect", "reason")
+#: The tables :func:`export` writes, one file each.
+TABLES = ("metrics", "summary", "comparisons")
+#: Metric names, in the order the summary shows them: reference-space metrics, then ground-truth scores.
+METRICS = ("corr", "inner", "inter", "ARI", "NMI")
+
+_INTS = ("neuron", "row", "n", "neurons", "dropped", "zeros")
+_FLOATS = ("value", "mean", "std", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "effect")
+
+
+def open_results(path: str | Path) -> Results:
+    """Open a store's results read-only (see :class:`Results`)."""
+    return Results(path)
+
+
+class Results:
+    """The results of one store, read-only, as DataFrames and arrays.
+
+    A context manager: ``with open_results(path) as results: ...`` closes the file at the end; otherwise
+    :meth:`close` does, or the garbage collector.
+
+    Parameters
+    ----------
+    path : str or Path
+        A store written by polypure.
+
+    Attributes
+    ----------
+    store : polypure.store.Store
+        The open store, for anything not offered here.
+
+    Raises
+    ------
+    StoreError
+        If the file is missing or not a polypure store.
+    """
+
+    def __init__(self, path: str | Path):
+        self.store = Store(path, "r")
+
+    @property
+    def path(self) -> Path:
+        """The store's file."""
+        return self.store.path
+
+    def close(self) -> None:
+        """Close the store."""
+        self.store.close()
+
+    def __enter__(self) -> Results:
+        """Return the results themselves, closed at the end of the ``with`` block."""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close the store."""
+        self.close()
+
+    def __repr__(self) -> str:
+        """Return the store's path and targets."""
+        return f"Results({str(self.path)!r}, targets={self.targets})"
+
+    # -- what the store holds ----------------------------------------------------------------------
+
+    @property
+    def targets(self) -> list[str]:
+        """The relevance targets (``block_3``, ``logits``, ``block_3@planted``), in store order."""
+        return self.store.relevance_targets()
+
+    def config(self) -> dict:
+        """The resolved config the store was last written with."""
+        return self.store.config()
+
+    def neurons(self, target: str) -> np.ndarray:
+        """Neuron (or virtual-neuron) id of every row of a target: (M,) int64."""
+        return self.store.neurons(self._target(target))
+
+    def spaces(self, target: str) -> list[str]:
+        """A target's spaces: its attribution layers, ``activation``, then evaluators with embeddings of it."""
+        target = self._target(target)
+        return [*self.store.spaces(target),
+                *(e for e in self.store.embedding_names() if self.store.has_embeddings(e, target))]
+
+    def relevance(self, target: str, space: str) -> np.ndarray:
+        """A target's relevance at an attribution layer, or its ``activation`` baseline: (M, n_refs, C) float32.
+
+        Raises
+        ------
+        ConfigError
+            If ``space`` is not an attribution layer of the target nor ``activation``.
+        """
+        target = self._target(target)
+        if space not in self.store.spaces(target):
+            raise ConfigError(f"target {target!r} has no relevance at {space!r}; its spaces: "
+                              f"{', '.join(self.store.spaces(target))}")
+        return self.store.relevance(target, space)
+
+    def embeddings(self, evaluator: str, target: str) -> np.ndarray:
+        """An evaluator's embedding of every reference of a target: (M, n_refs, D) float32.
+
+        Raises
+        ------
+        ConfigError
+            If the store has no embeddings of the target by that evaluator.
+        """
+        target = self._target(target)
+        if not self.store.has_embeddings(evaluator, target):
+            known = [e for e in self.store.embedding_names() if self.store.has_embeddings(e, target)]
+            raise ConfigError(f"no {evaluator!r} embeddings of target {target!r} in the store; evaluators with "
+                              f"embeddings of it: {', '.join(known) or 'none'}")
+        return self.store.embeddings(evaluator, target)
+
+    def features(self, target: str, space: str) -> np.ndarray:
+        """The vectors a space gives a target's references (relevance, activation or an embedding): (M, n_refs, D).
+
+        Raises
+        ------
+        ConfigError
+            If the target has no such space (:meth:`spaces`).
+        """
+        spaces = self.spaces(target)
+        if space not in spaces:
+            raise ConfigError(f"target {target!r} has no space {space!r}; its spaces: {', '.join(spaces)}")
+        return self.store.features(target, space)
+
+    def _target(self, target: str) -> str:
+        if target not in self.targets:
+            raise ConfigError(f"store {str(self.path)!r} has no target {target!r}; targets: "
+                              f"{', '.join(self.targets) or 'none'}")
+        return target
+
+    # -- tables ------------------------------------------------------------------------------------
+
+    def metrics(self, target: str | None = None) -> pd.DataFrame:
+        """Every per-neuron metric of the store (or of one target) in long form.
+
+        Parameters
+        ----------
+        target : str, optional
+            Only this target.
+
+        Returns
+        -------
+        DataFrame
+            One row per neuron and stored metric, with the columns of :data:`METRIC_COLUMNS`:
+
+            - ``target``, ``neuron`` (its id), ``row`` (its row in the target's arrays, as in
+              :meth:`relevance`);
+            - ``mode``: the planted mode (``sum``, ``max``) of a virtual neuron, ``""`` for a real one;
+            - ``space``: where the clustering or distances were computed;
+            - ``method``: the cluster method id, ``""`` for a distance correlation (no clustering);
+            - ``of``: the reference space (``corr``, ``inner``, ``inter``) or the label set (``ARI``,
+              ``NMI``): ``metric + " " + of`` is the summary's metric label (``ARI shape``);
+            - ``metric``: one of :data:`METRICS`; ``value``: float, NaN where there is no score;
+            - ``skipped``: why there is none, from the stored checks (``constant``, ``one-hot``,
+              ``all-noise``, ``one-cluster``, ``one-label``, comma-separated; ``undefined`` for a NaN no check
+              explains), ``""`` for a score. Counted per group, these are the summary's ``skipped``.
+
+            String columns hold ``""``, never a missing value, so that ``groupby`` keeps every row.
+        """
+        targets = self.targets if target is None else [self._target(target)]
+        parts = [self._target_metrics(t) for t in targets]
+        parts = [p for p in parts if len(p)]
+        frame = pd.concat(parts, ignore_index=True) if parts else _empty(METRIC_COLUMNS)
+        return _typed(frame)
+
+    def _target_metrics(self, target: str) -> pd.DataFrame:
+        store = self.store
+        neurons = store.neurons(target)
+        rows = np.arange(len(neurons))
+        layer = planted_layer(target)
+        modes = store.planted_modes(layer) if layer is not None else None
+        mode = np.asarray(modes if modes is not None and len(modes) == len(neurons) else [""] * len(neurons),
+                          dtype=object)
+        columns: dict[str, list] = {name: [] for name in METRIC_COLUMNS}
+        for metric, of, space, method, values, check in self._entries(target):
+            because = summary.reasons(store, target, **check)
+            values = np.asarray(values, np.float64)
+            reasons = [", ".join(r for r in REASONS if because[r][i]) for i in rows]
+            reasons = [r or (summary.UNDEFINED if not np.isfinite(v) else "") for r, v in zip(reasons, values, strict=True)]
+            for name, column in (("target", [target] * len(rows)), ("neuron", neurons), ("row", rows),
+                                 ("mode", mode), ("space", [space] * len(rows)), ("method", [method] * len(rows)),
+                                 ("of", [of] * len(rows)), ("metric", [metric] * len(rows)), ("value", values),
+                                 ("skipped", reasons)):
+                columns[name].append(np.asarray(column, dtype=object if name not in _INTS + _FLOATS else None))
+        if not columns["target"]:
+            return _empty(METRIC_COLUMNS)
+        return pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
+
+    def _entries(self, target: str) -> list[tuple[str, str, str, str, np.ndarray, dict]]:
+        """``(metric, of, space, method, values, check)`` of every per-neuron metric of a target, in table order.
+
+        ``check`` is the keyword arguments of :func:`polypure.summary.reasons` for the metric.
+        """
+        out = []
+        for kind, key, values in self.store.metric_entries(target):
+            if kind in ("ari", "nmi") and len(key) == 3:
+                of, space, method = key
+                out.append((kind.upper(), of, space, method, values, {"space": space, "method": method,
+                                                                      "labels": of}))
+            elif kind == "distance_correlation" and len(key) == 2:
+                of, space = key
+                out.append(("corr", of, space, "", values, {"space": space, "reference": of}))
+            elif kind == "cluster_distances" and len(key) == 3:
+                of, space, method = key
+                check = {"space": space, "method": method, "reference": of}
+                out.append(("inner", of, space, method, values[:, 0], check))
+                out.append(("inter", of, space, method, values[:, 1], check))
+        evaluate = self.config().get("evaluate") or {}
+        truth = evaluate.get("ground_truth")
+        names = [*(evaluate.get("references") or []), *(truth if isinstance(truth, list) else []),
+                 *self.store.label_sets()]
+        names = list(dict.fromkeys(names))
+        spaces = self.spaces(target)
+        methods = self.store.cluster_methods(target)
+
+        def position(item: list[str], name: str) -> int:
+            return item.index(name) if name in item else len(item)
+
+        def order(entry):
+            metric, of, space, method = entry[:4]
+            return (metric in ("ARI", "NMI"), position(names, of), of, METRICS.index(metric),
+                    position(spaces, space), space, position(methods, method), method)
+
+        return sorted(out, key=order)
+
+    def summary(self) -> pd.DataFrame:
+        """The stored summary table: one row per group of neurons, space, method and metric label.
+
+        Returns
+        -------
+        DataFrame
+            The columns of :data:`polypure.summary.FIELDS` (``target, group, space, method, metric, mean,
+            std, n, neurons, skipped``), as :func:`polypure.summary.read` gives them; empty before the
+            evaluate stage ran.
+        """
+        return _typed(pd.DataFrame(summary.read(self.store), columns=list(summary.FIELDS)))
+
+    def compare(self, metric: str | None = None, baseline: str | None = None, *, target: str | None = None,
+                group: str | None = None, method: str | None = None, n_resamples: int = 2000,
+                confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+        """Compare a metric between every space and a baseline space, over the same neurons.
+
+        For each target, group of neurons (as in the summary: the target, its neurons polysemantic by
+        ``evaluate.polysemantic_by``, the virtual neurons of each planted mode), cluster method and space
+        other than the baseline: :func:`polypure.stats.paired` of the baseline's values (``a``) and the
+        space's (``b``), so a positive ``mean_diff`` or ``effect`` means the space scores higher. Neurons
+        without a score on either side are dropped and counted. The store keeps no comparisons; they are
+        computed here from the stored per-neuron metrics.
+
+        Parameters
+        ----------
+        metric : str, optional
+            A metric label as the summary shows it (``"ARI shape"``, ``"corr clip"``, ``"inner clip"``);
+            every one by default.
+        baseline : str, optional
+            The space compared against (``"activation"``, ``"block_2"``); by default each target's last
+            attribution layer (the layer right below it, where PURE computes relevance).
+        target, group, method : str, optional
+            Only this target, group of neurons (``"block_3 [polysemantic by shape]"``, ``"block_3@planted
+            (max)"``) or cluster method id.
+        n_resamples, confidence, seed
+            Of the bootstrap interval (:func:`polypure.stats.paired`); the same seed gives the same table.
+
+        Returns
+        -------
+        DataFrame
+            The columns of :data:`COMPARISON_COLUMNS`: the :class:`polypure.stats.PairedResult` of each
+            comparison (``space_a`` the baseline, ``space_b`` the space) and ``p_holm``, its p-value
+            Holm-adjusted over every row of the returned table (a narrower table is a smaller family).
+
+        Raises
+        ------
+        ConfigError
+            If ``metric``, ``baseline``, ``target``, ``group`` or ``method`` is named and gives no comparison;
+            the message names what there is.
+        """
+        store = self.store
+        targets = self.targets if target is None else [self._target(target)]
+        polysemantic_by = (self.config().get("evaluate") or {}).get("polysemantic_by")
+        rows, seen_labels, seen_spaces, seen_groups, seen_methods = [], {}, {}, {}, {}
+        for name in targets:
+            layers = store.attribution_layers(name)
+            base = baseline or (layers[-1] if layers else ACTIVATION)
+            values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+            for kind, of, space, cluster_method, vals, _ in self._entries(name):
+                label = f"{kind} {of}"
+                seen_labels[label] = None
+                if metric is not None and label != metric:
+                    continue
+                seen_methods[cluster_method] = None
+                if method is not None and cluster_method != method:
+                    continue
+                seen_spaces[space] = None
+                values.setdefault((label, cluster_method), {})[space] = np.asarray(vals, np.float64)
+            neuron_groups = summary.groups(store, name, polysemantic_by)
+            seen_groups.update(dict.fromkeys(g for g, _ in neuron_groups))
+            neuron_groups = [(g, mask) for g, mask in neuron_groups if group is None or g == group]
+            for (label, cluster_method), by_space in values.items():
+                if base not in by_space:
+                    continue
+                for group_name, mask in neuron_groups:
+                    for space, vals in by_space.items():
+                        if space == base:
+                            continue
+                        result = stats.paired(by_space[base][mask], vals[mask], n_resamples=n_resamples,
+                                              confidence=confidence, seed=seed)
+                        rows.append({"target": name, "group": group_name, "metric": label, "method": cluster_method,
+                                     "space_a": base, "space_b": space, **result.as_dict()})
+        if not rows:
+            _explain_no_comparison(metric, baseline, group, method, seen_labels, seen_spaces, seen_groups,
+                                   seen_methods)
+            return _typed(_empty(COMPARISON_COLUMNS))
+        frame = pd.DataFrame(stats.holm_rows(rows))
+        return _typed(frame[list(COMPARISON_COLUMNS)])
+
+
+def _explain_no_comparison(metric, baseline, group, method, labels, spaces, groups, methods) -> None:
+    """Raise ConfigError naming the filter that left nothing to compare, if one was named."""
+    def listed(found: dict) -> str:
+        return ", ".join(repr(x) for x in found) or "none"
+
+    if metric is not None and metric not in labels:
+        raise ConfigError(f"no metric {metric!r} in the store; metrics: {listed(labels)}")
+    if method is not None and method not in methods:
+        raise ConfigError(f"no cluster method {method!r} for {metric or 'any metric'}; methods: {listed(methods)}")
+    if group is not None and group not in groups:
+        raise ConfigError(f"no group of neurons {group!r}; groups: {listed(groups)}")
+    if baseline is not None:
+        raise ConfigError(f"baseline {baseline!r}: no {metric or 'metric'} there to compare with; spaces: "
+                          f"{listed(spaces)}")
+    if metric is not None or group is not None or method is not None:
+        raise ConfigError(f"no {metric or 'metric'} in the last attribution layer of any target (the default "
+                          f"baseline); name a baseline, one of: {listed(spaces)}")
+
+
+def _empty(columns) -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series([], dtype=np.int64 if name in _INTS else np.float64 if name in _FLOATS
+                                         else object) for name in columns})
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Integer and float columns as int64 / float64, whatever the rows gave (also for an empty table)."""
+    for name in frame.columns:
+        if name in _INTS:
+            frame[name] = frame[name].astype(np.int64)
+        elif name in _FLOATS:
+            frame[name] = frame[name].astype(np.float64)
+    return frame
+
+
+def _check_parquet() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ConfigError("--format parquet needs pyarrow, which is not installed: pip install "
+                          "'polypure[parquet]'") from None
+
+
+def export(store: str | Path, out: str | Path, format: str = "csv", baseline: str | None = None) -> list[Path]:
+    """Write a store's per-neuron metrics, summary and comparisons as tables: ``polypure export``.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store.
+    out : str or Path
+        The folder to write into (made if needed): ``metrics``, ``summary`` and ``comparisons`` with the
+        format's suffix, each replacing a file of that name.
+    format : {"csv", "parquet"}
+        CSV (NaN written as ``NaN``, no index; ``pandas.read_csv(path, keep_default_na=False,
+        na_values=["NaN"])`` reads a table back as it was), or Parquet (needs pyarrow: the ``parquet`` extra).
+    baseline : str, optional
+        The space the comparisons are against (:meth:`Results.compare`): by default each target's last
+        attribution layer.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown format, Parquet without pyarrow (before anything is written), or a baseline that
+        gives no comparison.
+    """
+    if format not in ("csv", "parquet"):
+        raise ConfigError(f"--format: {format!r} is not one of csv, parquet")
+    if format == "parquet":
+        _check_parquet()
+    with Results(store) as results:
+        tables = {"metrics": results.metrics(), "summary": results.summary(),
+                  "comparisons": results.compare(baseline=baseline)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in TABLES:
+        path = out / f"{name}.{format}"
+        if format == "csv":
+            tables[name].to_csv(path, index=False, na_rep="NaN")
+        else:
+            tables[name].to_parquet(path, index=False)
+        paths.append(path)
+    return paths
