@@ -1,5 +1,7 @@
-"""The results API (polypure.results) and ``polypure export``: DataFrames that equal what the store holds,
-comparisons that equal polypure.stats, tables that read back as written, and the README's notebook example.
+"""The results API (polypure.results) and ``polypure export``.
+
+DataFrames that equal what the store holds, comparisons that equal polypure.stats, tables that read back
+as written, and the README's notebook example.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ READ_BACK = {"keep_default_na": False, "na_values": ["NaN"]}
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
-    """Eight c3 channels and planted neurons in sum and max mode, clustered by k-means and by HDBSCAN (all
-    noise with 10 references), a labels reference space and ground truth against the planted split and the
-    class, with the neurons polysemantic by class as a group of their own.
+    """Eight c3 channels and planted neurons in sum and max mode, clustered by k-means and by HDBSCAN.
+
+    HDBSCAN calls all 10 references noise; a labels reference space, ground truth against the planted split
+    and the class, and the neurons polysemantic by class as a group of their own.
     """
     path = tmp_path_factory.mktemp("results") / "r.h5"
     Experiment(model=tiny(seed=2), dataset=random_images(40, 32, seed=3), store=path, progress=False,
