@@ -7,6 +7,7 @@
     polypure inspect STORE                        what a store holds
     polypure report STORE                         the browsable HTML report of a store
     polypure export STORE DIR [--format parquet]  metrics, summary and comparisons as CSV or Parquet tables
+    polypure compare A.h5 B.h5 [...] --out DIR    stores compared with the first one (CSV and an HTML page)
     polypure check-rules CONFIG                   check composites and canonizers on a few samples
     polypure list [KIND]                          registered models, composites, canonizers, ...
 
@@ -81,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="csv (default) or parquet (needs pyarrow: pip install 'polypure[parquet]')")
     export.add_argument("--baseline", default=None, metavar="SPACE",
                         help="space the comparisons are against (default: each target's last attribution layer)")
+
+    compare = sub.add_parser("compare", help="compare the metrics of several stores with the first one",
+                             description="Compare every per-neuron metric of each store with the first store's: "
+                                         "paired tests (Wilcoxon) where two stores share samples, neurons and "
+                                         "references, unpaired ones (Mann-Whitney U) otherwise, Holm-adjusted; "
+                                         "writes comparison.csv, summaries.csv (the summaries side by side) and "
+                                         "index.html into DIR and prints their paths.")
+    compare.add_argument("stores", nargs="+", metavar="STORE", help="two or more HDF5 stores; the first is the baseline")
+    compare.add_argument("--out", required=True, metavar="DIR", help="output folder (made if needed)")
+    compare.add_argument("--metric", default=None, help="only this metric label (e.g. 'ARI class')")
+    compare.add_argument("--test", choices=["auto", "paired", "unpaired"], default="auto",
+                         help="auto (default): paired where the stores allow it; paired: refuse where they do not")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
 
     train = sub.add_parser("demo-train", help="retrain the demo model on synthetic concept images",
                            description="Train the demo ResNet from a fixed seed on fresh synthetic images with "
@@ -215,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .results import export
             for path in export(args.store, args.out, format=args.format, baseline=args.baseline):
+                print(path)
+            return 0
+        if args.command == "compare":
+            from .compare import compare_stores, write_comparison
+            paired = {"auto": None, "paired": True, "unpaired": False}[args.test]
+            result = compare_stores(args.stores, metric=args.metric, paired=paired, seed=args.seed)
+            for path in write_comparison(result, args.out):
                 print(path)
             return 0
         if args.command == "demo-train":

@@ -584,6 +584,11 @@ class Store:
         """Whether embeddings of a target by an evaluator are stored (with this signature, if given)."""
         return self._current(f"embeddings/{evaluator}/{target}", signature)
 
+    def embedding_attrs(self, evaluator: str, target: str) -> dict[str, Any]:
+        """The attributes of an evaluator's embeddings of a target (its signature, view); empty if none."""
+        path = f"embeddings/{evaluator}/{target}"
+        return {key: read_attr(value) for key, value in self.file[path].attrs.items()} if path in self.file else {}
+
     def embeddings(self, evaluator: str, target: str) -> np.ndarray:
         """An evaluator's embedding of every reference of a target: (M, n_refs, D)."""
         return self.read(f"embeddings/{evaluator}/{target}")
