@@ -25,7 +25,6 @@ True
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import re
 import warnings
@@ -62,15 +61,13 @@ def hdbscan_clusterer(min_cluster_size: int = 5, **params):
 
 def _import_clusterer(name: str) -> Callable[..., Any]:
     """The object that ``MODULE:ATTRIBUTE`` names, as an entry point would load it."""
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cluster.methods: cannot import {module_name!r} for clusterer {name!r}: {exc}") from None
-    obj = getattr(module, attr, None)
-    if not callable(obj):
-        raise ConfigError(f"cluster.methods: {module_name!r} has no class or function {attr!r}")
-    return obj
+    from .models import import_factory
+
+    if name.partition(":")[0].endswith(".py"):
+        # the name is also the method id, a store path component: a file path would add folders to it
+        raise ConfigError(f"cluster.methods: {name!r}: name a clusterer by MODULE:CLASS of an importable module, "
+                          "not a file")
+    return import_factory(name, "cluster.methods")
 
 
 def _parameters(obj: Callable[..., Any]) -> tuple[list[str], bool]:

@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from .config import Config, config_from_dict, load_config
-from .data import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset, no_pixels_message
+from .data import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset
 from .errors import ConfigError
 from .models import ExplainedModel, build_model
 from .stages import NAMES
 from .stages import get as get_stage
 from .store import Store
+from .validate import check_evaluators
 
 log = logging.getLogger("polypure")
 
@@ -122,7 +123,9 @@ class Experiment:
             raise ConfigError("config: data: missing required section")
         self._model_arg = model
         self._dataset_arg = dataset
-        self._check_evaluators()
+        # evaluators are checked now, not with the rest (validate), because they need no model and an in-memory
+        # dataset without pixels must be refused before anything is built
+        check_evaluators(self.config, self._dataset_arg)
         self.overwrite = overwrite
         self.progress = progress
         self.device = resolve_device(self.config.device)
@@ -132,31 +135,6 @@ class Experiment:
         self._store_checked = False
         self._validated = False
         self.report_path = None
-
-    def _check_evaluators(self) -> None:
-        """Validate evaluator names and settings now, so that a typo fails before hours of work."""
-        from .evaluators import EVALUATORS, evaluator_names, make_evaluator
-
-        references = set(self.config.evaluate.references)
-        for name in evaluator_names(self.config, relevance_spaces=self._relevance_spaces()):
-            settings = self.config.evaluate.settings(name)
-            if name not in references and not settings and name not in EVALUATORS:
-                raise ConfigError(f"cluster.spaces: {name!r} is neither an attribution layer, 'activation', nor an "
-                                  "evaluator")
-            try:
-                evaluator = make_evaluator(name, settings)
-            except ConfigError as exc:
-                message = str(exc)
-                raise ConfigError(message if message.startswith("evaluate.") else f"evaluate: {message}") from None
-            # found now rather than at the embed stage, after the top-K and relevance passes
-            if evaluator.image_based and self._dataset_arg is not None and not self._dataset_arg.has_pixels:
-                raise ConfigError(f"evaluate.{name}: " + no_pixels_message(f"evaluator {name!r}"))
-
-    def _relevance_spaces(self) -> set[str]:
-        rel = self.config.relevance
-        layers = {layer for t in rel.target_list for layer in t.attribution_layers}
-        layers |= {layer for p in rel.planted_list for layer in (p.attribution_layers or [])}
-        return layers | {"activation"}
 
     # -- parts -------------------------------------------------------------------------------------
 

@@ -249,7 +249,7 @@ def import_factory(spec: str, key: str) -> Callable[..., Any]:
         raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ConfigError(f"{key}: {module_name!r} has no callable {attr!r}")
+        raise ConfigError(f"{key}: {module_name!r} has no class or function {attr!r}")
     return factory
 
 

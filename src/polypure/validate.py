@@ -63,6 +63,41 @@ def check_clusterers(config) -> None:
             raise ConfigError(f"cluster.methods[{i}] ({method.method_id}): {message}") from None
 
 
+def _relevance_spaces(config) -> set[str]:
+    """Every space a relevance target gives: its attribution layers and ``activation``."""
+    rel = config.relevance
+    layers = {layer for t in rel.target_list for layer in t.attribution_layers}
+    layers |= {layer for p in rel.planted_list for layer in (p.attribution_layers or [])}
+    return layers | {"activation"}
+
+
+def check_evaluators(config, dataset=None) -> None:
+    """Evaluator names and settings must be valid, and an image evaluator needs a dataset that gives pixels.
+
+    Parameters
+    ----------
+    config : Config
+    dataset : PolypureDataset, optional
+        A dataset passed from Python; one without a way to pixels cannot feed an image evaluator.
+    """
+    from .data import no_pixels_message
+    from .evaluators import EVALUATORS, evaluator_names, make_evaluator
+
+    references = set(config.evaluate.references)
+    for name in evaluator_names(config, relevance_spaces=_relevance_spaces(config)):
+        settings = config.evaluate.settings(name)
+        if name not in references and not settings and name not in EVALUATORS:
+            raise ConfigError(f"cluster.spaces: {name!r} is neither an attribution layer, 'activation', nor an "
+                              "evaluator")
+        try:
+            evaluator = make_evaluator(name, settings)
+        except ConfigError as exc:
+            message = str(exc)
+            raise ConfigError(message if message.startswith("evaluate.") else f"evaluate: {message}") from None
+        if evaluator.image_based and dataset is not None and not dataset.has_pixels:
+            raise ConfigError(f"evaluate.{name}: " + no_pixels_message(f"evaluator {name!r}"))
+
+
 def check_layers(config, model, probe) -> dict[str, tuple]:
     """Every named layer must exist, run once, and each attribution layer must run before its target.
 
