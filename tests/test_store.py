@@ -118,7 +118,7 @@ def test_open_for_run_creates_the_format_attributes(tmp_path):
     Store.open_for_run(path, dump(CONFIG)).close()
     with h5py.File(path, "r") as f:
         assert f.attrs["format"] == "polypure"
-        assert f.attrs["format_version"] == FORMAT_VERSION == 1
+        assert f.attrs["format_version"] == FORMAT_VERSION == 2
         assert yaml.safe_load(f.attrs["config"]) == CONFIG
         assert f.attrs["polypure_version"] == polypure.__version__
         created = dt.datetime.fromisoformat(f.attrs["created"])
@@ -197,7 +197,7 @@ def test_a_missing_store_cannot_be_read(tmp_path):
 def test_attributes_and_config(store):
     attrs = store.attributes()
     assert set(attrs) == {"format", "format_version", "created", "polypure_version"}
-    assert attrs["format"] == "polypure" and attrs["format_version"] == 1 and isinstance(attrs["format_version"], int)
+    assert attrs["format"] == "polypure" and attrs["format_version"] == 2 and isinstance(attrs["format_version"], int)
     assert attrs["polypure_version"] == polypure.__version__
     assert store.config() == CONFIG and yaml.safe_load(store.config_yaml) == CONFIG
 

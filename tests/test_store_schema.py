@@ -27,7 +27,7 @@ def test_schema_v1(tmp_path):
     build(path)
     with h5py.File(path, "r") as f:
         assert f.attrs["format"] == "polypure"
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
         assert yaml.safe_load(f.attrs["config"])["topk"]["k"] == 5
         assert f.attrs["created"] and f.attrs["polypure_version"]
 
@@ -68,7 +68,7 @@ def test_inspect_shows_the_store(tmp_path):
     text = out.stdout
     assert "samples: 12" in text
     assert "c3" in text and "16x5" in text and "complete" in text
-    assert "c3: 4/4 neurons complete, composite gradient" in text
+    assert "c3: 4 neurons, n_refs 4" in text and "variant default: 4/4 neurons complete, composite gradient" in text
     assert "4x4x12" in text
     assert "config:" in text and "k: 5" in text
 

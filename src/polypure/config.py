@@ -228,6 +228,73 @@ def _composite_form(value: Any) -> Any:
     return value
 
 
+#: The id of the variant a config without ``relevance.variants`` computes; its spaces keep plain layer names.
+DEFAULT_VARIANT = "default"
+#: Between a variant id and a layer in the name of a space: ``lrp:block_2``.
+VARIANT_SEPARATOR = ":"
+#: Names a variant id may not take: they are datasets of a relevance target in the store.
+_RESERVED_VARIANT_IDS = ("neurons", "complete", "activation")
+
+
+def space_name(variant: str, layer: str) -> str:
+    """The space of a variant's relevance at a layer: ``<variant>:<layer>``, plain ``<layer>`` for ``default``.
+
+    Examples
+    --------
+    >>> space_name("lrp", "block_2"), space_name("default", "block_2")
+    ('lrp:block_2', 'block_2')
+    """
+    return layer if variant == DEFAULT_VARIANT else f"{variant}{VARIANT_SEPARATOR}{layer}"
+
+
+def split_space(space: str) -> tuple[str, str]:
+    """``(variant, layer)`` of a space name, the inverse of :func:`space_name`."""
+    variant, sep, layer = space.partition(VARIANT_SEPARATOR)
+    return (variant, layer) if sep else (DEFAULT_VARIANT, space)
+
+
+def _name_of(composite) -> str:
+    return composite if isinstance(composite, str) else composite.name
+
+
+def _params_of(composite) -> dict[str, Any]:
+    return {} if isinstance(composite, str) else composite.params
+
+
+class VariantSection(_Section):
+    """One attribution rule of ``relevance.variants``: an ``id`` and the rule's composite, canonizers, product.
+
+    Its spaces are named ``<id>:<layer>`` (plain ``<layer>`` for the id ``default``).
+    """
+
+    id: str
+    composite: CompositeField = "gradient"
+    canonizers: list[str] = Field(default_factory=list)
+    times_activation: Literal["auto"] | bool = "auto"
+
+    _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        # the id becomes an HDF5 group name and the prefix of space names, so no '/' or ':' in it
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", value):
+            raise ValueError(f"variant id {value!r}: use letters, digits, '_', '-' and '.', starting with a letter")
+        if value in _RESERVED_VARIANT_IDS:
+            raise ValueError(f"variant id {value!r} is reserved (a dataset of every relevance target)")
+        return value
+
+    @property
+    def composite_name(self) -> str:
+        """The composite's registered name, whichever form the config used."""
+        return _name_of(self.composite)
+
+    @property
+    def composite_params(self) -> dict[str, Any]:
+        """The composite's parameters from the config (empty for the plain-name form)."""
+        return _params_of(self.composite)
+
+
 class RelevanceSection(_Section):
     """Conditional relevance of lower layers to target neurons (METHOD.md section 2)."""
 
@@ -239,6 +306,7 @@ class RelevanceSection(_Section):
     composite: CompositeField = "gradient"
     canonizers: list[str] = Field(default_factory=list)
     times_activation: Literal["auto"] | bool = "auto"
+    variants: list[VariantSection] | None = None
     batch_size: int = Field(64, ge=1)
     planted: PlantedSection | list[PlantedSection] | None = None
 
@@ -248,12 +316,12 @@ class RelevanceSection(_Section):
     @property
     def composite_name(self) -> str:
         """The composite's registered name, whichever form the config used."""
-        return self.composite if isinstance(self.composite, str) else self.composite.name
+        return _name_of(self.composite)
 
     @property
     def composite_params(self) -> dict[str, Any]:
         """The composite's parameters from the config (empty for the plain-name form)."""
-        return {} if isinstance(self.composite, str) else self.composite.params
+        return _params_of(self.composite)
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -263,7 +331,30 @@ class RelevanceSection(_Section):
                  if key in self.model_fields_set and getattr(self, key) != getattr(defaults, key)}
         if self.targets is not None and short:
             raise ValueError(f"give either relevance.targets or relevance.{'/'.join(sorted(short))}, not both")
+        rule = {key for key in ("composite", "canonizers", "times_activation")
+                if key in self.model_fields_set and getattr(self, key) != getattr(defaults, key)}
+        if self.variants is not None and rule:
+            raise ValueError(f"give either relevance.variants or relevance.{'/'.join(sorted(rule))}, not both "
+                             "(each variant names its own)")
+        if self.variants is not None:
+            if not self.variants:
+                raise ValueError("relevance.variants: give at least one variant, or leave the key out")
+            ids = [v.id for v in self.variants]
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                raise ValueError(f"relevance.variants: id {twice[0]!r} is used twice")
         return self
+
+    @property
+    def variant_list(self) -> list[VariantSection]:
+        """The rule variants: ``variants``, or the one ``composite`` / ``canonizers`` / ``times_activation`` give.
+
+        That one has the id ``default``, whose spaces keep plain layer names.
+        """
+        if self.variants is not None:
+            return list(self.variants)
+        return [VariantSection(id=DEFAULT_VARIANT, composite=self.composite, canonizers=self.canonizers,
+                               times_activation=self.times_activation)]
 
     @property
     def target_list(self) -> list[TargetSection]:

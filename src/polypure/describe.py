@@ -13,7 +13,8 @@ from pathlib import Path
 import h5py
 import yaml
 
-from .store import Store, read_attr
+from .config import space_name
+from .store import ACTIVATION, Store, read_attr
 
 #: The data settings shown for a dataset passed from Python: its kind and the ones that apply to it
 #: (``polypure.data.MEMORY_DATA_KEYS``, not imported from there so that inspecting a store needs no torch).
@@ -83,15 +84,18 @@ def describe(path: str | Path, show_config: bool = True) -> str:
                              f"{state}")
         if "relevance" in f:
             lines.append("relevance:")
-            for name, group in f["relevance"].items():
-                complete = group["complete"][()]
-                a = {k: read_attr(v) for k, v in group.attrs.items()}
-                lines.append(f"  {name}: {int(complete.sum())}/{len(complete)} neurons complete, composite "
-                             f"{a.get('composite')}, canonizers {a.get('canonizers') or '[]'}, "
-                             f"n_refs {a.get('n_refs')}")
-                for layer in [*a.get("attribution_layers", []), "activation"]:
-                    if layer in group:
-                        lines.append(f"    {layer:<22} {_shape(group[layer])}")
+            for name in store.relevance_targets():
+                a = store.target_attrs(name)
+                lines.append(f"  {name}: {len(store.neurons(name))} neurons, n_refs {a.get('n_refs')}, "
+                             f"attribution layers {', '.join(store.attribution_layers(name)) or '-'}")
+                for variant in store.variants(name):
+                    rule = store.variant_attrs(name, variant)
+                    complete = store.complete(name, variant)
+                    lines.append(f"    variant {variant}: {int(complete.sum())}/{len(complete)} neurons complete, "
+                                 f"composite {rule.get('composite')}, canonizers {rule.get('canonizers') or '[]'}")
+                    for space in [*store.variant_spaces(name, variant), space_name(variant, ACTIVATION)]:
+                        if store.has_space(name, space):
+                            lines.append(f"      {space:<22} {'x'.join(map(str, store.space_shape(name, space)))}")
         for section in ("planted", "clusters", "embeddings", "metrics"):
             if section in f:
                 lines.append(f"{section}:")

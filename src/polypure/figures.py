@@ -64,8 +64,8 @@ def safe_name(text: str) -> str:
 
 
 def attribution_layers(store: Store, target: str) -> list[str]:
-    """The attribution layers of a relevance target, lowest first."""
-    return store.attribution_layers(target)
+    """The relevance spaces of a target: each rule variant's attribution layers, lowest first."""
+    return store.relevance_spaces(target)
 
 
 def feature_spaces(store: Store, target: str) -> list[str]:

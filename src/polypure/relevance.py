@@ -123,8 +123,8 @@ class Rule:
                                     composite=composite, times_activation=self.times_activation)
 
 
-def rule_from_config(config, model, dataset=None) -> Rule:
-    """The rule ``relevance.composite`` / ``canonizers`` / ``times_activation`` describe for ``model``.
+def rules_from_config(config, model, dataset=None) -> dict[str, Rule]:
+    """The rule of every variant of ``relevance.variants`` (or the one ``relevance.composite`` describes), by id.
 
     An LRP composite without canonizers gets the model's default ones (the ResNet canonizer for ResNets).
     Input bounds the composite takes and the config leaves out (the ZBox rule's ``low`` / ``high``) are
@@ -135,22 +135,41 @@ def rule_from_config(config, model, dataset=None) -> Rule:
     config : Config
     model : ExplainedModel
     dataset : PolypureDataset, optional
-        The data, for its normalisation; built from ``config.data`` if the composite needs it and it is
+        The data, for its normalisation; built from ``config.data`` if a composite needs it and it is
         not given.
+
+    Returns
+    -------
+    dict of str to Rule
+        In the config's order; the id of a config without ``relevance.variants`` is ``default``.
     """
-    cfg = config.relevance
-    name = cfg.composite_name
-    canonizers = list(cfg.canonizers)
-    if not canonizers and name != "gradient":
-        canonizers = list(model.canonizers)
+    cache = {}
 
     def bounds():
-        from .data import build_dataset
-        return input_bounds(dataset if dataset is not None else build_dataset(config.data, model))
+        # built once, and only if a composite takes input bounds
+        if "bounds" not in cache:
+            from .data import build_dataset
+            cache["bounds"] = input_bounds(dataset if dataset is not None else build_dataset(config.data, model))
+        return cache["bounds"]
 
-    params = composite_kwargs(name, cfg.composite_params, bounds)
-    return Rule(name, tuple(canonizers), times_activation(name, cfg.times_activation),
-                tuple((key, tuple(v) if isinstance(v, list) else v) for key, v in params.items()))
+    rules = {}
+    named = config.relevance.variants is not None
+    for i, variant in enumerate(config.relevance.variant_list):
+        name = variant.composite_name
+        canonizers = list(variant.canonizers)
+        if not canonizers and name != "gradient":
+            canonizers = list(model.canonizers)
+        key = f"relevance.variants[{i}] ({variant.id}).composite" if named else "relevance.composite"
+        params = composite_kwargs(name, variant.composite_params, bounds, key=key)
+        rules[variant.id] = Rule(name, tuple(canonizers), times_activation(name, variant.times_activation),
+                                 tuple((key, tuple(v) if isinstance(v, list) else v) for key, v in params.items()))
+    return rules
+
+
+def rule_from_config(config, model, dataset=None, variant: str | None = None) -> Rule:
+    """The rule of one variant (by default the first) of a config: see :func:`rules_from_config`."""
+    rules = rules_from_config(config, model, dataset)
+    return rules[variant] if variant is not None else next(iter(rules.values()))
 
 
 def plan_targets(config, channels: dict[str, int], virtual: dict[str, VirtualNeurons]) -> list[TargetPlan]:
@@ -219,7 +238,8 @@ class _ImageLoader:
 
 def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, engine: ConditionalRelevance,
                    write: Callable[[np.ndarray, dict[str, np.ndarray]], None], *, batch_size: int = 64,
-                   num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> None:
+                   num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = False,
+                   desc: str | None = None) -> None:
     """Explain rows ``todo`` of a target and hand each finished chunk of whole neurons to ``write``.
 
     Parameters
@@ -242,13 +262,15 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
     device : str or torch.device
     progress : bool
         Show a progress bar.
+    desc : str, optional
+        Its label (``relevance <target>`` by default).
     """
     n_refs = refs.shape[1]
     batch = batch_size
     per_chunk = max(1, batch // n_refs)
     chunks = list(_chunks(todo, per_chunk))
     loader = _ImageLoader(dataset, num_workers)
-    bar = tqdm(total=len(todo), desc=f"relevance {plan.name}", unit="neuron", disable=not progress, leave=False)
+    bar = tqdm(total=len(todo), desc=desc or f"relevance {plan.name}", unit="neuron", disable=not progress, leave=False)
     try:
         pending = loader.submit(np.unique(refs[chunks[0]])) if chunks else None
         for number, chunk in enumerate(chunks):

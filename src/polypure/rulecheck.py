@@ -47,7 +47,7 @@ from .config import Config
 from .experiment import resolve_device
 from .hooks import probe_layers, tap_layers
 from .models import ExplainedModel
-from .relevance import Rule, TargetPlan, rule_from_config, select_neurons
+from .relevance import Rule, TargetPlan, rules_from_config, select_neurons
 from .work import build_data, build_model
 
 #: The largest change of a layer's output, relative to its largest absolute value, that canonizers may
@@ -466,10 +466,10 @@ def config_targets(config: Config, model: ExplainedModel, sample: torch.Tensor, 
 
 
 def check_config(config: Config, samples: int = 8, neurons: int = 4) -> RuleReport:
-    """Check the rule a config describes on its model and the first samples of its data.
+    """Check every rule variant a config describes on its model and the first samples of its data.
 
-    Today a config has one rule (``relevance.composite``, ``canonizers``, ``times_activation``), checked
-    as the variant ``default``.
+    The variants of ``relevance.variants``, or the one rule ``relevance.composite`` / ``canonizers`` /
+    ``times_activation`` describe, checked as the variant ``default``.
 
     Parameters
     ----------
@@ -492,6 +492,6 @@ def check_config(config: Config, samples: int = 8, neurons: int = 4) -> RuleRepo
     model = build_model(config, device)
     dataset = build_data(config, model)
     images = torch.stack([dataset[i][0] for i in range(min(samples, len(dataset)))]).to(device)
-    rule = rule_from_config(config, model, dataset)
+    rules = rules_from_config(config, model, dataset)
     targets = config_targets(config, model, images[:1], neurons)
-    return check_rules(model, images, [("default", rule)], targets, batch_size=config.relevance.batch_size)
+    return check_rules(model, images, list(rules.items()), targets, batch_size=config.relevance.batch_size)

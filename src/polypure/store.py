@@ -1,21 +1,25 @@
-"""The HDF5 store: everything a run produced, in one file with a documented schema (version 1).
+"""The HDF5 store: everything a run produced, in one file with a documented schema (version 2).
 
 Schema (paths other tools rely on; the README has the full table)::
 
-    /                      attrs: format="polypure", format_version=1, config, created, polypure_version
+    /                      attrs: format="polypure", format_version=2, config, created, polypure_version
     /samples/ids           (N,) UTF-8      stable ids (path relative to the data root, or index:<i>)
     /samples/labels        (N,) int64      -1 where unknown
     /samples/factors/<f>   (N,) int64      generative factors; attr ``values`` names the codes
     /topk/<layer>/indices  (C, K) int64    sample indices by decreasing value
     /topk/<layer>/values   (C, K) float32  attrs: statistic, samples_done, complete
-    /relevance/<target>/neurons      (M,) int64
-    /relevance/<target>/<layer>      (M, n_refs, C_layer) float32
+    /relevance/<target>/neurons      (M,) int64      rows shared by every rule variant; attr ``variants``
+    /relevance/<target>/<layer>      (M, n_refs, C_layer) float32   the ``default`` variant
     /relevance/<target>/activation   (M, n_refs, C_target) float32
     /relevance/<target>/complete     (M,) bool
+    /relevance/<target>/<variant>/<layer>, activation, complete     any other variant (its rule as attrs)
     /planted/<layer>/pairs, truth, modes, scales
     /clusters/<target>/<space>/<method id>       (M, n_refs) int64
     /embeddings/<evaluator>/<target>             (M, n_refs, D) float32
     /metrics/...
+
+A space is named ``<layer>`` for the ``default`` variant and ``<variant>:<layer>`` for any other
+(:func:`polypure.config.space_name`). A version 1 store is a version 2 store with the ``default`` variant alone.
 
 Only one process writes a store at a time (the stage runner); readers open it read-only.
 
@@ -38,6 +42,7 @@ import numpy as np
 import yaml
 
 from . import __version__
+from .config import DEFAULT_VARIANT, space_name, split_space
 from .errors import ConfigError, StaleResultError, StoreError
 
 FORMAT = "polypure"
@@ -48,13 +53,17 @@ ACTIVATION = "activation"
 #: Label sets of references: the planted split, and the samples' classes (factors go by their own names).
 PLANTED = "planted"
 CLASS = "class"
-FORMAT_VERSION = 1
+#: Version 2 added rule variants (``/relevance/<target>/<variant>/``); version 1 stores read as one ``default``.
+FORMAT_VERSION = 2
 STR = h5py.string_dtype("utf-8")
 
 #: Config sections every result depends on: a store made with other values holds nothing reusable.
 #: Other settings (top-K, relevance rules, planted pairs) are checked result by result, so that a study can
 #: grow (more neurons, another target) without redoing what is finished.
 GLOBAL_SECTIONS = ("model", "data", "seed")
+
+#: Attributes of a relevance variant that make its rule; the others belong to the target.
+RULE_KEYS = ("composite", "canonizers", "times_activation", "composite_params")
 
 #: Datasets of a relevance target that are bookkeeping of its rows, not a feature space.
 _ROW_BOOKKEEPING = ("neurons", "complete")
@@ -306,13 +315,15 @@ class Store:
     # -- relevance ---------------------------------------------------------------------------------
 
     def prepare_relevance(self, target: str, neurons: np.ndarray, n_refs: int, layer_channels: dict[str, int],
-                          target_channels: int, attrs: dict[str, Any], overwrite: bool = False) -> h5py.Group:
-        """Create the datasets of one target, or fit existing ones to the neurons this run asks for.
+                          target_channels: int, attrs: dict[str, Any], overwrite: bool = False,
+                          variant: str = DEFAULT_VARIANT) -> h5py.Group:
+        """Create the datasets of one target's rule variant, or fit existing ones to the neurons asked for.
 
         A target already in the store keeps every finished row: neurons asked for anew are appended (and
         computed by the stage), neurons no longer asked for stay, unless ``overwrite`` is set, which drops
         them. Whenever the rows change, what was derived from them (clusters, embeddings, crops, metrics)
-        is deleted so that later stages recompute it for the new rows.
+        is deleted so that later stages recompute it for the new rows. All variants of a target share its
+        rows; a variant the store does not have yet is added with every row to compute.
 
         Parameters
         ----------
@@ -324,26 +335,32 @@ class Store:
             Channels of every attribution layer.
         target_channels : int
         attrs : dict
-            The rule that computes the target (composite, canonizers, n_refs, layers, ...); an existing
-            target made with another rule is stale.
+            What computes the target: the variant's rule (:data:`RULE_KEYS`: composite, canonizers, ...) and
+            the target's own settings (n_refs, layers, ...). A target made with other settings, or a
+            variant made with another rule, is stale.
         overwrite : bool
-            Replace a stale target, and drop stored neurons the config no longer asks for.
+            Replace a stale target or variant, and drop stored neurons the config no longer asks for.
+        variant : str
+            The rule variant's id: ``default`` lives in the target's group itself (the version 1 layout),
+            any other in a subgroup of that name.
 
         Returns
         -------
         h5py.Group
-            Its ``neurons`` dataset gives the row order, which may differ from ``neurons``.
+            The target's group; its ``neurons`` dataset gives the row order, which may differ from ``neurons``.
 
         Raises
         ------
         StaleResultError
-            If the target was made with another rule and ``overwrite`` is False.
+            If the target or the variant was made with other settings and ``overwrite`` is False.
         """
         path = f"relevance/{target}"
         neurons = np.asarray(neurons, np.int64)
+        rule = {key: value for key, value in attrs.items() if key in RULE_KEYS}
+        settings = {key: value for key, value in attrs.items() if key not in RULE_KEYS}
         if path in self.file:
             group = self.file[path]
-            stale = _rule_differences(group, attrs, layer_channels)
+            stale = _rule_differences(group, settings, layer_channels)
             if stale and not overwrite:
                 raise StaleResultError(f"store {str(self.path)!r}: relevance of target {target!r} was made with a "
                                        f"different config ({'; '.join(stale)}); rerun with --overwrite to "
@@ -360,21 +377,79 @@ class Store:
                 if len(new) or keep is not None:
                     _resize_rows(group, keep, new)
                     self.drop_derived(target)
-                return group
-        group = self._group(path)
-        m = len(neurons)
-        group.create_dataset("neurons", data=neurons, maxshape=(None,), chunks=True)
-        for name, channels in {**layer_channels, "activation": target_channels}.items():
-            group.create_dataset(name, shape=(m, n_refs, channels), dtype=np.float32, maxshape=(None, n_refs, channels),
-                                 chunks=(1, n_refs, channels), fillvalue=np.nan)
-        group.create_dataset("complete", shape=(m,), dtype=bool, maxshape=(None,), chunks=True, fillvalue=False)
-        for key, value in attrs.items():
-            group.attrs[key] = attr_value(value)
+        if path not in self.file:
+            group = self._group(path)
+            group.create_dataset("neurons", data=neurons, maxshape=(None,), chunks=True)
+            for key, value in settings.items():
+                group.attrs[key] = attr_value(value)
+        group = self.file[path]
+        self._prepare_variant(target, variant, rule, layer_channels, target_channels, n_refs, overwrite)
         return group
 
-    def write_relevance_rows(self, target: str, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        """Write whole neurons (rows of the target) and mark them complete, in one flush."""
+    def _prepare_variant(self, target: str, variant: str, rule: dict[str, Any], layer_channels: dict[str, int],
+                         target_channels: int, n_refs: int, overwrite: bool) -> None:
         group = self.file[f"relevance/{target}"]
+        vgroup = group if variant == DEFAULT_VARIANT else group.require_group(variant)
+        if "complete" in vgroup:
+            stale = _rule_differences(vgroup, rule, layer_channels)
+            if stale and not overwrite:
+                which = f"target {target!r}" + (f", variant {variant!r}," if variant != DEFAULT_VARIANT else "")
+                raise StaleResultError(f"store {str(self.path)!r}: relevance of {which} was made with a different "
+                                       f"config ({'; '.join(stale)}); rerun with --overwrite to recompute it, or "
+                                       "set another store path" + (" or variant id" if variant != DEFAULT_VARIANT
+                                                                   else ""))
+            if stale:
+                self.drop_variant(target, variant, forget=False)
+                vgroup = group if variant == DEFAULT_VARIANT else group.require_group(variant)
+        if "complete" not in vgroup:
+            m = len(group["neurons"])
+            for name, channels in {**layer_channels, ACTIVATION: target_channels}.items():
+                vgroup.create_dataset(name, shape=(m, n_refs, channels), dtype=np.float32,
+                                      maxshape=(None, n_refs, channels), chunks=(1, n_refs, channels),
+                                      fillvalue=np.nan)
+            vgroup.create_dataset("complete", shape=(m,), dtype=bool, maxshape=(None,), chunks=True, fillvalue=False)
+            for key, value in rule.items():
+                vgroup.attrs[key] = attr_value(value)
+        known = self.variants(target)
+        if variant not in known:
+            group.attrs["variants"] = attr_value([*known, variant])
+            if variant != DEFAULT_VARIANT:
+                # a version 1 reader would not see this variant: the store now has the layout of version 2
+                self.file.attrs["format_version"] = FORMAT_VERSION
+            self.drop("metrics/summary")
+
+    def drop_variant(self, target: str, variant: str, forget: bool = True) -> None:
+        """Delete one variant's relevance and what was derived from its spaces.
+
+        With ``forget`` False the variant keeps its place in the target's list (it is about to be recomputed).
+        """
+        group = self.file[f"relevance/{target}"]
+        spaces = self.variant_spaces(target, variant)
+        if self.variants(target)[:1] == [variant]:
+            # the first variant's activations are the target's 'activation' space
+            spaces.append(ACTIVATION)
+        if variant == DEFAULT_VARIANT:
+            for name in [*self.attribution_layers(target), ACTIVATION, "complete"]:
+                if name in group:
+                    del group[name]
+            for key in RULE_KEYS:
+                if key in group.attrs:
+                    del group.attrs[key]
+        else:
+            self.drop(f"relevance/{target}/{variant}")
+        if forget:
+            group.attrs["variants"] = attr_value([v for v in self.variants(target) if v != variant])
+        for space in spaces:
+            self.drop(f"clusters/{target}/{space}")
+        if f"clusters/{target}" in self.file and not len(self.file[f"clusters/{target}"]):
+            self.drop(f"clusters/{target}")
+        self.drop(f"metrics/{target}")
+        self.drop("metrics/summary")
+
+    def write_relevance_rows(self, target: str, rows: np.ndarray, arrays: dict[str, np.ndarray],
+                             variant: str = DEFAULT_VARIANT) -> None:
+        """Write whole neurons (rows of the target) of one variant and mark them complete, in one flush."""
+        group = self.file[self._variant_path(target, variant)]
         rows = np.asarray(rows)
         order = np.argsort(rows)
         for start, stop in _runs(rows[order]):
@@ -436,42 +511,83 @@ class Store:
         return yaml.safe_load(self.config_yaml) or {}
 
     def target_attrs(self, target: str) -> dict[str, Any]:
-        """The attributes of a relevance target (its rule, layer and attribution layers)."""
+        """The attributes of a relevance target (its layer and attribution layers; the ``default`` variant's rule)."""
         return {key: read_attr(value) for key, value in self.file[f"relevance/{target}"].attrs.items()}
+
+    def variant_attrs(self, target: str, variant: str) -> dict[str, Any]:
+        """The rule of one variant of a target (:data:`RULE_KEYS`)."""
+        attrs = self.file[self._variant_path(target, variant)].attrs
+        return {key: read_attr(attrs[key]) for key in RULE_KEYS if key in attrs}
 
     def attribution_layers(self, target: str) -> list[str]:
         """A target's attribution layers, from the lowest as configured."""
         return list(read_attr(self.file[f"relevance/{target}"].attrs.get("attribution_layers", [])))
 
+    def variants(self, target: str) -> list[str]:
+        """Ids of the rule variants a target has, in the order they were added (``default`` alone in version 1)."""
+        group = self.file[f"relevance/{target}"]
+        if "variants" in group.attrs:
+            return list(read_attr(group.attrs["variants"]))
+        return [DEFAULT_VARIANT] if "complete" in group else []
+
+    def variant_spaces(self, target: str, variant: str) -> list[str]:
+        """The relevance spaces of one variant: ``<variant>:<layer>`` per attribution layer (plain for ``default``)."""
+        return [space_name(variant, layer) for layer in self.attribution_layers(target)]
+
+    def relevance_spaces(self, target: str) -> list[str]:
+        """Every relevance space of a target: each variant's attribution layers, variant by variant."""
+        return [space for variant in self.variants(target) for space in self.variant_spaces(target, variant)]
+
     def spaces(self, target: str) -> list[str]:
-        """A target's own feature spaces: its attribution layers, then ``activation``."""
-        return [*self.attribution_layers(target), ACTIVATION]
+        """A target's own feature spaces: every variant's attribution layers, then ``activation``."""
+        return [*self.relevance_spaces(target), ACTIVATION]
+
+    def baseline_space(self, target: str) -> str:
+        """The space comparisons are made against by default: the last attribution layer of the first variant.
+
+        That is the layer right below the target, where PURE computes relevance; ``activation`` for a
+        target without attribution layers.
+        """
+        spaces = self.relevance_spaces(target)
+        return self.variant_spaces(target, self.variants(target)[0])[-1] if spaces else ACTIVATION
 
     def neurons(self, target: str) -> np.ndarray:
         """Neuron (or virtual-neuron) id of every row of a target."""
         return self.file[f"relevance/{target}/neurons"][()]
 
-    def complete(self, target: str) -> np.ndarray:
-        """Which rows of a target are finished."""
-        return self.file[f"relevance/{target}/complete"][()]
+    def complete(self, target: str, variant: str | None = None) -> np.ndarray:
+        """Which rows of a target are finished: for one variant, or (None) for every variant it has."""
+        variants = self.variants(target) if variant is None else [variant]
+        done = np.ones(len(self.neurons(target)), bool)
+        for name in variants:
+            done &= self.file[f"{self._variant_path(target, name)}/complete"][()]
+        return done
 
     def n_refs(self, target: str) -> int:
         """References per neuron of a target."""
-        return int(self.file[f"relevance/{target}/{ACTIVATION}"].shape[1])
+        return int(self.file[self._space_path(target, ACTIVATION)].shape[1])
 
     def reference_indices(self, target: str) -> np.ndarray:
         """Sample index of every reference of every stored neuron of a target: (M, n_refs)."""
         return self.read(f"topk/{target}/indices")[self.neurons(target), :self.n_refs(target)]
 
     def relevance(self, target: str, space: str) -> np.ndarray:
-        """A target's relevance at one attribution layer, or its ``activation`` baseline: (M, n_refs, C)."""
-        return self.read(f"relevance/{target}/{space}")
+        """A target's relevance in one space (``lrp:block_2``), or its ``activation`` baseline: (M, n_refs, C)."""
+        return self.read(self._space_path(target, space))
+
+    def space_shape(self, target: str, space: str) -> tuple[int, ...]:
+        """The shape (M, n_refs, D) of a space's features, without reading them."""
+        for path in (self._space_path(target, space), f"embeddings/{space}/{target}"):
+            if path in self.file and isinstance(self.file[path], h5py.Dataset):
+                return tuple(self.file[path].shape)
+        raise StoreError(f"store {str(self.path)!r} has no space {space!r} for target {target!r}")
 
     def has_space(self, target: str, space: str) -> bool:
         """Whether the store has features of ``space`` for ``target`` (a layer, activation or an embedding)."""
         if space in _ROW_BOOKKEEPING:
             return False
-        return f"relevance/{target}/{space}" in self.file or f"embeddings/{space}/{target}" in self.file
+        return any(path in self.file and isinstance(self.file[path], h5py.Dataset)
+                   for path in (self._space_path(target, space), f"embeddings/{space}/{target}"))
 
     def features(self, target: str, space: str, row: int | None = None) -> np.ndarray:
         """The features of a space for a target: relevance, activation or an evaluator's embedding.
@@ -487,11 +603,22 @@ class Store:
         StoreError
             If the store has no such space for the target.
         """
-        for path in (f"relevance/{target}/{space}", f"embeddings/{space}/{target}"):
-            if path in self.file and space not in _ROW_BOOKKEEPING:
+        for path in (self._space_path(target, space), f"embeddings/{space}/{target}"):
+            if path in self.file and space not in _ROW_BOOKKEEPING and isinstance(self.file[path], h5py.Dataset):
                 return self.file[path][()] if row is None else self.file[path][row]
         raise StoreError(f"store {str(self.path)!r} has no space {space!r} for target {target!r} (attribution "
                          "layers, 'activation', or evaluator embeddings)")
+
+    def _variant_path(self, target: str, variant: str) -> str:
+        return f"relevance/{target}" if variant == DEFAULT_VARIANT else f"relevance/{target}/{variant}"
+
+    def _space_path(self, target: str, space: str) -> str:
+        """Where a relevance space lives; ``activation`` is the first variant's (the variants agree on it)."""
+        if space == ACTIVATION:
+            variants = self.variants(target) if f"relevance/{target}" in self.file else []
+            return f"{self._variant_path(target, variants[0] if variants else DEFAULT_VARIANT)}/{ACTIVATION}"
+        variant, layer = split_space(space)
+        return f"{self._variant_path(target, variant)}/{layer}"
 
     def target_spaces(self, configured: list[str] | None = None) -> dict[str, list[str]]:
         """The spaces of every target: ``configured`` ones (``cluster.spaces``) where it has them, else its own.
@@ -760,7 +887,10 @@ def _resize_rows(group: h5py.Group, keep: np.ndarray | None, new_neurons: np.nda
     stored = len(group["neurons"])
     kept = stored if keep is None else len(keep)
     rows = kept + len(new_neurons)
-    for name in list(group.keys()):
+    datasets: list[str] = []
+    # every variant's subgroup shares the target's rows
+    group.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
+    for name in datasets:
         ds = group[name]
         if keep is None and ds.maxshape[0] is None:
             ds.resize(rows, axis=0)

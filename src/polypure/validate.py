@@ -39,16 +39,26 @@ def _layer_keys(config) -> Iterator[tuple[str, str, str | None]]:
 
 
 def check_rules(config) -> None:
-    """The composite and canonizers must be registered names, and the composite must take its parameters."""
+    """Each variant's composite and canonizers must be registered, and its composite must take its parameters.
+
+    A variant's id must not be the name of an attribution layer either (the ``default`` variant's datasets).
+    """
     from .composites import CANONIZERS, check_composite
 
     rel = config.relevance
-    check_composite(rel.composite_name, rel.composite_params)
-    for name in rel.canonizers:
-        try:
-            CANONIZERS.get(name)
-        except ConfigError as exc:
-            raise ConfigError(f"relevance.canonizers: {exc}") from None
+    named = rel.variants is not None
+    layers = _attribution_layers(config)
+    for i, variant in enumerate(rel.variant_list):
+        prefix = f"relevance.variants[{i}] ({variant.id})." if named else "relevance."
+        check_composite(variant.composite_name, variant.composite_params, key=f"{prefix}composite")
+        for name in variant.canonizers:
+            try:
+                CANONIZERS.get(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}canonizers: {exc}") from None
+        if named and variant.id in layers:
+            raise ConfigError(f"relevance.variants[{i}]: id {variant.id!r} is the name of an attribution layer; "
+                              "give the variant another id")
 
 
 def check_clusterers(config) -> None:
@@ -63,12 +73,18 @@ def check_clusterers(config) -> None:
             raise ConfigError(f"cluster.methods[{i}] ({method.method_id}): {message}") from None
 
 
-def _relevance_spaces(config) -> set[str]:
-    """Every space a relevance target gives: its attribution layers and ``activation``."""
+def _attribution_layers(config) -> set[str]:
     rel = config.relevance
     layers = {layer for t in rel.target_list for layer in t.attribution_layers}
-    layers |= {layer for p in rel.planted_list for layer in (p.attribution_layers or [])}
-    return layers | {"activation"}
+    return layers | {layer for p in rel.planted_list for layer in (p.attribution_layers or [])}
+
+
+def _relevance_spaces(config) -> set[str]:
+    """Every space a relevance target gives: each variant's attribution layers and ``activation``."""
+    from .config import space_name
+
+    layers = _attribution_layers(config)
+    return {space_name(v.id, layer) for v in config.relevance.variant_list for layer in layers} | {"activation"}
 
 
 def check_evaluators(config, dataset=None) -> None:

@@ -1,8 +1,10 @@
 """The relevance stage: conditional relevance vectors of every selected neuron's references.
 
-For each target (a layer's real channels, or its planted virtual neurons) and each selected neuron, the
-``n_refs`` first references of its top-K are explained at every attribution layer with one backward pass
-per batch (:func:`polypure.relevance.compute_target`). Whole neurons are written at a time and flagged in
+For each target (a layer's real channels, or its planted virtual neurons), each rule variant
+(``relevance.variants``) and each selected neuron, the ``n_refs`` first references of its top-K are
+explained at every attribution layer with one backward pass per batch
+(:func:`polypure.relevance.compute_target`). The variants share the rows and the references; a variant
+added to a config later is computed alone. Whole neurons are written at a time and flagged in
 ``/relevance/<target>/complete``, so an interrupted run continues where it stopped; neurons a config adds
 later are appended and computed alone.
 """
@@ -34,39 +36,53 @@ def plans(ctx: StageContext, store) -> list:
 
 
 def run(ctx: StageContext) -> None:
-    """Compute (or finish) the relevance of every target in the config, writing to the store."""
+    """Compute (or finish) the relevance of every target and rule variant in the config, writing to the store."""
     from ..composites import warn_uncanonized
-    from ..relevance import compute_target, rule_from_config
+    from ..relevance import compute_target, rules_from_config
 
     cfg = ctx.config.relevance
-    rule = rule_from_config(ctx.config, ctx.model, ctx.dataset)
+    rules = rules_from_config(ctx.config, ctx.model, ctx.dataset)
+    warned = set()
     with ctx.open_store() as store:
         for plan in plans(ctx, store):
             values, indices = store.read_topk(plan.name)
             shapes = ctx.layer_shapes(plan.attribution_layers + [plan.layer])
             layer_channels = {name: shapes[name][0] for name in plan.attribution_layers}
-            attrs = {"composite": rule.composite, "canonizers": list(rule.canonizers), "init_rel": plan.init_rel,
-                     "times_activation": rule.times_activation, "n_refs": cfg.n_refs, "layer": plan.layer,
-                     "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
-            if rule.params:
-                attrs["composite_params"] = rule.params_json
-            store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels, shapes[plan.layer][0],
-                                    attrs, overwrite=ctx.overwrite)
+            settings = {"init_rel": plan.init_rel, "n_refs": cfg.n_refs, "layer": plan.layer,
+                        "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
+            for variant, rule in rules.items():
+                attrs = {**settings, "composite": rule.composite, "canonizers": list(rule.canonizers),
+                         "times_activation": rule.times_activation}
+                if rule.params:
+                    attrs["composite_params"] = rule.params_json
+                store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels, shapes[plan.layer][0],
+                                        attrs, overwrite=ctx.overwrite, variant=variant)
+            if ctx.overwrite:
+                # as for neurons: --overwrite drops what the config no longer asks for
+                for variant in [v for v in store.variants(plan.name) if v not in rules]:
+                    store.drop_variant(plan.name, variant)
             # the store's row order: neurons added by a later run follow the ones it already had
             plan.neurons = store.neurons(plan.name)
             refs = indices[plan.neurons, :cfg.n_refs]
             if (refs < 0).any():
                 raise ConfigError(f"target {plan.name!r}: fewer than relevance.n_refs={cfg.n_refs} references")
-            todo = np.flatnonzero(~store.complete(plan.name))
-            if len(todo) == 0:
-                ctx.log(f"relevance {plan.name}: complete, skipped")
-                continue
-            warn_uncanonized(ctx.model.module, rule.composite, list(rule.canonizers),
-                             sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
-            with rule.engine(ctx.model, plan) as engine:
-                compute_target(ctx.dataset, plan, refs, todo, engine,
-                               lambda rows, arrays, name=plan.name: store.write_relevance_rows(name, rows, arrays),
-                               batch_size=cfg.batch_size, num_workers=ctx.num_workers, device=ctx.device,
-                               progress=ctx.progress)
-            ctx.log(f"relevance {plan.name}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
-                    f"{', '.join(plan.attribution_layers)}")
+            for variant, rule in rules.items():
+                which = plan.name if len(rules) == 1 else f"{plan.name} [{variant}]"
+                todo = np.flatnonzero(~store.complete(plan.name, variant))
+                if len(todo) == 0:
+                    ctx.log(f"relevance {which}: complete, skipped")
+                    continue
+                if rule not in warned:
+                    warn_uncanonized(ctx.model.module, rule.composite, list(rule.canonizers),
+                                     sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
+                    warned.add(rule)
+
+                def write(rows, arrays, name=plan.name, variant=variant):
+                    store.write_relevance_rows(name, rows, arrays, variant=variant)
+
+                with rule.engine(ctx.model, plan) as engine:
+                    compute_target(ctx.dataset, plan, refs, todo, engine, write, batch_size=cfg.batch_size,
+                                   num_workers=ctx.num_workers, device=ctx.device, progress=ctx.progress,
+                                   desc=f"relevance {which}")
+                ctx.log(f"relevance {which}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
+                        f"{', '.join(plan.attribution_layers)}")
