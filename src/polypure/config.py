@@ -253,15 +253,21 @@ def split_space(space: str) -> tuple[str, str]:
     return (variant, layer) if sep else (DEFAULT_VARIANT, space)
 
 
-def _name_of(composite) -> str:
-    return composite if isinstance(composite, str) else composite.name
+class _NamedComposite:
+    """The name and parameters of a section's ``composite``, whichever form the config used."""
+
+    @property
+    def composite_name(self) -> str:
+        """The composite's registered name, whichever form the config used."""
+        return self.composite if isinstance(self.composite, str) else self.composite.name
+
+    @property
+    def composite_params(self) -> dict[str, Any]:
+        """The composite's parameters from the config (empty for the plain-name form)."""
+        return {} if isinstance(self.composite, str) else self.composite.params
 
 
-def _params_of(composite) -> dict[str, Any]:
-    return {} if isinstance(composite, str) else composite.params
-
-
-class VariantSection(_Section):
+class VariantSection(_NamedComposite, _Section):
     """One attribution rule of ``relevance.variants``: an ``id`` and the rule's composite, canonizers, product.
 
     Its spaces are named ``<id>:<layer>`` (plain ``<layer>`` for the id ``default``).
@@ -284,18 +290,8 @@ class VariantSection(_Section):
             raise ValueError(f"variant id {value!r} is reserved (a dataset of every relevance target)")
         return value
 
-    @property
-    def composite_name(self) -> str:
-        """The composite's registered name, whichever form the config used."""
-        return _name_of(self.composite)
 
-    @property
-    def composite_params(self) -> dict[str, Any]:
-        """The composite's parameters from the config (empty for the plain-name form)."""
-        return _params_of(self.composite)
-
-
-class RelevanceSection(_Section):
+class RelevanceSection(_NamedComposite, _Section):
     """Conditional relevance of lower layers to target neurons (METHOD.md section 2)."""
 
     target_layer: str = "block_3"
@@ -312,16 +308,6 @@ class RelevanceSection(_Section):
 
     _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
     _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
-
-    @property
-    def composite_name(self) -> str:
-        """The composite's registered name, whichever form the config used."""
-        return _name_of(self.composite)
-
-    @property
-    def composite_params(self) -> dict[str, Any]:
-        """The composite's parameters from the config (empty for the plain-name form)."""
-        return _params_of(self.composite)
 
     @model_validator(mode="after")
     def _one_form(self):
