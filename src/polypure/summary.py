@@ -66,31 +66,65 @@ def _space_order(store, target: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(store.spaces(target))}
 
 
-def _metric_arrays(store, target: str):
-    """(metric label, space, method, values, reasons) for every per-neuron metric of a target."""
+#: Metric kinds of the summary labels (``<kind> <reference or label set>``), in column order: reference-space
+#: metrics of the spaces and clusterings, purity scores of the neurons in a reference space, ground truth.
+KINDS = ("corr", "inner", "inter", "gain", "clarity", "polysem", "mono-topK", "redundancy", "ARI", "NMI")
+#: Kinds scored against known labels (the others against a reference space).
+GROUND_TRUTH = ("ARI", "NMI")
+#: Purity scores of a neuron in a reference space (:mod:`polypure.purity`), one per neuron whatever the space
+#: of a clustering: their ``space`` is the reference space itself. ``mono-topK`` is Pach et al.'s
+#: monosemanticity restricted to the neuron's top-K references; ``redundancy`` is per neuron its largest
+#: similarity with another neuron of the target, so that its mean over a target is the target's redundancy.
+PURITY = {"clarity": "clarity", "polysemanticity": "polysem", "monosemanticity_topk": "mono-topK",
+          "nearest_similarity": "redundancy"}
+
+
+def metric_entries(store, target: str):
+    """Every per-neuron metric of a target with its summary label: the one reading of ``/metrics`` kinds.
+
+    Yields
+    ------
+    tuple
+        ``(kind, of, space, method, values, check)``: ``kind`` one of :data:`KINDS`, ``of`` the reference
+        space or label set (``kind + " " + of`` is the summary label), ``method`` the cluster method id or
+        ``""``, ``values`` (M,) and ``check`` the keyword arguments of :func:`reasons` for the metric.
+    """
     for kind, key, values in store.metric_entries(target):
         if kind in ("ari", "nmi") and len(key) == 3:
             of, space, method = key
-            because = reasons(store, target, space=space, method=method, labels=of)
-            yield f"{kind.upper()} {of}", space, method, values, because
+            yield kind.upper(), of, space, method, values, {"space": space, "method": method, "labels": of}
         elif kind == "distance_correlation" and len(key) == 2:
-            reference, space = key
-            yield f"corr {reference}", space, "", values, reasons(store, target, space=space, reference=reference)
+            of, space = key
+            yield "corr", of, space, "", values, {"space": space, "reference": of}
         elif kind == "cluster_distances" and len(key) == 3:
-            reference, space, method = key
-            because = reasons(store, target, space=space, method=method, reference=reference)
-            yield f"inner {reference}", space, method, values[:, 0], because
-            yield f"inter {reference}", space, method, values[:, 1], because
+            of, space, method = key
+            check = {"space": space, "method": method, "reference": of}
+            yield "inner", of, space, method, values[:, 0], check
+            yield "inter", of, space, method, values[:, 1], check
+        elif kind == "split_gain" and len(key) == 3:
+            of, space, method = key
+            yield "gain", of, space, method, values, {"space": space, "method": method, "reference": of}
+        elif kind in PURITY and len(key) == 1:
+            (of,) = key
+            # a neighbour's similarity is defined for a degenerate neuron too; the other scores are not
+            check = {"space": ""} if kind == "nearest_similarity" else {"space": of}
+            yield PURITY[kind], of, of, "", values, check
 
 
-_KIND_RANK = {"corr": 0, "inner": 1, "inter": 2, "ARI": 3, "NMI": 4}
+def _metric_arrays(store, target: str):
+    """(metric label, space, method, values, reasons) for every per-neuron metric of a target."""
+    for kind, of, space, method, values, check in metric_entries(store, target):
+        yield f"{kind} {of}", space, method, values, reasons(store, target, **check)
+
+
+_KIND_RANK = {kind: rank for rank, kind in enumerate(KINDS)}
 
 
 def _metric_key(label: str, names: list[str]):
     """Reference metrics first, then ground truth; per reference or label set, in the given order."""
     kind, _, name = label.partition(" ")
-    section = 0 if kind in ("corr", "inner", "inter") else 1
-    return section, names.index(name) if name in names else len(names), name, _KIND_RANK.get(kind, 9)
+    section = 1 if kind in GROUND_TRUTH else 0
+    return section, names.index(name) if name in names else len(names), name, _KIND_RANK.get(kind, len(KINDS))
 
 
 def reasons(store, target: str, *, space: str, method: str | None = None, reference: str | None = None,
@@ -102,7 +136,8 @@ def reasons(store, target: str, *, space: str, method: str | None = None, refere
     store : Store
     target : str
     space : str
-        The space the metric is computed in; its ``/metrics/<target>/degenerate/<space>`` applies.
+        The space the metric is computed in; its ``/metrics/<target>/degenerate/<space>`` applies (``""``:
+        none does).
     method : str, optional
         The cluster method id, for metrics of a clustering (``cluster_status``).
     reference : str, optional
@@ -236,9 +271,9 @@ def save_beside(store_path: Path, records: list[dict]) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
-#: The two kinds of table of every group and method: reference-space metrics and ground-truth scores, apart
-#: so that neither grows too wide.
-PARTS = (("corr", "inner", "inter"), ("ARI", "NMI"))
+#: The kinds of table of every group and method: reference-space metrics, purity scores and ground-truth
+#: scores, apart so that none grows too wide.
+PARTS = (("corr", "inner", "inter", "gain"), ("clarity", "polysem", "mono-topK", "redundancy"), GROUND_TRUTH)
 
 
 @dataclass
