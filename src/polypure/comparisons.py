@@ -44,9 +44,19 @@ _DTYPE = np.dtype([(name, np.int64 if name in INTS else np.float64 if name in FL
 
 
 def _values(store, target: str) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-    """(metric label, method) -> space -> per-neuron values of a target, in summary order."""
+    """(metric label, method) -> space -> per-neuron values of a target, in the summary's order."""
+    names = summary.names_order(store)
+    spaces = store.spaces(target)
+    methods = store.cluster_methods(target)
+
+    def position(items: list[str], item: str) -> int:
+        return items.index(item) if item in items else len(items)
+
+    entries = sorted(summary.metric_entries(store, target),
+                     key=lambda e: (summary.metric_key(f"{e[0]} {e[1]}", names), position(methods, e[3]), e[3],
+                                    position(spaces, e[2]), e[2]))
     out: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for kind, of, space, method, values, _ in summary.metric_entries(store, target):
+    for kind, of, space, method, values, _ in entries:
         out.setdefault((f"{kind} {of}", method), {})[space] = np.asarray(values, np.float64)
     return out
 
@@ -137,11 +147,11 @@ def compare(store, *, metrics: Sequence[str] | None = None, baseline: str | None
         seen["groups"].update(dict.fromkeys(g for g, _ in neuron_groups))
         neuron_groups = [(g, mask) for g, mask in neuron_groups if group is None or g == group]
         base = baseline if baseline is not None else store.baseline_space(name)
-        for (label, cluster_method), by_space in values.items():
-            chosen = [tuple(p) for p in pairs] if pairs is not None else [(base, s) for s in by_space if s != base]
-            chosen = [(a, b) for a, b in chosen if a in by_space and b in by_space and a != b]
-            for group_name, mask in neuron_groups:
-                for space_a, space_b in chosen:
+        # one group's comparisons together, each metric's spaces in the target's order
+        for group_name, mask in neuron_groups:
+            for (label, cluster_method), by_space in values.items():
+                chosen = [tuple(p) for p in pairs] if pairs is not None else [(base, s) for s in by_space if s != base]
+                for space_a, space_b in [(a, b) for a, b in chosen if a in by_space and b in by_space and a != b]:
                     result = stats.paired(by_space[space_a][mask], by_space[space_b][mask], n_resamples=n_resamples,
                                           confidence=confidence, seed=seed)
                     rows.append({"target": name, "group": group_name, "metric": label, "method": cluster_method,
@@ -235,7 +245,8 @@ def save_beside(store_path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _p(value: float) -> str:
+def format_p(value: float) -> str:
+    """A p-value as printed: three decimals, ``<0.001`` below that, ``n/a`` where there is none."""
     if not np.isfinite(value):
         return "n/a"
     return "<0.001" if value < 0.001 else f"{value:.3f}"
@@ -263,7 +274,7 @@ def format_table(rows: list[dict], confidence: float = 0.95) -> str:
     """
     header = ("group", "metric", "method", "space vs baseline", "n", "difference [CI]", "p_holm", "effect")
     lines = [[r["group"], r["metric"], r["method"], f"{r['space_b']} vs {r['space_a']}", str(r["n"]), _diff(r),
-              _p(r["p_holm"]), f"{r['effect']:+.2f}" if np.isfinite(r["effect"]) else "n/a"] for r in rows]
+              format_p(r["p_holm"]), f"{r['effect']:+.2f}" if np.isfinite(r["effect"]) else "n/a"] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     title = (f"comparisons with the baseline, paired over neurons (difference: space - baseline, "
              f"{confidence:.0%} bootstrap interval)").replace("%", " %")

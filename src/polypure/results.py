@@ -236,11 +236,7 @@ class Results:
         ``check`` is the keyword arguments of :func:`polypure.summary.reasons` for the metric.
         """
         out = list(summary.metric_entries(self.store, target))
-        evaluate = self.config().get("evaluate") or {}
-        truth = evaluate.get("ground_truth")
-        names = [*(evaluate.get("references") or []), *(truth if isinstance(truth, list) else []),
-                 *self.store.label_sets()]
-        names = list(dict.fromkeys(names))
+        names = summary.names_order(self.store)
         spaces = self.spaces(target)
         methods = self.store.cluster_methods(target)
 

@@ -120,8 +120,19 @@ def _metric_arrays(store, target: str):
 _KIND_RANK = {kind: rank for rank, kind in enumerate(KINDS)}
 
 
-def _metric_key(label: str, names: list[str]):
-    """Reference metrics first, then ground truth; per reference or label set, in the given order."""
+def names_order(store) -> list[str]:
+    """References and label sets in the order the store's config lists them, then the store's other label sets."""
+    try:
+        evaluate = store.config().get("evaluate") or {}
+    except AttributeError:
+        evaluate = {}
+    truth = evaluate.get("ground_truth")
+    names = [*(evaluate.get("references") or []), *(truth if isinstance(truth, list) else []), *store.label_sets()]
+    return list(dict.fromkeys(names))
+
+
+def metric_key(label: str, names: list[str]):
+    """Sort key of a metric label: reference metrics first, then ground truth; per name in the given order."""
     kind, _, name = label.partition(" ")
     section = 1 if kind in GROUND_TRUTH else 0
     return section, names.index(name) if name in names else len(names), name, _KIND_RANK.get(kind, len(KINDS))
@@ -211,7 +222,7 @@ def build(store, polysemantic_by: str | None = None, order: list[str] | None = N
     for target in store.relevance_targets():
         spaces = _space_order(store, target)
         metrics = sorted(_metric_arrays(store, target),
-                         key=lambda r: (_metric_key(r[0], names), spaces.get(r[1], len(spaces)), r[1], r[2]))
+                         key=lambda r: (metric_key(r[0], names), spaces.get(r[1], len(spaces)), r[1], r[2]))
         for group, mask in groups(store, target, polysemantic_by):
             for label, space, method, values, because in metrics:
                 chosen = np.asarray(values, np.float64)[mask]
