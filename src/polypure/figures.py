@@ -741,7 +741,7 @@ def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = F
     if not rows:
         raise ValueError(f"the store has no stored comparisons of {metric!r}")
     spaces = list(dict.fromkeys(r["space_b"] for r in rows))
-    fig = _figure(7.2, 0.26 * len(rows) + 1.3)
+    fig = _figure(8.0, 0.26 * len(rows) + 1.5)
     ax = fig.subplots()
     _panel(ax, "forest")
     positions = np.arange(len(rows))[::-1]
@@ -756,9 +756,9 @@ def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = F
               for r in rows]
     ax.set_yticks(positions, labels, fontsize=7)
     ax.set_ylim(-0.7, len(rows) - 0.3)
-    ax.set_xlabel(f"{metric}: mean difference space - baseline, {data['confidence']:.0%} bootstrap interval "
-                  "(filled: Holm p < 0.05)".replace("%", " %"), fontsize=8)
-    ax.set_title(f"{metric}: each space against the baseline, paired over neurons", fontsize=10)
+    ax.set_xlabel(f"mean difference, space - baseline, with its {data['confidence']:.0%} bootstrap interval\n"
+                  "(filled: Holm-adjusted p < 0.05)".replace("%", " %"), fontsize=8)
+    ax.set_title(f"{metric}, paired over neurons", fontsize=10)
     return _save(fig, out_dir, stem or f"forest_{safe_name(metric)}", formats)
 
 
