@@ -155,5 +155,5 @@ def test_summary_and_long_form_show_the_purity_scores(path):
     assert whole["mean"] == pytest.approx(stored) and whole["space"] == "labels"
     tables = summary.pivot(records, ["kmeans"])
     purity_table = next(t for t in tables if t.group == "c3" and "clarity labels" in t.metrics)
-    assert purity_table.spaces == ["labels"]
+    assert purity_table.spaces == ["labels"] and purity_table.title == f"c3 ({len(NEURONS)} neurons)"  # no method
     assert purity_table.metrics == ["clarity labels", "polysem labels", "mono-topK labels", "redundancy labels"]

@@ -3,7 +3,9 @@
 Rows are (target group, space); a group is a target's neurons, its neurons that are polysemantic by
 a label (``evaluate.polysemantic_by``), or, for planted targets, the virtual neurons of one mode. Every
 number is computed from what the store holds under ``/metrics``, so the table of a store can be rebuilt
-at any time (``polypure evaluate``) and always agrees with it.
+at any time (``polypure evaluate``) and always agrees with it. A metric is labelled ``<kind> <reference or
+label set>`` (:data:`KINDS`); :func:`metric_entries` is the one reading of the stored kinds, shared by
+:mod:`polypure.results`, :mod:`polypure.comparisons` and the report.
 
 A neuron whose score is a non-result (a degenerate space, a clustering that is all noise or one cluster,
 references of one label value: :mod:`polypure.metrics`) is left out of the mean, and counted: each record
@@ -364,7 +366,8 @@ def pivot(records: list[dict], methods: Sequence[str] | str | None = None) -> li
     """The records as tables: per group, per cluster method, per kind of metric (:data:`PARTS`).
 
     Every method in the records gets its tables, those named in ``methods`` first and in that order.
-    Distance correlations, which need no clustering, appear once per group, with the first method.
+    Distance correlations and purity scores, which need no clustering, appear once per group, with the first
+    method; a table of purity scores alone names no method.
 
     Parameters
     ----------
@@ -389,7 +392,9 @@ def pivot(records: list[dict], methods: Sequence[str] | str | None = None) -> li
             for part in PARTS:
                 selected = [r for r in chosen if r["metric"].split(" ", 1)[0] in part]
                 if selected:
-                    tables.append(Table(group, method, neurons,
+                    # purity scores alone depend on no clustering: their table names no method
+                    shown = method if any(r["method"] for r in selected) else ""
+                    tables.append(Table(group, shown, neurons,
                                         spaces=list(dict.fromkeys(r["space"] for r in selected)),
                                         metrics=list(dict.fromkeys(r["metric"] for r in selected)),
                                         cells={(r["space"], r["metric"]): r for r in selected}))
