@@ -62,6 +62,12 @@ def stored(path, metric: str, space: str) -> np.ndarray:
         return f[f"metrics/c3/{kind.lower()}/{of}/{space}/kmeans"][()]
 
 
+#: Metrics of the spaces and clusterings, read from the store by :func:`stored`.
+CLUSTER_METRICS = {"corr labels", "inner labels", "inter labels", "ARI class", "NMI class"}
+#: Metrics with one value per neuron (their space is the reference space), and the split gain.
+PURITY_METRICS = {"clarity labels", "polysem labels", "mono-topK labels", "redundancy labels"}
+
+
 @pytest.fixture(scope="module")
 def paired_result(stores):
     return compare_stores([stores["a"], stores["b"]], n_resamples=500)
@@ -71,9 +77,10 @@ def test_same_samples_neurons_and_references_give_paired_tests(paired_result, st
     table = paired_result.comparison
     assert list(table.columns) == list(COMPARISON_COLUMNS)
     assert set(table.test) == {PAIRED} and set(table.why) == {""}
-    assert set(table.metric) == {"corr labels", "inner labels", "inter labels", "ARI class", "NMI class"}
-    assert set(table.space) == {"c2", "activation"} and set(table.store_b) == {"b.h5"}
-    for row in table.itertuples():
+    assert set(table.metric) == {*CLUSTER_METRICS, *PURITY_METRICS, "gain labels"}
+    assert set(table.space) == {"c2", "activation", "labels"} and set(table.store_b) == {"b.h5"}
+    assert set(table[table.space == "labels"].metric) == PURITY_METRICS
+    for row in table[table.metric.isin(CLUSTER_METRICS)].itertuples():
         expected = stats.paired(stored(stores["a"], row.metric, row.space), stored(stores["b"], row.metric, row.space),
                                 n_resamples=500).as_dict()
         for key in ("mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "effect", "n", "dropped", "zeros"):
@@ -88,7 +95,8 @@ def test_summaries_side_by_side(paired_result):
     frame = paired_result.summaries
     assert list(frame.columns[:5]) == ["target", "group", "space", "method", "metric"]
     assert {"mean [a.h5]", "std [b.h5]", "n [b.h5]", "skipped [a.h5]"} <= set(frame.columns)
-    assert len(frame) == 10 and frame.space.iloc[0] == "c2"
+    # five metrics and the split gain in two spaces, and the four purity scores in the reference space
+    assert len(frame) == 6 * 2 + 4 and frame.space.iloc[0] == "c2"
     merged = frame.merge(paired_result.comparison, on=["target", "group", "space", "method", "metric"])
     np.testing.assert_allclose(merged["mean [a.h5]"], merged.mean_a)
     np.testing.assert_allclose(merged["mean [b.h5]"], merged.mean_b)

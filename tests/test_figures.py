@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypure import Experiment, figures
+from polypure import Experiment, comparisons, figures
 from polypure.store import Store
 
 from .conftest import random_images
@@ -150,3 +150,20 @@ def test_umap_embedding_copes_with_few_and_identical_references():
 def test_safe_names_for_files():
     assert figures.safe_name("block_3@planted") == "block_3-planted"
     assert figures.safe_name("a/b c") == "a-b-c"
+
+
+def test_comparison_figures_show_the_stored_comparisons_of_one_metric(built, tmp_path):
+    path, _ = built
+    with Store(path) as store:
+        rows = [r for r in comparisons.read(store)[0] if r["metric"] == "gain labels"]
+    forest = figures.comparison_forest(path, "gain labels", tmp_path)
+    assert [p.suffix for p in forest] == [".png", ".svg"] and panels(forest[1]) == ["forest"]
+    # the paired scatter: one panel per comparison of the first group and method, no more
+    first = rows[0]
+    shown = [r for r in rows if (r["target"], r["group"], r["method"]) == (first["target"], first["group"],
+                                                                         first["method"])]
+    assert 1 < len(shown) < len(rows)
+    paired = figures.paired_scatter(path, "gain labels", tmp_path)
+    assert panels(paired[1]) == [figures.safe_name(f"{r['space_b']}-{r['space_a']}") for r in shown]
+    with pytest.raises(ValueError, match="no stored comparisons of 'ARI shape'"):
+        figures.comparison_forest(path, "ARI shape", tmp_path)

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypure import figures, imaging
+from polypure import comparisons, figures, imaging
 from polypure.report import THUMB_SIZE, write_report
+from polypure.store import Store
 
 from .test_figures import small_store
 
@@ -237,10 +238,44 @@ def test_clicking_a_column_header_sorts_the_neuron_table(report, tmp_path):
     assert all(np.isnan(v) for v in values[len(finite):])                  # missing values last
 
 
+def test_comparison_section_renders_its_figures_and_every_stored_row(report, built, tmp_path):
+    path, _ = built
+    with Store(path) as store:
+        rows, attrs = comparisons.read(store)
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    assert len(rows) > 0 and "gain labels" in metrics and attrs["n_resamples"] == 2000
+    # after loading, the page writes the width of each comparison figure as the browser decoded it
+    probe = report.parent / "probe_comparisons.html"
+    script = ("<script>window.addEventListener('load',function(){var w=[];document.querySelectorAll("
+              "'#comparison-figures img').forEach(function(i){w.push(i.naturalWidth);});"
+              "document.body.setAttribute('data-widths',w.join(','));});</script></body>")
+    probe.write_text(report.read_text().replace("</body>", script))
+    dom = chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()).stdout
+    section = dom[dom.index('<h2 id="comparisons">'):]
+    section = section[:section.index("<h2", 5)]
+    images = re.findall(r'<img src="(figures/[^"]+)"', section)
+    assert images == [f"figures/{kind}_{figures.safe_name(m)}.png" for m in metrics for kind in ("forest", "paired")]
+    widths = [int(w) for w in re.search(r'data-widths="([^"]*)"', dom).group(1).split(",")]
+    assert len(widths) == len(images) and min(widths) > 100
+    table = section[section.index('id="comparison-table"'):section.index("</table>")]
+    body = re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)[1:]
+    assert len(body) == len(rows)
+    first = re.findall(r"<td[^>]*>(.*?)</td>", body[0], flags=re.S)
+    assert first[:4] == [rows[0]["group"], rows[0]["metric"], rows[0]["method"],
+                         f"{rows[0]['space_b']} vs {rows[0]['space_a']}"]
+    assert first[10] == comparisons.format_p(rows[0]["p_holm"])
+    assert "mono-topK is monosemanticity restricted to each neuron's top-K references" in " ".join(section.split())
+    # the neuron table shows the purity scores and split gains
+    neurons = dom[dom.index('id="neurons-c3"'):]
+    header = re.findall(r"<th[^>]*>(.*?)</th>", neurons[:neurons.index("</tr>")])
+    assert {"clarity labels", "mono-topK labels", "redundancy labels", "gain labels: c1"} <= set(header)
+
+
 # -- writing again: only what changed -------------------------------------------------------------------
 
 
-FIGURES = ("distance_matrices", "correlation_scatter", "space_bars", "neuron_umap", "ground_truth_table")
+FIGURES = ("distance_matrices", "correlation_scatter", "space_bars", "neuron_umap", "ground_truth_table",
+           "comparison_forest", "paired_scatter")
 
 
 @pytest.fixture

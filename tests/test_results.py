@@ -75,6 +75,14 @@ def stored_metrics(path) -> dict[tuple, np.ndarray]:
                     for method, ds in group[f"cluster_distances/{of}/{space}"].items():
                         out[target, "inner", of, space, method] = ds[()][:, 0]
                         out[target, "inter", of, space, method] = ds[()][:, 1]
+            for of in group.get("split_gain", {}):
+                for space in group[f"split_gain/{of}"]:
+                    for method, ds in group[f"split_gain/{of}/{space}"].items():
+                        out[target, "gain", of, space, method] = ds[()]
+            for kind, label in (("clarity", "clarity"), ("polysemanticity", "polysem"),
+                                ("monosemanticity_topk", "mono-topK"), ("nearest_similarity", "redundancy")):
+                for of, ds in group.get(kind, {}).items():
+                    out[target, label, of, of, ""] = ds[()]
     return out
 
 
@@ -85,7 +93,8 @@ def test_long_form_metrics_are_the_stored_arrays(results, path):
     stored = stored_metrics(path)
     keys = ["target", "metric", "of", "space", "method"]
     assert set(frame.groupby(keys).groups) == set(stored)
-    assert {"corr", "inner", "inter", "ARI", "NMI"} == set(frame["metric"])
+    assert {"corr", "inner", "inter", "gain", "clarity", "polysem", "mono-topK", "redundancy", "ARI", "NMI"} == set(
+        frame["metric"])
     with h5py.File(path, "r") as f:
         neurons = {t: f[f"relevance/{t}/neurons"][()] for t in ("c3", "c3@planted")}
         modes = list(f["planted/c3/modes"].asstr()[()])

@@ -45,7 +45,7 @@ SUMMARY_VALUES = ("mean", "std", "n", "neurons", "skipped")
 #: What the column ``test`` says.
 PAIRED, UNPAIRED = "paired (wilcoxon)", "unpaired (mann-whitney)"
 #: Metrics measured against a reference space (an evaluator's embeddings).
-REFERENCE_METRICS = ("corr", "inner", "inter")
+REFERENCE_METRICS = tuple(kind for kind in summary.KINDS if kind not in summary.GROUND_TRUTH)
 
 _COUNTS = ("n", "dropped", "zeros", "n_a", "n_b", "dropped_a", "dropped_b")
 

@@ -414,6 +414,16 @@ class EvaluateSection(BaseModel):
         return dict(value)
 
 
+class CompareSection(_Section):
+    """Which per-neuron metrics the evaluate stage compares between spaces, and how (:mod:`polypure.comparisons`)."""
+
+    baseline: str | None = None
+    metrics: list[str] | None = None
+    pairs: list[tuple[str, str]] | None = None
+    n_resamples: int = Field(2000, ge=1000)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
 class ReportSection(_Section):
     """The browsable HTML report written at the end of ``polypure run``."""
 
@@ -436,6 +446,7 @@ class Config(_Section):
     relevance: RelevanceSection = Field(default_factory=RelevanceSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    compare: CompareSection = Field(default_factory=CompareSection)
     report: ReportSection = Field(default_factory=ReportSection)
 
     @field_validator("device")

@@ -1,7 +1,8 @@
 """Figures of a polypure store, each written as PNG and SVG.
 
 The seed paper's distance matrices (Figure 2), correlation scatter (3a) and bars (3b), per-neuron UMAPs
-with cluster image grids (Figure 4, PURE 1b), and the ground-truth table.
+with cluster image grids (Figure 4, PURE 1b), the ground-truth table, and for the stored comparisons of
+a metric between spaces a forest plot and a paired scatter.
 
 Example
 -------
@@ -175,6 +176,35 @@ def _truth_inputs(store: Store) -> dict:
             "layers": {target: attribution_layers(store, target) for target in targets}}
 
 
+def _forest_inputs(store: Store, metric: str) -> dict:
+    from . import comparisons
+
+    rows, attrs = comparisons.read(store)
+    return {"rows": [r for r in rows if r["metric"] == metric], "confidence": attrs.get("confidence", 0.95)}
+
+
+def _paired_inputs(store: Store, metric: str) -> dict:
+    """The per-neuron values behind the stored comparisons of a metric in its first target, group and method."""
+    from . import summary
+
+    rows = _forest_inputs(store, metric)["rows"]
+    if not rows:
+        return {"rows": []}
+    first = rows[0]
+    rows = [r for r in rows if (r["target"], r["group"], r["method"]) == (first["target"], first["group"],
+                                                                           first["method"])]
+    try:
+        polysemantic_by = (store.config().get("evaluate") or {}).get("polysemantic_by")
+    except (yaml.YAMLError, AttributeError):
+        polysemantic_by = None
+    mask = dict(summary.groups(store, first["target"], polysemantic_by)).get(first["group"])
+    values = {}
+    for kind, of, space, method, array, _ in summary.metric_entries(store, first["target"]):
+        if f"{kind} {of}" == metric and method == first["method"] and mask is not None:
+            values[space] = np.asarray(array, np.float64)[mask]
+    return {"rows": rows, "values": values, "group": first["group"], "method": first["method"]}
+
+
 def inputs(figure, store, *args, **kwargs) -> dict:
     """The store data a figure function draws from, for the same arguments (less the output folder).
 
@@ -182,7 +212,8 @@ def inputs(figure, store, *args, **kwargs) -> dict:
     ----------
     figure : callable
         :func:`distance_matrices`, :func:`correlation_scatter`, :func:`space_bars`, :func:`neuron_umap`
-        (without its ``dataset`` argument) or :func:`ground_truth_table`.
+        (without its ``dataset`` argument), :func:`ground_truth_table`, :func:`comparison_forest` or
+        :func:`paired_scatter`.
     store : Store or str or Path
     *args, **kwargs
         The figure's arguments between ``store`` and ``out_dir`` (``neuron_umap``: also ``method``,
@@ -200,7 +231,8 @@ def inputs(figure, store, *args, **kwargs) -> dict:
     ['block_0', 'block_1', 'block_2']
     """
     readers = {distance_matrices: _distance_inputs, correlation_scatter: _scatter_inputs, space_bars: _bars_inputs,
-               neuron_umap: _umap_inputs, ground_truth_table: _truth_inputs}
+               neuron_umap: _umap_inputs, ground_truth_table: _truth_inputs, comparison_forest: _forest_inputs,
+               paired_scatter: _paired_inputs}
     if figure not in readers:
         raise ValueError(f"{getattr(figure, '__name__', figure)!r} is not a figure of polypure.figures")
     if figure is neuron_umap:
@@ -674,3 +706,115 @@ def ground_truth_table(store, out_dir, method: str | None = None, *, formats: It
         ax.set_title(f"{metric} (clusters: {method})", fontsize=10)
         fig.colorbar(image, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=6)
     return _save(fig, out_dir, stem, formats)
+
+
+def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = FORMATS,
+                      stem: str | None = None) -> list[Path]:
+    """The stored comparisons of one metric as a forest plot: difference and interval per comparison.
+
+    One line per stored comparison (``/comparisons``) of ``metric``: group of neurons, cluster method and
+    the two spaces, with the mean difference ``space - baseline`` over the neurons and its bootstrap
+    interval; filled where the Holm-adjusted p-value is below 0.05.
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    metric : str
+        A metric label (``ARI shape``, ``gain clip``).
+    out_dir : str or Path
+    formats : iterable of str
+    stem : str, optional
+        Default ``forest_<metric>``.
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    ValueError
+        If the store has no comparisons of ``metric``.
+    """
+    with opened(store) as st:
+        data = _forest_inputs(st, metric)
+    rows = data["rows"]
+    if not rows:
+        raise ValueError(f"the store has no stored comparisons of {metric!r}")
+    spaces = list(dict.fromkeys(r["space_b"] for r in rows))
+    fig = _figure(8.0, 0.26 * len(rows) + 1.5)
+    ax = fig.subplots()
+    _panel(ax, "forest")
+    positions = np.arange(len(rows))[::-1]
+    for y, r in zip(positions, rows):
+        colour = _LAYER_COLOURS[spaces.index(r["space_b"]) % len(_LAYER_COLOURS)]
+        if np.isfinite(r["ci_low"]):
+            ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=colour, lw=1.4)
+        significant = np.isfinite(r["p_holm"]) and r["p_holm"] < 0.05
+        ax.plot([r["mean_diff"]], [y], "o", color=colour, markerfacecolor=colour if significant else "white", ms=5)
+    ax.axvline(0, color="0.4", lw=0.8, ls="--")
+    labels = [f"{r['group']} · {r['method'] + ' · ' if r['method'] else ''}{r['space_b']} vs {r['space_a']}"
+              for r in rows]
+    ax.set_yticks(positions, labels, fontsize=7)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(f"mean difference, space - baseline, with its {data['confidence']:.0%} bootstrap interval\n"
+                  "(filled: Holm-adjusted p < 0.05)".replace("%", " %"), fontsize=8)
+    ax.set_title(f"{metric}, paired over neurons", fontsize=10)
+    return _save(fig, out_dir, stem or f"forest_{safe_name(metric)}", formats)
+
+
+def paired_scatter(store, metric: str, out_dir, *, formats: Iterable[str] = FORMATS,
+                   stem: str | None = None) -> list[Path]:
+    """Per-neuron values of one metric, baseline against each space, for its first stored group and method.
+
+    A panel per stored comparison of the first target, group of neurons and cluster method that the
+    comparisons of ``metric`` have: x the neuron's value in the baseline (``space_a``), y in the other
+    space, with the y = x line (points above it: the space scores higher). Bounded to that one group and
+    method, so that a report has one such figure per metric.
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    metric : str
+    out_dir : str or Path
+    formats : iterable of str
+    stem : str, optional
+        Default ``paired_<metric>``.
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    ValueError
+        If the store has no comparisons of ``metric``.
+    """
+    with opened(store) as st:
+        data = _paired_inputs(st, metric)
+    rows = data["rows"]
+    if not rows:
+        raise ValueError(f"the store has no stored comparisons of {metric!r}")
+    values = data["values"]
+    fig = _figure(2.9 * len(rows) + 0.4, 3.3)
+    axes = np.atleast_1d(fig.subplots(1, len(rows), squeeze=False)[0])
+    for ax, r in zip(axes, rows):
+        _panel(ax, f"{r['space_b']}-{r['space_a']}")
+        x, y = values.get(r["space_a"]), values.get(r["space_b"])
+        if x is None or y is None:
+            continue
+        finite = np.concatenate([x, y])
+        finite = finite[np.isfinite(finite)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "--", color="0.45", lw=1)
+        ax.scatter(x, y, s=14, alpha=0.75, color=_LAYER_COLOURS[0], edgecolors="none")
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"{r['space_a']} (baseline)", fontsize=8)
+        ax.set_ylabel(r["space_b"], fontsize=8)
+        ax.set_title(f"n = {r['n']}, difference {_fmt(r['mean_diff'])}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    method = f", clusters: {data['method']}" if data["method"] else ""
+    fig.suptitle(f"{metric} per neuron: {data['group']}{method}", fontsize=10)
+    return _save(fig, out_dir, stem or f"paired_{safe_name(metric)}", formats)

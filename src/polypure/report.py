@@ -1,6 +1,7 @@
 """The HTML report of a store, a folder that opens from disk in any browser.
 
-It holds the summary table, the global figures, a sortable table of every neuron, and a page per
+It holds the summary table, the global figures, the stored comparisons between spaces (a forest plot and
+a paired scatter per metric, and their table), a sortable table of every neuron, and a page per
 interesting neuron with its figures and cluster image grids.
 
 Example
@@ -16,8 +17,8 @@ config describes), so it can be written again at any time.
 
 Layout of the folder::
 
-    index.html                      summary table, global figures, neuron tables (sortable)
-    figures/                        scatter, bars and ground-truth figures (PNG and SVG)
+    index.html                      summary table, global figures, comparisons, neuron tables (sortable)
+    figures/                        scatter, bars, ground-truth, forest and paired figures (PNG and SVG)
     thumbs/                         reference thumbnails, one file per image (or per crop)
     neurons/<target>/<id>.html      a page per chosen neuron
     neurons/<target>/fig/           its distance-matrix and UMAP figures (PNG)
@@ -48,7 +49,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import __version__, figures, imaging, summary
+from . import __version__, comparisons, figures, imaging, summary
 from .errors import PolypureError
 from .store import Store
 
@@ -80,6 +81,8 @@ class _Target:
     ari: dict[str, dict[str, np.ndarray]]
     mixture: dict[str, np.ndarray]
     boxes: np.ndarray | None
+    purity: dict[str, np.ndarray] = field(default_factory=dict)
+    gain: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     pages: list[int] = field(default_factory=list)
 
     @property
@@ -124,11 +127,19 @@ def _read_target(store: Store, name: str, view: str, labels: list[str]) -> _Targ
     stored = store.metric_keys(name, "mixture")
     mixture = {label: store.metric(name, "mixture", label)
                for label in [n for n in labels if n in stored] + sorted(n for n in stored if n not in labels)}
+    # purity scores per reference (one value per neuron), and the split gain of the first method's clusters
+    purity: dict[str, np.ndarray] = {}
+    gain: dict[str, dict[str, np.ndarray]] = {}
+    for kind, of, space, cluster_method, values, _ in summary.metric_entries(store, name):
+        if kind in summary.PURITY.values():
+            purity[f"{kind} {of}"] = values
+        elif kind == "gain" and cluster_method == method:
+            gain.setdefault(of, {})[space] = values
     return _Target(name=name, slug=figures.safe_name(name), neurons=store.neurons(name),
                    refs=store.reference_indices(name), layers=layers, complete=store.complete(name),
                    methods=methods, corr={ref: figures.correlations(store, name, ref)
                                           for ref in figures.references(store, name)},
-                   ari=ari, mixture=mixture, boxes=figures.crop_boxes(store, name, view))
+                   ari=ari, mixture=mixture, boxes=figures.crop_boxes(store, name, view), purity=purity, gain=gain)
 
 
 def _ranked(values: np.ndarray, descending: bool = True) -> np.ndarray:
@@ -478,7 +489,7 @@ def _data_value(value) -> str:
 
 def _tint(value, kind: str = "value") -> str:
     """A background tint so that large values stand out in long tables (gaps: green above 0, red below)."""
-    if not _finite(value):
+    if not _finite(value) or kind == "none":
         return ""
     if kind == "gap":
         alpha = min(abs(float(value)) * 2.0, 1.0) * 0.55
@@ -509,6 +520,10 @@ def _columns(target: _Target) -> list[dict]:
         last = target.layers[-1] if target.layers else None
         cols += [{"header": f"{layer} − {last} ({reference})", "kind": "gap", "values": gap}
                  for layer, gap in target.gaps(reference).items()]
+    for reference, spaces in target.gain.items():
+        cols += [{"header": f"gain {reference}: {space}", "kind": "gap", "values": values}
+                 for space, values in spaces.items()]
+    cols += [{"header": label, "kind": "value", "values": values} for label, values in target.purity.items()]
     for label, spaces in target.ari.items():
         cols += [{"header": f"ARI {label}: {space}", "kind": "value", "values": values}
                  for space, values in spaces.items()]
@@ -600,8 +615,14 @@ def _neuron_page(target: _Target, row: int, parts: dict, notes: list[str]) -> st
                    metrics=_neuron_metrics(target, row), figures=parts["figures"], grids=parts["grids"])
 
 
+def _comparison_rows(rows: list[dict]) -> list[dict]:
+    """The stored comparisons as the index's table shows them."""
+    return [{**r, "spaces": f"{r['space_b']} vs {r['space_a']}", "p_text": comparisons.format_p(r["p_value"]),
+             "p_holm_text": comparisons.format_p(r["p_holm"])} for r in rows]
+
+
 def _index_html(store: Store, store_path: Path, targets: list[_Target], records: list[dict], truth: dict | None,
-                target_figs: dict[str, list[dict]], notes: list[str]) -> str:
+                target_figs: dict[str, list[dict]], notes: list[str], compared: dict) -> str:
     attrs = store.attributes()
     try:
         config = store.config()
@@ -614,10 +635,11 @@ def _index_html(store: Store, store_path: Path, targets: list[_Target], records:
     methods = list(dict.fromkeys(m for t in targets for m in t.methods))
     shown = [{"name": t.name, "slug": t.slug, "neurons": t.neurons, "pages": t.pages, "method": t.method,
               "ari": bool(t.ari), "mixture": list(t.mixture), "has_gaps": any(t.gaps(r) for r in t.corr),
+              "purity": bool(t.purity), "gain": bool(t.gain),
               "columns": _columns(t), "rows": _neuron_rows(t)} for t in targets]
     return _render("index.html", title=f"polypure report: {store_path.name}", root="", sortable=True, store=about,
                    notes=notes, targets=shown, summary=_summary_groups(records, methods), truth=truth,
-                   target_figures={name: figs for name, figs in target_figs.items() if figs})
+                   target_figures={name: figs for name, figs in target_figs.items() if figs}, compared=compared)
 
 
 def _view(target: _Target) -> str:
@@ -719,7 +741,9 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         thumbs = _Thumbs(out, images, store, outputs, code)
         global_jobs = [(t, ref) for t in targets for ref in t.corr]
         has_truth = any(str(r["metric"]).startswith("ARI") for r in records)
-        total = len(global_jobs) + has_truth + sum(len(t.pages) for t in targets)
+        compared_rows, compared_attrs = comparisons.read(store)
+        compared_metrics = list(dict.fromkeys(r["metric"] for r in compared_rows))
+        total = len(global_jobs) + has_truth + len(compared_metrics) + sum(len(t.pages) for t in targets)
         with tqdm(total=total, desc="report", unit="step", disable=not progress, leave=False) as bar:
             fig_dir = out / "figures"
             truth = None
@@ -728,6 +752,21 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
                 truth = draw(out, "ground truth: ARI of the clusters with known labels, per group and space",
                                   files, draw.key(figures.ground_truth_table),
                                   lambda: figures.ground_truth_table(store, fig_dir, stem="ground_truth"))
+                bar.update()
+            compared_figs = []
+            for metric in compared_metrics:
+                name = figures.safe_name(metric)
+                files = _files(fig_dir, f"forest_{name}", figures.FORMATS)
+                compared_figs.append(draw(out, f"{metric}: mean difference and interval of every comparison",
+                                          files, draw.key(figures.comparison_forest, metric, settings=files[0].stem),
+                                          lambda metric=metric, name=name: figures.comparison_forest(
+                                              store, metric, fig_dir, stem=f"forest_{name}")))
+                files = _files(fig_dir, f"paired_{name}", figures.FORMATS)
+                compared_figs.append(draw(out, f"{metric} per neuron, baseline against each space (first group and "
+                                               "method)", files,
+                                          draw.key(figures.paired_scatter, metric, settings=files[0].stem),
+                                          lambda metric=metric, name=name: figures.paired_scatter(
+                                              store, metric, fig_dir, stem=f"paired_{name}")))
                 bar.update()
             target_figs = {}
             for target, reference in global_jobs:
@@ -760,7 +799,9 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         for target in targets:
             for row in target.pages:
                 outputs.write_text(out / target.page(row), _neuron_page(target, row, parts[target.name, row], notes))
-        index = _index_html(store, store_path, targets, records, truth, target_figs, notes)
+        compared = {"rows": _comparison_rows(compared_rows), "figures": compared_figs,
+                    "confidence": compared_attrs.get("confidence", 0.95)}
+        index = _index_html(store, store_path, targets, records, truth, target_figs, notes, compared)
     path = out / "index.html"
     outputs.write_text(path, index)
     removed = outputs.finish(images.state())

@@ -5,9 +5,11 @@
 * :meth:`Results.metrics`: every per-neuron metric in long form, one row per neuron, space, cluster method,
   reference or label set and metric, with the value (NaN kept) and why a missing value is missing;
 * :meth:`Results.summary`: the stored summary table (:data:`polypure.summary.FIELDS`);
+* :meth:`Results.comparisons`: the comparisons the evaluate stage stored (the config's ``compare`` section:
+  :mod:`polypure.comparisons`), Holm-adjusted over the whole run;
 * :meth:`Results.compare`: one metric (or every one) compared between each space and a baseline space over
-  the same neurons (:func:`polypure.stats.paired`), Holm-adjusted over the returned table. The store keeps
-  no comparisons: they are computed from the stored per-neuron metrics when asked for;
+  the same neurons (:func:`polypure.stats.paired`), computed from the stored per-neuron metrics when asked
+  for, Holm-adjusted over the returned table;
 * :meth:`Results.relevance`, :meth:`Results.embeddings`, :meth:`Results.features`: the arrays, as numpy.
 
 :func:`export` (``polypure export STORE DIR``) writes the three tables as CSV or Parquet files.
@@ -28,20 +30,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import stats, summary
+from . import comparisons, summary
 from .errors import ConfigError
 from .metrics import REASONS
-from .store import ACTIVATION, Store, planted_layer
+from .store import Store, planted_layer
 
 #: Columns of :meth:`Results.metrics`.
 METRIC_COLUMNS = ("target", "neuron", "row", "mode", "space", "method", "of", "metric", "value", "skipped")
-#: Columns of :meth:`Results.compare`.
-COMPARISON_COLUMNS = ("target", "group", "metric", "method", "space_a", "space_b", "n", "dropped", "zeros",
-                      "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "effect", "reason")
+#: Columns of :meth:`Results.compare` and :meth:`Results.comparisons`.
+COMPARISON_COLUMNS = comparisons.COLUMNS
 #: The tables :func:`export` writes, one file each.
 TABLES = ("metrics", "summary", "comparisons")
-#: Metric names, in the order the summary shows them: reference-space metrics, then ground-truth scores.
-METRICS = ("corr", "inner", "inter", "ARI", "NMI")
+#: Metric names, in the order the summary shows them: reference-space metrics, purity, then ground truth.
+METRICS = summary.KINDS
 
 _INTS = ("neuron", "row", "n", "neurons", "dropped", "zeros")
 _FLOATS = ("value", "mean", "std", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "effect")
@@ -187,8 +188,12 @@ class Results:
             - ``mode``: the planted mode (``sum``, ``max``) of a virtual neuron, ``""`` for a real one;
             - ``space``: where the clustering or distances were computed;
             - ``method``: the cluster method id, ``""`` for a distance correlation (no clustering);
-            - ``of``: the reference space (``corr``, ``inner``, ``inter``) or the label set (``ARI``,
-              ``NMI``): ``metric + " " + of`` is the summary's metric label (``ARI shape``);
+            - ``of``: the reference space (``corr``, ``inner``, ``inter``, ``gain`` and the purity scores) or
+              the label set (``ARI``, ``NMI``): ``metric + " " + of`` is the summary's metric label
+              (``ARI shape``). The purity scores ``clarity``, ``polysem``, ``mono-topK`` (monosemanticity
+              restricted to the neuron's top-K references) and ``redundancy`` (the neuron's largest
+              similarity with another neuron; its mean over a target is the target's redundancy) are one
+              value per neuron: their ``space`` is the reference space and their ``method`` ``""``;
             - ``metric``: one of :data:`METRICS`; ``value``: float, NaN where there is no score;
             - ``skipped``: why there is none, from the stored checks (``constant``, ``one-hot``,
               ``all-noise``, ``one-cluster``, ``one-label``, comma-separated; ``undefined`` for a NaN no check
@@ -230,25 +235,8 @@ class Results:
 
         ``check`` is the keyword arguments of :func:`polypure.summary.reasons` for the metric.
         """
-        out = []
-        for kind, key, values in self.store.metric_entries(target):
-            if kind in ("ari", "nmi") and len(key) == 3:
-                of, space, method = key
-                out.append((kind.upper(), of, space, method, values, {"space": space, "method": method,
-                                                                      "labels": of}))
-            elif kind == "distance_correlation" and len(key) == 2:
-                of, space = key
-                out.append(("corr", of, space, "", values, {"space": space, "reference": of}))
-            elif kind == "cluster_distances" and len(key) == 3:
-                of, space, method = key
-                check = {"space": space, "method": method, "reference": of}
-                out.append(("inner", of, space, method, values[:, 0], check))
-                out.append(("inter", of, space, method, values[:, 1], check))
-        evaluate = self.config().get("evaluate") or {}
-        truth = evaluate.get("ground_truth")
-        names = [*(evaluate.get("references") or []), *(truth if isinstance(truth, list) else []),
-                 *self.store.label_sets()]
-        names = list(dict.fromkeys(names))
+        out = list(summary.metric_entries(self.store, target))
+        names = summary.names_order(self.store)
         spaces = self.spaces(target)
         methods = self.store.cluster_methods(target)
 
@@ -257,7 +245,7 @@ class Results:
 
         def order(entry):
             metric, of, space, method = entry[:4]
-            return (metric in ("ARI", "NMI"), position(names, of), of, METRICS.index(metric),
+            return (metric in summary.GROUND_TRUTH, position(names, of), of, METRICS.index(metric),
                     position(spaces, space), space, position(methods, method), method)
 
         return sorted(out, key=order)
@@ -292,8 +280,9 @@ class Results:
             A metric label as the summary shows it (``"ARI shape"``, ``"corr clip"``, ``"inner clip"``);
             every one by default.
         baseline : str, optional
-            The space compared against (``"activation"``, ``"block_2"``); by default each target's last
-            attribution layer (the layer right below it, where PURE computes relevance).
+            The space compared against (``"activation"``, ``"block_2"``); by default each target's
+            :meth:`~polypure.store.Store.baseline_space`, its last attribution layer (the layer right below
+            it, where PURE computes relevance).
         target, group, method : str, optional
             Only this target, group of neurons (``"block_3 [polysemantic by shape]"``, ``"block_3@planted
             (max)"``) or cluster method id.
@@ -313,63 +302,31 @@ class Results:
             If ``metric``, ``baseline``, ``target``, ``group`` or ``method`` is named and gives no comparison;
             the message names what there is.
         """
-        store = self.store
-        targets = self.targets if target is None else [self._target(target)]
+        if target is not None:
+            self._target(target)
         polysemantic_by = (self.config().get("evaluate") or {}).get("polysemantic_by")
-        rows, seen_labels, seen_spaces, seen_groups, seen_methods = [], {}, {}, {}, {}
-        for name in targets:
-            layers = store.attribution_layers(name)
-            base = baseline or (layers[-1] if layers else ACTIVATION)
-            values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-            for kind, of, space, cluster_method, vals, _ in self._entries(name):
-                label = f"{kind} {of}"
-                seen_labels[label] = None
-                if metric is not None and label != metric:
-                    continue
-                seen_methods[cluster_method] = None
-                if method is not None and cluster_method != method:
-                    continue
-                seen_spaces[space] = None
-                values.setdefault((label, cluster_method), {})[space] = np.asarray(vals, np.float64)
-            neuron_groups = summary.groups(store, name, polysemantic_by)
-            seen_groups.update(dict.fromkeys(g for g, _ in neuron_groups))
-            neuron_groups = [(g, mask) for g, mask in neuron_groups if group is None or g == group]
-            for (label, cluster_method), by_space in values.items():
-                if base not in by_space:
-                    continue
-                for group_name, mask in neuron_groups:
-                    for space, vals in by_space.items():
-                        if space == base:
-                            continue
-                        result = stats.paired(by_space[base][mask], vals[mask], n_resamples=n_resamples,
-                                              confidence=confidence, seed=seed)
-                        rows.append({"target": name, "group": group_name, "metric": label, "method": cluster_method,
-                                     "space_a": base, "space_b": space, **result.as_dict()})
-        if not rows:
-            _explain_no_comparison(metric, baseline, group, method, seen_labels, seen_spaces, seen_groups,
-                                   seen_methods)
-            return _typed(_empty(COMPARISON_COLUMNS))
-        frame = pd.DataFrame(stats.holm_rows(rows))
-        return _typed(frame[list(COMPARISON_COLUMNS)])
+        rows = comparisons.compare(self.store, metrics=None if metric is None else [metric], baseline=baseline,
+                                   target=target, group=group, method=method, polysemantic_by=polysemantic_by,
+                                   n_resamples=n_resamples, confidence=confidence, seed=seed)
+        return _typed(pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS)))
 
+    def comparisons(self) -> pd.DataFrame:
+        """The comparisons the evaluate stage stored (``/comparisons``), as the config's ``compare`` asked.
 
-def _explain_no_comparison(metric, baseline, group, method, labels, spaces, groups, methods) -> None:
-    """Raise ConfigError naming the filter that left nothing to compare, if one was named."""
-    def listed(found: dict) -> str:
-        return ", ".join(repr(x) for x in found) or "none"
+        Returns
+        -------
+        DataFrame
+            The columns of :data:`COMPARISON_COLUMNS`, every target's rows, ``p_holm`` Holm-adjusted over the
+            whole table; empty before the evaluate stage ran. :attr:`comparison_settings` tells how they
+            were made.
+        """
+        rows, _ = comparisons.read(self.store)
+        return _typed(pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS)))
 
-    if metric is not None and metric not in labels:
-        raise ConfigError(f"no metric {metric!r} in the store; metrics: {listed(labels)}")
-    if method is not None and method not in methods:
-        raise ConfigError(f"no cluster method {method!r} for {metric or 'any metric'}; methods: {listed(methods)}")
-    if group is not None and group not in groups:
-        raise ConfigError(f"no group of neurons {group!r}; groups: {listed(groups)}")
-    if baseline is not None:
-        raise ConfigError(f"baseline {baseline!r}: no {metric or 'metric'} there to compare with; spaces: "
-                          f"{listed(spaces)}")
-    if metric is not None or group is not None or method is not None:
-        raise ConfigError(f"no {metric or 'metric'} in the last attribution layer of any target (the default "
-                          f"baseline); name a baseline, one of: {listed(spaces)}")
+    @property
+    def comparison_settings(self) -> dict:
+        """The settings of the stored comparisons: ``seed``, ``n_resamples``, ``confidence``, ``baseline``."""
+        return comparisons.read(self.store)[1]
 
 
 def _empty(columns) -> pd.DataFrame:
@@ -409,8 +366,9 @@ def export(store: str | Path, out: str | Path, format: str = "csv", baseline: st
         CSV (NaN written as ``NaN``, no index; ``pandas.read_csv(path, keep_default_na=False,
         na_values=["NaN"])`` reads a table back as it was), or Parquet (needs pyarrow: the ``parquet`` extra).
     baseline : str, optional
-        The space the comparisons are against (:meth:`Results.compare`): by default each target's last
-        attribution layer.
+        The space the comparisons are against (:meth:`Results.compare`). By default the comparisons the
+        evaluate stage stored (:meth:`Results.comparisons`), or, for a store without them, every space
+        against each target's last attribution layer.
 
     Returns
     -------
@@ -428,8 +386,9 @@ def export(store: str | Path, out: str | Path, format: str = "csv", baseline: st
     if format == "parquet":
         _check_parquet()
     with Results(store) as results:
+        stored = results.comparisons() if baseline is None else None
         tables = {"metrics": results.metrics(), "summary": results.summary(),
-                  "comparisons": results.compare(baseline=baseline)}
+                  "comparisons": stored if stored is not None and len(stored) else results.compare(baseline=baseline)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

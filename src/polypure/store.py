@@ -17,6 +17,7 @@ Schema (paths other tools rely on; the README has the full table)::
     /clusters/<target>/<space>/<method id>       (M, n_refs) int64
     /embeddings/<evaluator>/<target>             (M, n_refs, D) float32
     /metrics/...
+    /comparisons/<target>                        table: paired comparisons of metrics between spaces
 
 A space is named ``<layer>`` for the ``default`` variant and ``<variant>:<layer>`` for any other
 (:func:`polypure.config.space_name`). A version 1 store is a version 2 store with the ``default`` variant alone.
@@ -69,7 +70,7 @@ RULE_KEYS = ("composite", "canonizers", "times_activation", "composite_params")
 _ROW_BOOKKEEPING = ("neurons", "complete")
 
 #: Where the results derived from one relevance target live (recomputed when its rows change).
-_DERIVED = ("clusters/{t}", "crops/{t}", "metrics/{t}")
+_DERIVED = ("clusters/{t}", "crops/{t}", "metrics/{t}", "comparisons/{t}")
 
 
 def _decode(value):
@@ -444,6 +445,7 @@ class Store:
         if f"clusters/{target}" in self.file and not len(self.file[f"clusters/{target}"]):
             self.drop(f"clusters/{target}")
         self.drop(f"metrics/{target}")
+        self.drop(f"comparisons/{target}")
         self.drop("metrics/summary")
 
     def write_relevance_rows(self, target: str, rows: np.ndarray, arrays: dict[str, np.ndarray],
@@ -780,7 +782,9 @@ class Store:
         kind : str
             ``distance_correlation`` (key: reference, space), ``cluster_distances`` (reference, space,
             method), ``ari`` / ``nmi`` (labels, space, method), ``mixture`` (labels), ``degenerate`` (space),
-            ``cluster_status`` (space, method), ``single_label`` (labels), or a purity score.
+            ``cluster_status`` (space, method), ``single_label`` (labels), the purity scores ``clarity``,
+            ``polysemanticity``, ``monosemanticity_topk``, ``nearest_similarity`` and ``redundancy`` (a
+            scalar) (reference), or ``split_gain`` (reference, space, method).
         key : iterable of str
         values : array-like, (M,) or (M, k)
         attrs : dict, optional
@@ -823,6 +827,28 @@ class Store:
     def summary_table(self) -> np.ndarray | None:
         """The stored summary table, or None before the evaluate stage ran."""
         return self.read("metrics/summary") if "metrics/summary" in self.file else None
+
+    # -- comparisons -------------------------------------------------------------------------------
+
+    def write_comparisons(self, target: str, table: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+        """Store a target's comparisons (a structured array, one row per comparison) as ``/comparisons/<target>``."""
+        self.write_array(f"comparisons/{target}", table, attrs=attrs)
+
+    def drop_comparisons(self) -> None:
+        """Delete every stored comparison (the evaluate stage writes them anew, as one Holm family)."""
+        self.drop("comparisons")
+
+    def comparison_targets(self) -> list[str]:
+        """Targets with stored comparisons, in store order."""
+        return list(self.file["comparisons"].keys()) if "comparisons" in self.file else []
+
+    def comparisons(self, target: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """A target's stored comparisons and their attributes, or None where none are stored."""
+        path = f"comparisons/{target}"
+        if path not in self.file:
+            return None
+        ds = self.file[path]
+        return ds[()], {key: read_attr(value) for key, value in ds.attrs.items()}
 
     # -- generic -----------------------------------------------------------------------------------
 

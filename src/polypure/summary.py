@@ -3,7 +3,9 @@
 Rows are (target group, space); a group is a target's neurons, its neurons that are polysemantic by
 a label (``evaluate.polysemantic_by``), or, for planted targets, the virtual neurons of one mode. Every
 number is computed from what the store holds under ``/metrics``, so the table of a store can be rebuilt
-at any time (``polypure evaluate``) and always agrees with it.
+at any time (``polypure evaluate``) and always agrees with it. A metric is labelled ``<kind> <reference or
+label set>`` (:data:`KINDS`); :func:`metric_entries` is the one reading of the stored kinds, shared by
+:mod:`polypure.results`, :mod:`polypure.comparisons` and the report.
 
 A neuron whose score is a non-result (a degenerate space, a clustering that is all noise or one cluster,
 references of one label value: :mod:`polypure.metrics`) is left out of the mean, and counted: each record
@@ -66,31 +68,76 @@ def _space_order(store, target: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(store.spaces(target))}
 
 
-def _metric_arrays(store, target: str):
-    """(metric label, space, method, values, reasons) for every per-neuron metric of a target."""
+#: Metric kinds of the summary labels (``<kind> <reference or label set>``), in column order: reference-space
+#: metrics of the spaces and clusterings, purity scores of the neurons in a reference space, ground truth.
+KINDS = ("corr", "inner", "inter", "gain", "clarity", "polysem", "mono-topK", "redundancy", "ARI", "NMI")
+#: Kinds scored against known labels (the others against a reference space).
+GROUND_TRUTH = ("ARI", "NMI")
+#: Purity scores of a neuron in a reference space (:mod:`polypure.purity`), one per neuron whatever the space
+#: of a clustering: their ``space`` is the reference space itself. ``mono-topK`` is Pach et al.'s
+#: monosemanticity restricted to the neuron's top-K references; ``redundancy`` is per neuron its largest
+#: similarity with another neuron of the target, so that its mean over a target is the target's redundancy.
+PURITY = {"clarity": "clarity", "polysemanticity": "polysem", "monosemanticity_topk": "mono-topK",
+          "nearest_similarity": "redundancy"}
+
+
+def metric_entries(store, target: str):
+    """Every per-neuron metric of a target with its summary label: the one reading of ``/metrics`` kinds.
+
+    Yields
+    ------
+    tuple
+        ``(kind, of, space, method, values, check)``: ``kind`` one of :data:`KINDS`, ``of`` the reference
+        space or label set (``kind + " " + of`` is the summary label), ``method`` the cluster method id or
+        ``""``, ``values`` (M,) and ``check`` the keyword arguments of :func:`reasons` for the metric.
+    """
     for kind, key, values in store.metric_entries(target):
         if kind in ("ari", "nmi") and len(key) == 3:
             of, space, method = key
-            because = reasons(store, target, space=space, method=method, labels=of)
-            yield f"{kind.upper()} {of}", space, method, values, because
+            yield kind.upper(), of, space, method, values, {"space": space, "method": method, "labels": of}
         elif kind == "distance_correlation" and len(key) == 2:
-            reference, space = key
-            yield f"corr {reference}", space, "", values, reasons(store, target, space=space, reference=reference)
+            of, space = key
+            yield "corr", of, space, "", values, {"space": space, "reference": of}
         elif kind == "cluster_distances" and len(key) == 3:
-            reference, space, method = key
-            because = reasons(store, target, space=space, method=method, reference=reference)
-            yield f"inner {reference}", space, method, values[:, 0], because
-            yield f"inter {reference}", space, method, values[:, 1], because
+            of, space, method = key
+            check = {"space": space, "method": method, "reference": of}
+            yield "inner", of, space, method, values[:, 0], check
+            yield "inter", of, space, method, values[:, 1], check
+        elif kind == "split_gain" and len(key) == 3:
+            of, space, method = key
+            yield "gain", of, space, method, values, {"space": space, "method": method, "reference": of}
+        elif kind in PURITY and len(key) == 1:
+            (of,) = key
+            # a neighbour's similarity is defined for a degenerate neuron too; the other scores are not
+            check = {"space": ""} if kind == "nearest_similarity" else {"space": of}
+            yield PURITY[kind], of, of, "", values, check
 
 
-_KIND_RANK = {"corr": 0, "inner": 1, "inter": 2, "ARI": 3, "NMI": 4}
+def _metric_arrays(store, target: str):
+    """(metric label, space, method, values, reasons) for every per-neuron metric of a target."""
+    for kind, of, space, method, values, check in metric_entries(store, target):
+        yield f"{kind} {of}", space, method, values, reasons(store, target, **check)
 
 
-def _metric_key(label: str, names: list[str]):
-    """Reference metrics first, then ground truth; per reference or label set, in the given order."""
+_KIND_RANK = {kind: rank for rank, kind in enumerate(KINDS)}
+
+
+def names_order(store) -> list[str]:
+    """References and label sets in the order the store's config lists them, then the store's other label sets."""
+    try:
+        evaluate = store.config().get("evaluate") or {}
+    except AttributeError:
+        evaluate = {}
+    truth = evaluate.get("ground_truth")
+    names = [*(evaluate.get("references") or []), *(truth if isinstance(truth, list) else []), *store.label_sets()]
+    return list(dict.fromkeys(names))
+
+
+def metric_key(label: str, names: list[str]):
+    """Sort key of a metric label: reference metrics first, then ground truth; per name in the given order."""
     kind, _, name = label.partition(" ")
-    section = 0 if kind in ("corr", "inner", "inter") else 1
-    return section, names.index(name) if name in names else len(names), name, _KIND_RANK.get(kind, 9)
+    section = 1 if kind in GROUND_TRUTH else 0
+    return section, names.index(name) if name in names else len(names), name, _KIND_RANK.get(kind, len(KINDS))
 
 
 def reasons(store, target: str, *, space: str, method: str | None = None, reference: str | None = None,
@@ -102,7 +149,8 @@ def reasons(store, target: str, *, space: str, method: str | None = None, refere
     store : Store
     target : str
     space : str
-        The space the metric is computed in; its ``/metrics/<target>/degenerate/<space>`` applies.
+        The space the metric is computed in; its ``/metrics/<target>/degenerate/<space>`` applies (``""``:
+        none does).
     method : str, optional
         The cluster method id, for metrics of a clustering (``cluster_status``).
     reference : str, optional
@@ -176,7 +224,7 @@ def build(store, polysemantic_by: str | None = None, order: list[str] | None = N
     for target in store.relevance_targets():
         spaces = _space_order(store, target)
         metrics = sorted(_metric_arrays(store, target),
-                         key=lambda r: (_metric_key(r[0], names), spaces.get(r[1], len(spaces)), r[1], r[2]))
+                         key=lambda r: (metric_key(r[0], names), spaces.get(r[1], len(spaces)), r[1], r[2]))
         for group, mask in groups(store, target, polysemantic_by):
             for label, space, method, values, because in metrics:
                 chosen = np.asarray(values, np.float64)[mask]
@@ -236,9 +284,9 @@ def save_beside(store_path: Path, records: list[dict]) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
-#: The two kinds of table of every group and method: reference-space metrics and ground-truth scores, apart
-#: so that neither grows too wide.
-PARTS = (("corr", "inner", "inter"), ("ARI", "NMI"))
+#: The kinds of table of every group and method: reference-space metrics, purity scores and ground-truth
+#: scores, apart so that none grows too wide.
+PARTS = (("corr", "inner", "inter", "gain"), ("clarity", "polysem", "mono-topK", "redundancy"), GROUND_TRUTH)
 
 
 @dataclass
@@ -318,7 +366,8 @@ def pivot(records: list[dict], methods: Sequence[str] | str | None = None) -> li
     """The records as tables: per group, per cluster method, per kind of metric (:data:`PARTS`).
 
     Every method in the records gets its tables, those named in ``methods`` first and in that order.
-    Distance correlations, which need no clustering, appear once per group, with the first method.
+    Distance correlations and purity scores, which need no clustering, appear once per group, with the first
+    method; a table of purity scores alone names no method.
 
     Parameters
     ----------
@@ -343,7 +392,9 @@ def pivot(records: list[dict], methods: Sequence[str] | str | None = None) -> li
             for part in PARTS:
                 selected = [r for r in chosen if r["metric"].split(" ", 1)[0] in part]
                 if selected:
-                    tables.append(Table(group, method, neurons,
+                    # purity scores alone depend on no clustering: their table names no method
+                    shown = method if any(r["method"] for r in selected) else ""
+                    tables.append(Table(group, shown, neurons,
                                         spaces=list(dict.fromkeys(r["space"] for r in selected)),
                                         metrics=list(dict.fromkeys(r["metric"] for r in selected)),
                                         cells={(r["space"], r["metric"]): r for r in selected}))

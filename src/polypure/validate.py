@@ -204,6 +204,27 @@ def check_ground_truth(config, dataset) -> None:
                               f"{', '.join(available) or 'none'})")
 
 
+def check_compare(config, dataset) -> None:
+    """``compare.metrics`` may name only metric labels a run can give (``ARI shape``, ``corr clip``, ``gain clip``).
+
+    A label is a kind of the summary and the reference space (``evaluate.references``) or label set (of the
+    data) it is scored against. The spaces of ``compare`` are checked by the evaluate stage, against the
+    store's.
+    """
+    from .summary import GROUND_TRUTH, KINDS
+
+    references = list(config.evaluate.references)
+    label_sets = available_label_sets(config, dataset)
+    for metric in config.compare.metrics or []:
+        kind, _, of = metric.partition(" ")
+        known = label_sets if kind in GROUND_TRUTH else references
+        if kind not in KINDS or of not in known:
+            what = (f"kinds: {', '.join(KINDS)}" if kind not in KINDS else
+                    f"{'label sets' if kind in GROUND_TRUTH else 'evaluate.references'}: {', '.join(known) or 'none'}")
+            raise ConfigError(f"compare.metrics: {metric!r} is not a metric this run gives (<kind> <reference or "
+                              f"label set>; {what})")
+
+
 def check_experiment(exp) -> None:
     """Run every check on an :class:`~polypure.experiment.Experiment` (builds its model and dataset).
 
@@ -220,3 +241,4 @@ def check_experiment(exp) -> None:
     shapes = check_layers(config, exp.model, exp.probe_layers)
     check_neurons(config, shapes)
     check_ground_truth(config, dataset)
+    check_compare(config, dataset)

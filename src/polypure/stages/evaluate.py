@@ -18,7 +18,28 @@ writes ``/metrics``:
   :mod:`polypure.metrics` (``constant``, ``one-hot``; ``all-noise``, ``one-cluster``; one label value)
   that make a neuron's score a non-result. Such a score is stored as NaN, never as a number, and the
   summary counts the neurons left out per reason;
-* ``/metrics/summary``: the summary table (also saved beside the store as CSV and JSON).
+* ``/metrics/<target>/clarity/<reference>``, ``.../polysemanticity/<reference>`` and
+  ``.../monosemanticity_topk/<reference>`` (M,) float64: purity of each neuron's references in a reference
+  space (:mod:`polypure.purity`; polysemanticity by k-means, k = 2, seeded with ``seed``). Monosemanticity
+  (Pach et al. 2025) is restricted to the neuron's top-K references, weighted by their stored top-K
+  statistic (``/topk/<target>/values``), min-max normalised per neuron. NaN where the reference space is
+  degenerate for the neuron;
+* ``/metrics/<target>/split_gain/<reference>/<space>/<method id>`` (M,) float64: how much purer (clarity in
+  the reference space) a clustering's clusters are than the neuron's references unsplit; NaN as for the
+  cluster distances;
+* ``/metrics/<target>/nearest_similarity/<reference>`` (M,) float64, each neuron's largest cosine
+  similarity of its mean reference embedding with another neuron's, and ``/metrics/<target>/redundancy/
+  <reference>`` (scalar float64), their mean over the target: the target layer's redundancy;
+* ``/metrics/summary``: the summary table (also saved beside the store as CSV and JSON);
+* ``/comparisons/<target>``: the comparisons the ``compare`` section asks for (:mod:`polypure.comparisons`),
+  a table with the fields of :data:`polypure.comparisons.COLUMNS` (``p_holm`` Holm-adjusted over every row
+  of the run, all targets together) and the attributes ``seed``, ``n_resamples``, ``confidence``,
+  ``baseline`` (``""``: each target's :meth:`~polypure.store.Store.baseline_space`) and ``holm``; also
+  printed after the summary table and saved beside the store as ``<store>.comparisons.csv``.
+
+A metric of the summary is named ``<kind> <reference or label set>`` (:data:`polypure.summary.KINDS`):
+``corr clip``, ``gain clip``, ``clarity clip``, ``polysem clip``, ``mono-topK clip``, ``redundancy clip``,
+``ARI shape``.
 """
 
 from __future__ import annotations
@@ -144,26 +165,70 @@ def reference_metrics(ctx: StageContext, store) -> None:
     store.flush()
 
 
+def purity_metrics(ctx: StageContext, store) -> None:
+    """Purity of every neuron in every reference space (:mod:`polypure.purity`), split gain of every clustering.
+
+    Per reference space with embeddings of a target: clarity, polysemanticity (k-means, k = 2, seeded with
+    ``seed``), monosemanticity over the neuron's top-K references (weighted by the top-K statistic of each
+    reference), the largest similarity with another neuron and the target's redundancy; per clustering,
+    the split gain. NaN, not a score, where :func:`checks` found the reference space degenerate for a
+    neuron, or (split gain) the clustering's space degenerate or its clustering no split.
+    """
+    from .. import purity, summary
+
+    seed = ctx.config.seed
+    for target in store.relevance_targets():
+        references = [r for r in ctx.config.evaluate.references if store.has_embeddings(r, target)]
+        if not references:
+            continue
+        # the statistic that ranked each reference into the neuron's top-K: Pach et al.'s activation
+        activations = store.read_topk(target)[0][store.neurons(target), :store.n_refs(target)]
+        for reference in references:
+            embeddings = store.embeddings(reference, target)
+            skip = summary.skipped(store, target, space=reference)
+            polysemanticity = np.full(len(skip), np.nan)
+            # one k-means per neuron: none for the neurons that get no score anyway
+            polysemanticity[~skip] = purity.polysemanticity_batch(embeddings[~skip], seed=seed)
+            for kind, values in (("clarity", purity.clarity_batch(embeddings)), ("polysemanticity", polysemanticity),
+                                 ("monosemanticity_topk", purity.monosemanticity_topk_batch(embeddings, activations))):
+                store.write_metric(target, kind, [reference], np.where(skip, np.nan, values))
+            store.write_metric(target, "nearest_similarity", [reference], purity.nearest_similarity(embeddings))
+            store.write_metric(target, "redundancy", [reference], np.float64(purity.redundancy(embeddings)))
+            for space, method_id in store.clusterings(target):
+                skip = summary.skipped(store, target, space=space, method=method_id, reference=reference)
+                gain = purity.split_gain_batch(embeddings, store.cluster_labels(target, space, method_id))
+                store.write_metric(target, "split_gain", [reference, space, method_id], np.where(skip, np.nan, gain))
+    store.flush()
+
+
 def run(ctx: StageContext) -> list[dict]:
-    """Compute every metric the store allows, then the summary table (printed and saved).
+    """Compute every metric the store allows, the summary table and the comparisons (printed and saved).
 
     Returns
     -------
     list of dict
         The summary records.
     """
-    from .. import summary
+    from .. import comparisons, summary
 
     with ctx.open_store() as store:
         checks(ctx, store)
         reference_metrics(ctx, store)
+        purity_metrics(ctx, store)
         ground_truth_metrics(ctx, store)
         order = [*ctx.config.evaluate.references, *wanted_labels(ctx, store)]
         records = summary.build(store, polysemantic_by=ctx.config.evaluate.polysemantic_by, order=order)
         summary.write(store, records)
-    paths = summary.save_beside(ctx.config.store_path, records)
+        compared = comparisons.from_config(store, ctx.config)
+        section = ctx.config.compare
+        comparisons.write(store, compared, attrs={"seed": ctx.config.seed, "n_resamples": section.n_resamples,
+                                                  "confidence": section.confidence,
+                                                  "baseline": section.baseline or "", "holm": "whole run"})
+    paths = [*summary.save_beside(ctx.config.store_path, records),
+             comparisons.save_beside(ctx.config.store_path, compared)]
     if ctx.progress:
         print(summary.format_table(records, [m.method_id for m in ctx.config.cluster.methods]))
-    ctx.log(f"summary: {paths[0]} and {paths[1]}")
+        if compared:
+            print("\n" + comparisons.format_table(compared, section.confidence))
+    ctx.log(f"summary: {paths[0]} and {paths[1]}; comparisons: {paths[2]}")
     return records
-
