@@ -156,3 +156,49 @@ def test_the_stage_prints_the_comparisons_and_saves_them_beside_the_store(path, 
     assert tuple(saved.columns) == COMPARISON_COLUMNS
     np.testing.assert_allclose(saved["p_holm"], stored["p_holm"])
     assert lines[1].startswith("c3@planted (sum)") and "c1 vs c2" in lines[1]
+
+
+def test_a_leaderboard_compares_every_space_and_method_with_the_baseline_clustering(path, tmp_path, capsys):
+    """``compare.baseline_method``: each (space, method) against one clustering, Holm over all, ranked on screen."""
+    copy = tmp_path / "board.h5"
+    shutil.copy(path, copy)
+    section = {"baseline": "c2", "baseline_method": "kmeans", "metrics": ["ARI planted"], "n_resamples": 1000,
+               "top": 3}
+    exp = experiment(copy, compare=section)
+    exp.progress = True
+    exp.run(["evaluate"])
+    out = capsys.readouterr().out
+    with open_results(copy) as results:
+        table = results.comparisons()
+        masks = dict(summary.groups(results.store, "c3@planted", None))
+        methods = results.store.cluster_methods("c3@planted")
+        spaces = results.store.spaces("c3@planted")
+    assert set(table["method_a"]) == {"kmeans"} and set(table["space_a"]) == {"c2"}
+    assert len(methods) == 2
+    for group, mask in masks.items():
+        rows = table[table["group"] == group]
+        # every other (space, method) once: the baseline clustering itself is not compared with itself
+        assert sorted(zip(rows["space_b"], rows["method"])) == sorted(
+            (s, m) for s in spaces for m in methods if (s, m) != ("c2", "kmeans"))
+    # one row recomputed: hdbscan at c1 against k-means at c2, paired over the group's neurons
+    row = table[(table["space_b"] == "c1") & (table["method"] == "hdbscan")].iloc[0]
+    with h5py.File(copy, "r") as f:
+        a = f["metrics/c3@planted/ari/planted/c2/kmeans"][()][masks[row["group"]]]
+        b = f["metrics/c3@planted/ari/planted/c1/hdbscan"][()][masks[row["group"]]]
+    expected = stats.paired(a, b, n_resamples=1000, seed=SEED)
+    assert row["n"] == expected.n and row["p_value"] == expected.p_value or (
+        np.isnan(row["p_value"]) and np.isnan(expected.p_value))
+    np.testing.assert_array_equal(table["p_holm"].to_numpy(), stats.holm(table["p_value"].to_numpy()))
+    # on screen: a ranked table per group instead of the summary, the baseline's line always shown
+    assert "ARI planted (95 % bootstrap interval of the difference from the baseline, c2 with kmeans)" in out
+    block = out.split("\n\n")[0].splitlines()
+    assert block[1].split()[:4] == ["rank", "space", "method", "mean"]
+    assert any(line.split()[1:3] == ["c2", "kmeans"] and "baseline" in line for line in block)
+    assert "more lines in the comparisons CSV" in block[-1]
+    assert "clusters: kmeans" not in out                     # the summary is saved, not printed
+
+
+def test_a_leaderboard_with_an_unknown_method_stops_before_the_first_stage(tmp_path):
+    exp = experiment(tmp_path / "s.h5", compare={"baseline_method": "kmean"})
+    with pytest.raises(ConfigError, match=r"compare.baseline_method: 'kmean' is not a method id of cluster.methods"):
+        exp.validate()

@@ -36,7 +36,7 @@ from .errors import ConfigError
 from .store import STR
 
 #: Columns of a comparison table (stored, printed, exported), in order.
-COLUMNS = ("target", "group", "metric", "method", "space_a", "space_b", "n", "dropped", "zeros",
+COLUMNS = ("target", "group", "metric", "method", "space_a", "space_b", "method_a", "n", "dropped", "zeros",
            "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "effect", "reason")
 INTS = ("n", "dropped", "zeros")
 FLOATS = ("mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "effect")
@@ -73,7 +73,7 @@ def known_names(store) -> tuple[list[str], list[str]]:
 
 
 def check(store, metrics: Sequence[str] | None = None, baseline: str | None = None,
-          pairs: Sequence[Sequence[str]] | None = None) -> None:
+          pairs: Sequence[Sequence[str]] | None = None, baseline_method: str | None = None) -> None:
     """Refuse a metric label or space the store does not have, naming the ``compare`` key.
 
     Raises
@@ -82,6 +82,10 @@ def check(store, metrics: Sequence[str] | None = None, baseline: str | None = No
         One line: ``compare.metrics: 'ARI shpe' is not a metric of the store; metrics: ...``.
     """
     labels, spaces = known_names(store)
+    methods = list(dict.fromkeys(m for t in store.relevance_targets() for m in store.cluster_methods(t)))
+    if baseline_method is not None and baseline_method not in methods:
+        raise ConfigError(f"compare.baseline_method: {baseline_method!r} is not a cluster method of the store; "
+                          f"methods: {', '.join(methods) or 'none'}")
     for metric in metrics or []:
         if metric not in labels:
             raise ConfigError(f"compare.metrics: {metric!r} is not a metric of the store; metrics: "
@@ -96,7 +100,7 @@ def check(store, metrics: Sequence[str] | None = None, baseline: str | None = No
 def compare(store, *, metrics: Sequence[str] | None = None, baseline: str | None = None,
             pairs: Sequence[Sequence[str]] | None = None, target: str | None = None, group: str | None = None,
             method: str | None = None, polysemantic_by: str | None = None, n_resamples: int = 2000,
-            confidence: float = 0.95, seed: int = 0) -> list[dict]:
+            confidence: float = 0.95, seed: int = 0, baseline_method: str | None = None) -> list[dict]:
     """Compare per-neuron metrics between spaces, over the same neurons, with Holm over the whole table.
 
     Parameters
@@ -115,12 +119,17 @@ def compare(store, *, metrics: Sequence[str] | None = None, baseline: str | None
         The label set whose polysemantic neurons form a group of their own (``evaluate.polysemantic_by``).
     n_resamples, confidence, seed
         Of the bootstrap interval (:func:`polypure.stats.paired`); the same seed gives the same table.
+    baseline_method : str, optional
+        A leaderboard: every (space, cluster method) of a metric is compared with the baseline space
+        clustered by this method (``gxa:block_2`` with ``kmeans``), other methods at the baseline space
+        included. Without it, each method's spaces are compared with the baseline space of that method.
 
     Returns
     -------
     list of dict
-        One row per comparison with the fields of :data:`COLUMNS` (``space_a`` the baseline, ``space_b``
-        the other space: a positive ``mean_diff`` or ``effect`` means ``space_b`` scores higher).
+        One row per comparison with the fields of :data:`COLUMNS` (``space_a`` clustered by ``method_a``
+        is the baseline, ``space_b`` clustered by ``method`` the other side: a positive ``mean_diff`` or
+        ``effect`` means the other side scores higher).
 
     Raises
     ------
@@ -150,12 +159,23 @@ def compare(store, *, metrics: Sequence[str] | None = None, baseline: str | None
         # one group's comparisons together, each metric's spaces in the target's order
         for group_name, mask in neuron_groups:
             for (label, cluster_method), by_space in values.items():
-                chosen = [tuple(p) for p in pairs] if pairs is not None else [(base, s) for s in by_space if s != base]
-                for space_a, space_b in [(a, b) for a, b in chosen if a in by_space and b in by_space and a != b]:
-                    result = stats.paired(by_space[space_a][mask], by_space[space_b][mask], n_resamples=n_resamples,
+                if baseline_method is not None:
+                    reference = values.get((label, baseline_method), {}).get(base)
+                    chosen = [(base, s) for s in by_space if (s, cluster_method) != (base, baseline_method)]
+                    method_a = baseline_method
+                else:
+                    chosen = [tuple(p) for p in pairs] if pairs is not None else [
+                        (base, s) for s in by_space if s != base]
+                    chosen = [(a, b) for a, b in chosen if a in by_space and a != b]
+                    method_a = cluster_method
+                for space_a, space_b in [(a, b) for a, b in chosen if b in by_space]:
+                    a_values = reference if baseline_method is not None else by_space[space_a]
+                    if a_values is None:
+                        continue
+                    result = stats.paired(a_values[mask], by_space[space_b][mask], n_resamples=n_resamples,
                                           confidence=confidence, seed=seed)
                     rows.append({"target": name, "group": group_name, "metric": label, "method": cluster_method,
-                                 "space_a": space_a, "space_b": space_b, **result.as_dict()})
+                                 "space_a": space_a, "space_b": space_b, "method_a": method_a, **result.as_dict()})
     if not rows:
         _explain_nothing(metrics, baseline, pairs, group, method, seen)
         return []
@@ -202,11 +222,11 @@ def from_config(store, config) -> list[dict]:
     """
     section = config.compare
     pairs = [tuple(p) for p in section.pairs] if section.pairs is not None else None
-    check(store, section.metrics, section.baseline, pairs)
+    check(store, section.metrics, section.baseline, pairs, section.baseline_method)
     try:
         return compare(store, metrics=section.metrics, baseline=section.baseline, pairs=pairs,
                        polysemantic_by=config.evaluate.polysemantic_by, n_resamples=section.n_resamples,
-                       confidence=section.confidence, seed=config.seed)
+                       confidence=section.confidence, seed=config.seed, baseline_method=section.baseline_method)
     except ConfigError as exc:
         raise ConfigError(f"compare: {exc}") from None
 
@@ -281,3 +301,60 @@ def format_table(rows: list[dict], confidence: float = 0.95) -> str:
     text = [title] + ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
                       for line in [list(header), *lines]]
     return "\n".join(text)
+
+
+def format_leaderboard(rows: list[dict], top: int | None = None, confidence: float = 0.95) -> str:
+    """Comparisons made with a ``baseline_method`` as ranked tables, one per target, group and metric.
+
+    Each (space, method) is a line, ranked by its mean over the neurons it shares with the baseline, with
+    its difference from the baseline, the interval, Holm's p and the effect; the baseline is a line of its own
+    (``baseline``), ranked by its mean over the neurons of its group.
+
+    Parameters
+    ----------
+    rows : list of dict
+        As :func:`compare` gives them with ``baseline_method``.
+    top : int, optional
+        Show this many lines per table (the baseline's line always), saying how many are left out.
+    confidence : float
+        Of the intervals, for the title.
+
+    Examples
+    --------
+    >>> row = {"target": "c3", "group": "c3", "metric": "ARI class", "method": "hdbscan", "method_a": "kmeans",
+    ...        "space_a": "c2", "space_b": "c1", "n": 8, "mean_a": 0.5, "mean_b": 0.75, "mean_diff": 0.25,
+    ...        "ci_low": 0.1, "ci_high": 0.4, "p_holm": 0.0078, "effect": 1.0}
+    >>> print(format_leaderboard([row]))
+    c3: ARI class (95 % bootstrap interval of the difference from the baseline, c2 with kmeans)
+    rank  space  method   mean   difference [CI]          p_holm  effect  n
+    1     c1     hdbscan  0.750  +0.250 [+0.100, +0.400]  0.008   +1.00   8
+    2     c2     kmeans   0.500  baseline
+    """
+    blocks = []
+    for key in dict.fromkeys((r["target"], r["group"], r["metric"]) for r in rows):
+        chosen = [r for r in rows if (r["target"], r["group"], r["metric"]) == key]
+        first = chosen[0]
+        # the baseline's own mean: the largest n of its comparisons is the closest to its whole group
+        widest = max(chosen, key=lambda r: r["n"])
+        lines = [(r["mean_b"], [r["space_b"], r["method"], _number(r["mean_b"]), _diff(r), format_p(r["p_holm"]),
+                                f"{r['effect']:+.2f}" if np.isfinite(r["effect"]) else "n/a", str(r["n"])])
+                 for r in chosen]
+        lines.append((widest["mean_a"], [first["space_a"], first["method_a"], _number(widest["mean_a"]), "baseline",
+                                         "", "", ""]))
+        lines.sort(key=lambda item: -item[0] if np.isfinite(item[0]) else np.inf)
+        ranked = [[str(i + 1), *cells] for i, (_, cells) in enumerate(lines)]
+        shown = ranked if top is None else [r for i, r in enumerate(ranked) if i < top or r[4] == "baseline"]
+        header = ["rank", "space", "method", "mean", "difference [CI]", "p_holm", "effect", "n"]
+        widths = [max(len(h), *(len(line[i]) for line in shown)) for i, h in enumerate(header)]
+        title = (f"{key[1]}: {key[2]} ({confidence:.0%} bootstrap interval of the difference from the baseline, "
+                 f"{first['space_a']} with {first['method_a']})").replace("%", " %")
+        text = [title] + ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                          for line in [header, *shown]]
+        if len(shown) < len(ranked):
+            text.append(f"... {len(ranked) - len(shown)} more lines in the comparisons CSV")
+        blocks.append("\n".join(text))
+    return "\n\n".join(blocks)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) else "n/a"

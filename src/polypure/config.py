@@ -418,10 +418,19 @@ class CompareSection(_Section):
     """Which per-neuron metrics the evaluate stage compares between spaces, and how (:mod:`polypure.comparisons`)."""
 
     baseline: str | None = None
+    baseline_method: str | None = None
     metrics: list[str] | None = None
     pairs: list[tuple[str, str]] | None = None
     n_resamples: int = Field(2000, ge=1000)
     confidence: float = Field(0.95, gt=0, lt=1)
+    top: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _leaderboard(self):
+        if self.baseline_method is not None and self.pairs is not None:
+            raise ValueError("compare.baseline_method ranks every space and method against the baseline; it does "
+                             "not combine with compare.pairs")
+        return self
 
 
 class ReportSection(_Section):

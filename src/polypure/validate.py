@@ -223,6 +223,10 @@ def check_compare(config, dataset) -> None:
                     f"{'label sets' if kind in GROUND_TRUTH else 'evaluate.references'}: {', '.join(known) or 'none'}")
             raise ConfigError(f"compare.metrics: {metric!r} is not a metric this run gives (<kind> <reference or "
                               f"label set>; {what})")
+    methods = [m.method_id for m in config.cluster.methods]
+    if config.compare.baseline_method is not None and config.compare.baseline_method not in methods:
+        raise ConfigError(f"compare.baseline_method: {config.compare.baseline_method!r} is not a method id of "
+                          f"cluster.methods ({', '.join(methods)})")
 
 
 def check_experiment(exp) -> None:

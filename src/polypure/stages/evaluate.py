@@ -226,7 +226,11 @@ def run(ctx: StageContext) -> list[dict]:
                                                   "baseline": section.baseline or "", "holm": "whole run"})
     paths = [*summary.save_beside(ctx.config.store_path, records),
              comparisons.save_beside(ctx.config.store_path, compared)]
-    if ctx.progress:
+    if ctx.progress and section.baseline_method is not None:
+        # a leaderboard replaces the summary on screen: with every rule, layer and clusterer the summary runs
+        # to hundreds of lines, and it is saved beside the store all the same
+        print(comparisons.format_leaderboard(compared, section.top, section.confidence))
+    elif ctx.progress:
         print(summary.format_table(records, [m.method_id for m in ctx.config.cluster.methods]))
         if compared:
             print("\n" + comparisons.format_table(compared, section.confidence))
