@@ -126,3 +126,23 @@ def test_the_gmm_plugin_takes_random_state_like_scikit_learn(registry):
     labels = est.fit_predict(BLOBS)
     assert len(set(labels[:10])) == 1 and labels[0] != labels[-1]
     np.testing.assert_array_equal(labels, make_clusterer("gmm", {"n_components": 2}, seed=4).fit_predict(BLOBS))
+
+
+class _Warns:
+    """A clusterer that warns on every fit: the warning reaches the user once, with a count."""
+
+    def fit_predict(self, x):
+        import warnings
+        warnings.warn("the graph is not fully connected", UserWarning, stacklevel=2)
+        return np.zeros(len(x), np.int64)
+
+
+def test_a_warning_per_neuron_is_given_once_with_its_count():
+    import warnings
+
+    from polypure.clustering import cluster_rows
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cluster_rows(np.ones((5, 6, 3)), _Warns())
+    assert [str(w.message) for w in caught] == ["_Warns: the graph is not fully connected (for 5 of 5 neurons)"]

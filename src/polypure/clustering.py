@@ -142,13 +142,23 @@ def fresh(estimator):
 def cluster_rows(features: np.ndarray, estimator) -> np.ndarray:
     """Cluster each neuron's references: (M, n_refs, D) features to (M, n_refs) int64 labels."""
     out = np.empty(features.shape[:2], np.int64)
+    raised: dict[tuple[type, str], int] = {}
     for m in range(len(features)):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             # a dead neuron's identical vectors make k-means warn; its single cluster is the honest answer
             warnings.simplefilter("ignore", ConvergenceWarning)
             labels = np.asarray(fresh(estimator).fit_predict(np.asarray(features[m], np.float64)))
+        for item in caught:
+            key = (item.category, str(item.message))
+            raised[key] = raised.get(key, 0) + 1
         if labels.shape != (features.shape[1],):
             raise PolypureError(f"clusterer {type(estimator).__name__} returned {labels.shape} labels for "
                                 f"{features.shape[1]} references")
         out[m] = labels
+    # one warning per kind, not one per neuron (spectral clustering's "graph is not fully connected" would
+    # otherwise flood the screen)
+    for (category, message), count in raised.items():
+        warnings.warn(f"{type(estimator).__name__}: {message} (for {count} of {len(features)} neurons)", category,
+                      stacklevel=2)
     return out

@@ -180,7 +180,16 @@ def _forest_inputs(store: Store, metric: str) -> dict:
     from . import comparisons
 
     rows, attrs = comparisons.read(store)
-    return {"rows": [r for r in rows if r["metric"] == metric], "confidence": attrs.get("confidence", 0.95)}
+    rows = [r for r in rows if r["metric"] == metric]
+    total = len(rows)
+    if total > FOREST_LINES:
+        # a leaderboard has hundreds of lines: each group keeps its largest differences, so the plot stays legible
+        groups = list(dict.fromkeys((r["target"], r["group"]) for r in rows))
+        each = max(1, FOREST_LINES // len(groups))
+        rows = [r for g in groups for r in sorted(
+            (r for r in rows if (r["target"], r["group"]) == g),
+            key=lambda r: -r["mean_diff"] if np.isfinite(r["mean_diff"]) else np.inf)[:each]]
+    return {"rows": rows, "confidence": attrs.get("confidence", 0.95), "total": total}
 
 
 def _paired_inputs(store: Store, metric: str) -> dict:
@@ -708,6 +717,10 @@ def ground_truth_table(store, out_dir, method: str | None = None, *, formats: It
     return _save(fig, out_dir, stem, formats)
 
 
+#: Lines of a forest plot at the most; a longer table shows each group's largest differences.
+FOREST_LINES = 48
+
+
 def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = FORMATS,
                       stem: str | None = None) -> list[Path]:
     """The stored comparisons of one metric as a forest plot: difference and interval per comparison.
@@ -753,12 +766,13 @@ def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = F
         ax.plot([r["mean_diff"]], [y], "o", color=colour, markerfacecolor=colour if significant else "white", ms=5)
     ax.axvline(0, color="0.4", lw=0.8, ls="--")
     labels = [f"{r['group']} · {r['method'] + ' · ' if r['method'] else ''}{r['space_b']} vs {r['space_a']}"
-              for r in rows]
+              + (f" ({r['method_a']})" if r.get("method_a") and r["method_a"] != r["method"] else "") for r in rows]
     ax.set_yticks(positions, labels, fontsize=7)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xlabel(f"mean difference, space - baseline, with its {data['confidence']:.0%} bootstrap interval\n"
                   "(filled: Holm-adjusted p < 0.05)".replace("%", " %"), fontsize=8)
-    ax.set_title(f"{metric}, paired over neurons", fontsize=10)
+    shown = "" if data["total"] == len(rows) else f" (the largest differences: {len(rows)} of {data['total']})"
+    ax.set_title(f"{metric}, paired over neurons{shown}", fontsize=10)
     return _save(fig, out_dir, stem or f"forest_{safe_name(metric)}", formats)
 
 
