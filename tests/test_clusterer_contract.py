@@ -146,3 +146,16 @@ def test_a_warning_per_neuron_is_given_once_with_its_count():
         warnings.simplefilter("always")
         cluster_rows(np.ones((5, 6, 3)), _Warns())
     assert [str(w.message) for w in caught] == ["_Warns: the graph is not fully connected (for 5 of 5 neurons)"]
+
+
+def test_a_caller_can_collect_the_warnings_to_report_them_once():
+    import warnings
+
+    from polypure.clustering import cluster_rows
+
+    notes: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cluster_rows(np.ones((5, 6, 3)), _Warns(), notes)
+        cluster_rows(np.ones((2, 6, 3)), _Warns(), notes)
+    assert caught == [] and notes == {(UserWarning, "the graph is not fully connected"): 7}

@@ -35,7 +35,8 @@ def test_stored_comparisons_equal_results_compare_with_the_same_settings(path):
         stored = results.comparisons()
         settings = results.comparison_settings
         computed = results.compare(n_resamples=1000, seed=SEED)
-    assert settings == {"seed": SEED, "n_resamples": 1000, "confidence": 0.95, "baseline": "", "holm": "whole run"}
+    assert settings == {"seed": SEED, "n_resamples": 1000, "confidence": 0.95, "baseline": "", "baseline_method": "",
+                        "holm": "whole run"}
     assert tuple(stored.columns) == COMPARISON_COLUMNS and len(stored) > 0
     pd.testing.assert_frame_equal(stored, computed, check_exact=True)
     # every space against each target's last attribution layer, Holm over the whole run (both targets)
@@ -175,7 +176,7 @@ def test_a_leaderboard_compares_every_space_and_method_with_the_baseline_cluster
         spaces = results.store.spaces("c3@planted")
     assert set(table["method_a"]) == {"kmeans"} and set(table["space_a"]) == {"c2"}
     assert len(methods) == 2
-    for group, mask in masks.items():
+    for group in masks:
         rows = table[table["group"] == group]
         # every other (space, method) once: the baseline clustering itself is not compared with itself
         assert sorted(zip(rows["space_b"], rows["method"])) == sorted(

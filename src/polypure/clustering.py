@@ -139,8 +139,18 @@ def fresh(estimator):
     return copy.deepcopy(estimator)
 
 
-def cluster_rows(features: np.ndarray, estimator) -> np.ndarray:
-    """Cluster each neuron's references: (M, n_refs, D) features to (M, n_refs) int64 labels."""
+def cluster_rows(features: np.ndarray, estimator, notes: dict | None = None) -> np.ndarray:
+    """Cluster each neuron's references: (M, n_refs, D) features to (M, n_refs) int64 labels.
+
+    Parameters
+    ----------
+    features : ndarray (M, n_refs, D)
+    estimator : object with ``fit_predict``
+        Cloned for every neuron.
+    notes : dict, optional
+        Warnings the clusterer raised, counted by ``(category, message)`` (neurons that raised each) instead
+        of warned here: a caller clustering many spaces can report them once.
+    """
     out = np.empty(features.shape[:2], np.int64)
     raised: dict[tuple[type, str], int] = {}
     for m in range(len(features)):
@@ -158,6 +168,10 @@ def cluster_rows(features: np.ndarray, estimator) -> np.ndarray:
         out[m] = labels
     # one warning per kind, not one per neuron (spectral clustering's "graph is not fully connected" would
     # otherwise flood the screen)
+    if notes is not None:
+        for key, count in raised.items():
+            notes[key] = notes.get(key, 0) + count
+        return out
     for (category, message), count in raised.items():
         warnings.warn(f"{type(estimator).__name__}: {message} (for {count} of {len(features)} neurons)", category,
                       stacklevel=2)

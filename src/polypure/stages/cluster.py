@@ -59,15 +59,23 @@ def run(ctx: StageContext, methods: dict[str, Any] | None = None) -> None:
             jobs = [(space, mid, name, params, est) for space in spaces for mid, name, params, est in chosen]
             bar = tqdm(jobs, desc=f"cluster {target}", disable=not ctx.progress, leave=False)
             done = []
+            notes: dict[str, dict] = {}
             for space, method_id, name, params, estimator in bar:
                 signature = json.dumps({"name": name, "params": params, "seed": ctx.config.seed}, sort_keys=True,
                                        default=str)
                 if store.has_clusters(target, space, method_id, signature):
                     continue
-                labels = cluster_rows(store.features(target, space), estimator)
+                labels = cluster_rows(store.features(target, space), estimator, notes.setdefault(method_id, {}))
                 store.write_clusters(target, space, method_id, labels, attrs={
                     "method": name, "params": json.dumps(params, default=str), "signature": signature})
                 store.flush()
                 done.append((space, method_id))
             ctx.log(f"cluster {target}: {len(done)} new clustering(s) over {len(spaces)} space(s)"
                     if done else f"cluster {target}: up to date, skipped")
+            # a clusterer's warnings once per target and kind, with how often: one per neuron and space would
+            # bury the run's output (spectral clustering's "graph is not fully connected")
+            rows = len(store.neurons(target))
+            for method_id, raised in notes.items():
+                for (_, message), count in raised.items():
+                    ctx.log(f"cluster {target}: {method_id} warned {message!r} for {count} of "
+                            f"{rows * len(spaces)} (neuron, space) pairs")

@@ -223,7 +223,9 @@ def run(ctx: StageContext) -> list[dict]:
         section = ctx.config.compare
         comparisons.write(store, compared, attrs={"seed": ctx.config.seed, "n_resamples": section.n_resamples,
                                                   "confidence": section.confidence,
-                                                  "baseline": section.baseline or "", "holm": "whole run"})
+                                                  "baseline": section.baseline or "",
+                                                  "baseline_method": section.baseline_method or "",
+                                                  "holm": "whole run"})
     paths = [*summary.save_beside(ctx.config.store_path, records),
              comparisons.save_beside(ctx.config.store_path, compared)]
     if ctx.progress and section.baseline_method is not None:
