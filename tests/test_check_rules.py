@@ -204,6 +204,17 @@ def test_cli_prints_the_table_and_exits_0(tmp_path, capsys):
     assert lines[1].split()[:3] == ["default", "-", "output"]
 
 
+def test_cli_checks_every_variant_of_a_config(tmp_path, capsys):
+    variants = [{"id": "gxa", "composite": "gradient"}, {"id": "lrp", "composite": "epsilon_plus_flat"}]
+    assert main(["check-rules", write_config(tmp_path, variants=variants), "--samples", "2", "--neurons", "1",
+                 "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["gxa"] * 4 + ["lrp"] * 4
+    # the LRP variant is checked for conservation, the gradient one is not
+    assert [line.split()[5] for line in lines if line.split()[2] == "block_2"] == ["-", lines[7].split()[5]]
+    assert lines[7].split()[5] != "-"
+
+
 def test_cli_names_each_failure_on_one_line_and_exits_1(tmp_path, capsys, broken_rules):
     config = write_config(tmp_path, composite="epsilon_plus_flat", canonizers=["resnet", "scale_first_conv"])
     assert main(["check-rules", config, "--samples", "2", "--neurons", "1", "-q"]) == 1

@@ -121,12 +121,15 @@ class Results:
                 *(e for e in self.store.embedding_names() if self.store.has_embeddings(e, target))]
 
     def relevance(self, target: str, space: str) -> np.ndarray:
-        """A target's relevance at an attribution layer, or its ``activation`` baseline: (M, n_refs, C) float32.
+        """A target's relevance in one space, or its ``activation`` baseline: (M, n_refs, C) float32.
+
+        A space is an attribution layer of the ``default`` rule variant (``block_2``) or of another variant
+        (``lrp:block_2``).
 
         Raises
         ------
         ConfigError
-            If ``space`` is not an attribution layer of the target nor ``activation``.
+            If ``space`` is not a relevance space of the target nor ``activation``.
         """
         target = self._target(target)
         if space not in self.store.spaces(target):
