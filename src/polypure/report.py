@@ -617,7 +617,12 @@ def _neuron_page(target: _Target, row: int, parts: dict, notes: list[str]) -> st
 
 def _comparison_rows(rows: list[dict]) -> list[dict]:
     """The stored comparisons as the index's table shows them."""
-    return [{**r, "spaces": f"{r['space_b']} vs {r['space_a']}", "p_text": comparisons.format_p(r["p_value"]),
+    def spaces(r: dict) -> str:
+        # a leaderboard compares across cluster methods: name the baseline's where it is another
+        other = r.get("method_a") and r["method_a"] != r["method"]
+        return f"{r['space_b']} vs {r['space_a']}" + (f" ({r['method_a']})" if other else "")
+
+    return [{**r, "spaces": spaces(r), "p_text": comparisons.format_p(r["p_value"]),
              "p_holm_text": comparisons.format_p(r["p_holm"])} for r in rows]
 
 
@@ -800,7 +805,7 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
             for row in target.pages:
                 outputs.write_text(out / target.page(row), _neuron_page(target, row, parts[target.name, row], notes))
         compared = {"rows": _comparison_rows(compared_rows), "figures": compared_figs,
-                    "confidence": compared_attrs.get("confidence", 0.95)}
+                    "confidence": compared_attrs.get("confidence", 0.95), "forest_lines": figures.FOREST_LINES}
         index = _index_html(store, store_path, targets, records, truth, target_figs, notes, compared)
     path = out / "index.html"
     outputs.write_text(path, index)
