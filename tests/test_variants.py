@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import h5py
 import numpy as np
 import pytest
@@ -195,3 +197,12 @@ def test_a_bad_variant_stops_before_any_work_with_exit_2(tmp_path, capsys, varia
     assert len(err.strip().splitlines()) == 1
     assert pytest.importorskip("re").search(message, err), err
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_variants_that_act_alike_are_named(tmp_path, caplog):
+    alike = [GRADIENT, {"id": "again", "composite": "gradient"}, LRP]
+    with caplog.at_level(logging.INFO, logger="polypure"):
+        make(tmp_path / "s.h5", alike, planted=False).run(["topk", "relevance"])
+    named = [r.getMessage() for r in caplog.records if "gave the same relevance" in r.getMessage()]
+    assert named == ["relevance c3: variants gxa, again gave the same relevance at every attribution layer, bit "
+                     "for bit (their rules act alike on the modules between the target and its attribution layers)"]

@@ -86,3 +86,30 @@ def run(ctx: StageContext) -> None:
                                    desc=f"relevance {which}")
                 ctx.log(f"relevance {which}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
                         f"{', '.join(plan.attribution_layers)}")
+            for same in identical_variants(store, plan.name, list(rules)):
+                ctx.log(f"relevance {plan.name}: variants {', '.join(same)} gave the same relevance at every "
+                        "attribution layer, bit for bit (their rules act alike on the modules between the target "
+                        "and its attribution layers)")
+
+
+def identical_variants(store, target: str, variants: list[str]) -> list[list[str]]:
+    """Groups of two or more variants whose relevance is equal at every attribution layer of a target.
+
+    Rules that differ on paper can act alike on a network: ``epsilon_plus_flat`` differs from ``epsilon_plus``
+    only below every attribution layer, and a composite whose rule maps ``torch.nn.ReLU`` leaves ``ReLU6``
+    (EfficientNet) to the gradient. Saying so keeps a tie in a leaderboard from reading as a finding.
+    """
+    from ..config import space_name
+
+    groups: list[list[str]] = []
+    arrays: dict[str, list[np.ndarray]] = {}
+    for variant in variants:
+        arrays[variant] = [store.relevance(target, space_name(variant, layer))
+                           for layer in store.attribution_layers(target)]
+        for group in groups:
+            if all(np.array_equal(a, b, equal_nan=True) for a, b in zip(arrays[group[0]], arrays[variant])):
+                group.append(variant)
+                break
+        else:
+            groups.append([variant])
+    return [group for group in groups if len(group) > 1]
