@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,25 @@ def test_help_everywhere(command, capsys):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: polypure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in Path(__file__).resolve().parents[1].glob("configs/*.yaml")))
+def test_every_bundled_config_is_valid(name, monkeypatch):
+    """The configs the README points to load, their leaderboard sections included (data that is absent: skipped)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    text = (root / "configs" / f"{name}.yaml").read_text()
+    if "../shared/data" in text and not (root.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is absent")
+    try:
+        config = load_config(root / "configs" / f"{name}.yaml")
+    except ConfigError as exc:
+        if "data.root: folder" in str(exc) and "does not exist" in str(exc):
+            pytest.skip(f"its data is to be downloaded first: {exc}")
+        raise
+    if config.compare.baseline is not None:
+        from polypure.config import space_name
+        spaces = {space_name(v.id, layer) for v in config.relevance.variant_list
+                  for t in [*config.relevance.target_list, *config.relevance.planted_list]
+                  for layer in t.attribution_layers or []}
+        assert config.compare.baseline in spaces
