@@ -769,9 +769,9 @@ def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = F
               + (f" ({r['method_a']})" if r.get("method_a") and r["method_a"] != r["method"] else "") for r in rows]
     ax.set_yticks(positions, labels, fontsize=7)
     ax.set_ylim(-0.7, len(rows) - 0.3)
-    ax.set_xlabel(f"mean difference, space - baseline, with its {data['confidence']:.0%} bootstrap interval\n"
+    ax.set_xlabel(f"mean difference, space - baseline,\nwith its {data['confidence']:.0%} bootstrap interval\n"
                   "(filled: Holm-adjusted p < 0.05)".replace("%", " %"), fontsize=8)
-    shown = "" if data["total"] == len(rows) else f" (the largest differences: {len(rows)} of {data['total']})"
+    shown = "" if data["total"] == len(rows) else f"\n(the largest differences: {len(rows)} of {data['total']})"
     ax.set_title(f"{metric}, paired over neurons{shown}", fontsize=10)
     return _save(fig, out_dir, stem or f"forest_{safe_name(metric)}", formats)
 
@@ -809,8 +809,13 @@ def paired_scatter(store, metric: str, out_dir, *, formats: Iterable[str] = FORM
     if not rows:
         raise ValueError(f"the store has no stored comparisons of {metric!r}")
     values = data["values"]
-    fig = _figure(2.9 * len(rows) + 0.4, 3.3)
-    axes = np.atleast_1d(fig.subplots(1, len(rows), squeeze=False)[0])
+    # a leaderboard compares dozens of spaces: panels wrap into rows of at most six
+    columns = min(6, len(rows))
+    lines = -(-len(rows) // columns)
+    fig = _figure(2.9 * columns + 0.4, 3.3 * lines)
+    axes = fig.subplots(lines, columns, squeeze=False).ravel()
+    for ax in axes[len(rows):]:
+        ax.set_visible(False)
     for ax, r in zip(axes, rows):
         _panel(ax, f"{r['space_b']}-{r['space_a']}")
         x, y = values.get(r["space_a"]), values.get(r["space_b"])
