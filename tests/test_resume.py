@@ -61,8 +61,8 @@ def test_interrupted_relevance_resumes_to_the_same_store(tmp_path, monkeypatch, 
     original = Store.write_relevance_rows
     calls = {"n": 0}
 
-    def interrupted(self, target, rows, arrays):
-        original(self, target, rows, arrays)
+    def interrupted(self, target, rows, arrays, **kwargs):
+        original(self, target, rows, arrays, **kwargs)
         calls["n"] += 1
         if calls["n"] == stop_after:
             raise KeyboardInterrupt
