@@ -66,12 +66,14 @@ def run(ctx: StageContext) -> None:
             refs = indices[plan.neurons, :cfg.n_refs]
             if (refs < 0).any():
                 raise ConfigError(f"target {plan.name!r}: fewer than relevance.n_refs={cfg.n_refs} references")
+            computed = False
             for variant, rule in rules.items():
                 which = plan.name if len(rules) == 1 else f"{plan.name} [{variant}]"
                 todo = np.flatnonzero(~store.complete(plan.name, variant))
                 if len(todo) == 0:
                     ctx.log(f"relevance {which}: complete, skipped")
                     continue
+                computed = True
                 if rule not in warned:
                     warn_uncanonized(ctx.model.module, rule.composite, list(rule.canonizers),
                                      sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
@@ -86,7 +88,8 @@ def run(ctx: StageContext) -> None:
                                    desc=f"relevance {which}")
                 ctx.log(f"relevance {which}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
                         f"{', '.join(plan.attribution_layers)}")
-            for same in identical_variants(store, plan.name, list(rules)):
+            # said once, when the relevance is made: reading every variant back costs time at scale
+            for same in identical_variants(store, plan.name, list(rules)) if computed and len(rules) > 1 else []:
                 ctx.log(f"relevance {plan.name}: variants {', '.join(same)} gave the same relevance at every "
                         "attribution layer, bit for bit (their rules act alike on the modules between the target "
                         "and its attribution layers)")
