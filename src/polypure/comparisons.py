@@ -159,20 +159,15 @@ def compare(store, *, metrics: Sequence[str] | None = None, baseline: str | None
         # one group's comparisons together, each metric's spaces in the target's order
         for group_name, mask in neuron_groups:
             for (label, cluster_method), by_space in values.items():
-                if baseline_method is not None:
-                    reference = values.get((label, baseline_method), {}).get(base)
-                    chosen = [(base, s) for s in by_space if (s, cluster_method) != (base, baseline_method)]
-                    method_a = baseline_method
-                else:
-                    chosen = [tuple(p) for p in pairs] if pairs is not None else [
-                        (base, s) for s in by_space if s != base]
-                    chosen = [(a, b) for a, b in chosen if a in by_space and a != b]
-                    method_a = cluster_method
-                for space_a, space_b in [(a, b) for a, b in chosen if b in by_space]:
-                    a_values = reference if baseline_method is not None else by_space[space_a]
-                    if a_values is None:
+                # the baseline's values: the same method's, or in a leaderboard the baseline method's
+                method_a = baseline_method or cluster_method
+                side_a = values.get((label, method_a), {})
+                chosen = [tuple(p) for p in pairs] if pairs is not None else [(base, s) for s in by_space]
+                for space_a, space_b in chosen:
+                    if space_a not in side_a or space_b not in by_space or (space_a, method_a) == (space_b,
+                                                                                                    cluster_method):
                         continue
-                    result = stats.paired(a_values[mask], by_space[space_b][mask], n_resamples=n_resamples,
+                    result = stats.paired(side_a[space_a][mask], by_space[space_b][mask], n_resamples=n_resamples,
                                           confidence=confidence, seed=seed)
                     rows.append({"target": name, "group": group_name, "metric": label, "method": cluster_method,
                                  "space_a": space_a, "space_b": space_b, "method_a": method_a, **result.as_dict()})
