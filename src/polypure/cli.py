@@ -37,6 +37,9 @@ def _add_run_options(parser: argparse.ArgumentParser, config_optional: bool) -> 
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store made with a different config")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    parser.add_argument("--executor", choices=["local", "ray"], default=None,
+                        help="where the top-K, relevance and embedding work runs (executor.kind)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N", help="Ray workers (executor.workers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +163,12 @@ def _run(args) -> int:
                 raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages: {', '.join(NAMES)}")
     else:
         stages = [args.command]
-    exp = Experiment(args.config, overrides=args.overrides, overwrite=args.overwrite, progress=not args.quiet)
+    overrides = list(args.overrides)
+    if args.executor is not None:
+        overrides.append(f"executor.kind={args.executor}")
+    if args.workers is not None:
+        overrides.append(f"executor.workers={args.workers}")
+    exp = Experiment(args.config, overrides=overrides, overwrite=args.overwrite, progress=not args.quiet)
     exp.run(stages)
     if not args.quiet:
         print(f"store: {exp.config.store_path}")

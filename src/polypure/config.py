@@ -30,6 +30,7 @@ RUNTIME_KEYS = (
     "topk.checkpoint_every",
     "relevance.batch_size",
     "report",
+    "executor",
 )
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -442,6 +443,28 @@ class ReportSection(_Section):
     view: Literal["auto", "full", "crop"] = "auto"
 
 
+class ExecutorSection(_Section):
+    """Where the top-K, relevance and embedding work runs: this process, or a Ray cluster.
+
+    Results do not depend on it (a Ray run writes the same store as a local one), so it is a runtime key.
+    """
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0, le=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    shard_size: int = Field(1024, ge=1)
+    neurons_per_task: int = Field(16, ge=1)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not (value == "auto" or re.fullmatch(r"(ray://)?[\w.\-]+:\d+", value)):
+            raise ValueError(f"executor.address must be null, auto, HOST:PORT or ray://HOST:PORT, not {value!r}")
+        return value
+
+
 class Config(_Section):
     """A whole run. See the README's config reference for every key."""
 
@@ -457,6 +480,7 @@ class Config(_Section):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     compare: CompareSection = Field(default_factory=CompareSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
 
     @field_validator("device")
     @classmethod
@@ -477,8 +501,16 @@ class Config(_Section):
         return Path(self.store) if self.store is not None else Path("storage") / f"{self.name}.h5"
 
     def to_yaml(self) -> str:
-        """The resolved config as YAML text (what the store keeps as its ``config`` attribute)."""
+        """The resolved config as YAML text."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def stored_yaml(self) -> str:
+        """What the store keeps as its ``config`` attribute: the resolved config without ``executor``.
+
+        Where the work ran is no part of the result: a store written on a Ray cluster is the same file,
+        config included, as one written in one process.
+        """
+        return yaml.safe_dump(self.model_dump(mode="json", exclude={"executor"}), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------------

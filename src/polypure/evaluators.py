@@ -28,6 +28,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -123,6 +124,18 @@ def prepare(images: list[torch.Tensor], resize: int, crop: int, mean, std,
     return torch.stack(batch)
 
 
+@contextlib.contextmanager
+def seeded(seed: int = 0):
+    """Random initialisation from a fixed seed, the caller's random state left as it was.
+
+    An evaluator with random weights (a test, a benchmark, a control) gives the same embeddings in every
+    process: in a rerun, and on every worker of a Ray run.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _is_file(value) -> bool:
     return isinstance(value, str) and (Path(value).is_file() or value.endswith((".safetensors", ".pt", ".pth",
                                                                                   ".bin")))
@@ -156,7 +169,7 @@ class ClipEvaluator(Evaluator):
         if s.pretrained is None or _is_file(s.pretrained):
             if isinstance(s.pretrained, str) and not Path(s.pretrained).is_file():
                 raise ConfigError(f"evaluate.{self.name}.pretrained: file {s.pretrained!r} does not exist")
-            with quiet_logs():
+            with quiet_logs(), seeded():
                 model = open_clip.create_model(s.model, pretrained=None)
             if s.pretrained is not None:
                 from .models import apply_state_dict, load_state_dict_file
@@ -230,7 +243,8 @@ class Dinov2Evaluator(Evaluator):
             model = fetch(lambda: timm.create_model(s.model, pretrained=True, **kwargs),
                           what=f"timm {s.model}", tag="pretrained", key=f"evaluate.{self.name}.pretrained")
         else:
-            model = timm.create_model(s.model, pretrained=False, **kwargs)
+            with seeded():
+                model = timm.create_model(s.model, pretrained=False, **kwargs)
         cfg = model.pretrained_cfg or {}
         self._mean = cfg.get("mean", (0.485, 0.456, 0.406))
         self._std = cfg.get("std", (0.229, 0.224, 0.225))

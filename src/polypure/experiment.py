@@ -135,6 +135,11 @@ class Experiment:
         self._store_checked = False
         self._validated = False
         self.report_path = None
+        self._executor = None
+        if self.config.executor.kind != "local":
+            # asked for and not installed: say so now, not after the first stage
+            from .executor import check_available
+            check_available(self.config.executor.kind)
 
     # -- parts -------------------------------------------------------------------------------------
 
@@ -177,12 +182,35 @@ class Experiment:
         """Samples per forward pass of the top-K stage (``data.batch_size``)."""
         return self.config.data.batch_size
 
+    @property
+    def executor(self):
+        """Where the top-K, relevance and embedding work runs: None for this process, or a Ray executor.
+
+        A :class:`~polypure.executor.RayExecutor` connects on first use and is stopped by :meth:`close`.
+        """
+        if self._executor is None and self.config.executor.kind != "local":
+            import os
+
+            from .executor import make_executor
+            from .work import WorkSource
+            memory_model = self._model_arg is not None
+            source = WorkSource(self.config, model=self.model if memory_model else None,
+                                dataset=self._dataset_arg, cwd=os.getcwd())
+            self._executor = make_executor(self.config, source)
+        return self._executor
+
+    def close(self) -> None:
+        """Release the executor's workers (and a Ray this run started); the run can go on later."""
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
     @contextlib.contextmanager
     def open_store(self):
         """The store, opened for writing (created, or checked against the config, on first use)."""
         path = self.config.store_path
         if not self._store_checked:
-            store = Store.open_for_run(path, self.config.to_yaml(), overwrite=self.overwrite)
+            store = Store.open_for_run(path, self.config.stored_yaml(), overwrite=self.overwrite)
             self._store_checked = True
         else:
             store = Store(path, "a")
@@ -275,8 +303,11 @@ class Experiment:
         for name in chosen:
             get_stage(name)
         self.validate()
-        for name in chosen:
-            getattr(self, name)()
+        try:
+            for name in chosen:
+                getattr(self, name)()
+        finally:
+            self.close()
         return self
 
 

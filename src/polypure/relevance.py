@@ -211,6 +211,11 @@ def plan_targets(config, channels: dict[str, int], virtual: dict[str, VirtualNeu
     return plans
 
 
+def neurons_per_chunk(batch_size: int, n_refs: int) -> int:
+    """Whole neurons :func:`compute_target` explains per chunk: as many as ``batch_size`` rows hold (at least one)."""
+    return max(1, batch_size // n_refs)
+
+
 def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(rows), size):
         yield rows[start:start + size]
@@ -267,7 +272,7 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
     """
     n_refs = refs.shape[1]
     batch = batch_size
-    per_chunk = max(1, batch // n_refs)
+    per_chunk = neurons_per_chunk(batch, n_refs)
     chunks = list(_chunks(todo, per_chunk))
     loader = _ImageLoader(dataset, num_workers)
     bar = tqdm(total=len(todo), desc=desc or f"relevance {plan.name}", unit="neuron", disable=not progress, leave=False)

@@ -7,7 +7,7 @@ with these members.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -31,12 +31,15 @@ class StageContext(Protocol):
         Whether to show progress bars (and print the summary).
     overwrite : bool
         Whether stale results in the store are recomputed instead of refused.
+    executor : RayExecutor or None
+        Where the top-K, relevance and embedding work runs; None computes in this process.
     """
 
     config: Config
     device: torch.device
     progress: bool
     overwrite: bool
+    executor: Any
 
     @property
     def model(self) -> ExplainedModel:

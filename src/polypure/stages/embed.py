@@ -56,10 +56,17 @@ def run(ctx: StageContext) -> None:
                 refs = store.reference_indices(target)
                 if evaluator.view == "full":
                     missing = np.array([i for i in np.unique(refs) if int(i) not in cache], np.int64)
-                    for start in tqdm(range(0, len(missing), ctx.config.evaluate.batch_size),
-                                      desc=f"embed {name} {target}", disable=not ctx.progress, leave=False):
-                        chunk = missing[start:start + ctx.config.evaluate.batch_size]
-                        for i, vector in zip(chunk, evaluator.embed_samples(ctx.dataset, chunk, len(chunk))):
+                    size = ctx.config.evaluate.batch_size
+                    chunks = [missing[start:start + size] for start in range(0, len(missing), size)]
+                    if ctx.executor is not None and evaluator.image_based:
+                        # the same chunks on the workers, each one batch as here
+                        done = ctx.executor.embed(name, ctx.config.evaluate.settings(name), chunks)
+                    else:
+                        done = ((n, evaluator.embed_samples(ctx.dataset, chunk, len(chunk)))
+                                for n, chunk in enumerate(chunks))
+                    for number, vectors in tqdm(done, total=len(chunks), desc=f"embed {name} {target}",
+                                                disable=not ctx.progress, leave=False):
+                        for i, vector in zip(chunks[number], vectors):
                             cache[int(i)] = vector
                     embeddings = np.stack([np.stack([cache[int(i)] for i in row]) for row in refs])
                 else:

@@ -82,10 +82,13 @@ def run(ctx: StageContext) -> None:
                 def write(rows, arrays, name=plan.name, variant=variant):
                     store.write_relevance_rows(name, rows, arrays, variant=variant)
 
-                with rule.engine(ctx.model, plan) as engine:
-                    compute_target(ctx.dataset, plan, refs, todo, engine, write, batch_size=cfg.batch_size,
-                                   num_workers=ctx.num_workers, device=ctx.device, progress=ctx.progress,
-                                   desc=f"relevance {which}")
+                if ctx.executor is not None:
+                    _distributed(ctx, plan, refs, todo, rule, write, f"relevance {which}")
+                else:
+                    with rule.engine(ctx.model, plan) as engine:
+                        compute_target(ctx.dataset, plan, refs, todo, engine, write, batch_size=cfg.batch_size,
+                                       num_workers=ctx.num_workers, device=ctx.device, progress=ctx.progress,
+                                       desc=f"relevance {which}")
                 ctx.log(f"relevance {which}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
                         f"{', '.join(plan.attribution_layers)}")
             # said once, when the relevance is made: reading every variant back costs time at scale
@@ -93,6 +96,26 @@ def run(ctx: StageContext) -> None:
                 ctx.log(f"relevance {plan.name}: variants {', '.join(same)} gave the same relevance at every "
                         "attribution layer, bit for bit (their rules act alike on the modules between the target "
                         "and its attribution layers)")
+
+
+def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, write, desc: str) -> None:
+    """Rows ``todo`` of a target on the executor's actors, in ranges of whole neurons, written as they arrive.
+
+    A range holds whole chunks of the local computation (:func:`polypure.relevance.neurons_per_chunk`), so
+    each backward pass a worker runs is one the local stage runs.
+    """
+    from tqdm.auto import tqdm
+
+    from ..executor import aligned
+    from ..relevance import neurons_per_chunk
+
+    cfg = ctx.config.relevance
+    size = aligned(ctx.config.executor.neurons_per_task, neurons_per_chunk(cfg.batch_size, cfg.n_refs))
+    tasks = [todo[start:start + size] for start in range(0, len(todo), size)]
+    with tqdm(total=len(todo), desc=desc, unit="neuron", disable=not ctx.progress, leave=False) as bar:
+        for rows, arrays in ctx.executor.relevance(plan, refs, tasks, rule):
+            write(rows, arrays)
+            bar.update(len(rows))
 
 
 def identical_variants(store, target: str, variants: list[str]) -> list[list[str]]:

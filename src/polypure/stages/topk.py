@@ -29,11 +29,13 @@ def topk_layers(config) -> list[str]:
     return list(dict.fromkeys(layers))
 
 
-def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
+def _run_pass(ctx, store, scorers: list[Scorer], modules: dict, shipped: tuple[list[str], dict]) -> None:
     """One resumable streaming pass for some scorers, checkpointed into the store.
 
     A dataset whose labels are the ones its items carry has them collected on the way: each checkpoint
     writes them to ``/samples/labels`` before the top-K it covers, so a resumed pass has every label too.
+    ``shipped`` is what a worker rebuilds the scorers from: the real layers, and ``name -> (layer, virtual
+    neurons)`` of planted targets.
     """
     from ..topk import TopK, collect_topk
 
@@ -58,13 +60,59 @@ def _run_pass(ctx, store, scorers: list[Scorer], modules: dict) -> None:
         store.flush()
 
     n = len(ctx.dataset)
-    states = collect_topk(ctx.model.module, ctx.dataset, modules, scorers, cfg.k, batch_size=ctx.batch_size,
-                          num_workers=ctx.num_workers, device=ctx.device, states=states, done=done,
-                          checkpoint=save, checkpoint_every=cfg.checkpoint_every, progress=ctx.progress,
-                          labels=labels)
+    if ctx.executor is not None:
+        states = _distributed_pass(ctx, scorers, shipped, states, done, save, labels)
+    else:
+        states = collect_topk(ctx.model.module, ctx.dataset, modules, scorers, cfg.k, batch_size=ctx.batch_size,
+                              num_workers=ctx.num_workers, device=ctx.device, states=states, done=done,
+                              checkpoint=save, checkpoint_every=cfg.checkpoint_every, progress=ctx.progress,
+                              labels=labels)
     save(states, {scorer.name: n for scorer in scorers}, complete=True)
     if labels is not None:
         ctx.dataset.labels = labels
+
+
+def _distributed_pass(ctx, scorers: list[Scorer], shipped: tuple[list[str], dict], states: dict, done: dict, save,
+                      labels) -> dict:
+    """The pass of :func:`_run_pass` as shards on the executor's workers, merged here in sample order.
+
+    Shards start where the local pass's batches do, so every batch a worker computes is one the local pass
+    computes. A shard that finishes early waits until the shards before it are merged; the state is
+    checkpointed after each merge, so an interrupted pass resumes from the last shard merged.
+    """
+    from tqdm.auto import tqdm
+
+    from ..executor import aligned
+    from ..topk import TopK
+
+    cfg = ctx.config.topk
+    n = len(ctx.dataset)
+    for scorer in scorers:
+        states.setdefault(scorer.name, TopK(scorer.channels, cfg.k, scorer.payloads))
+    done = {scorer.name: done.get(scorer.name, 0) for scorer in scorers}
+    first = min(done.values())
+    size = aligned(ctx.config.executor.shard_size, ctx.batch_size)
+    shards = [(start, min(start + size, n)) for start in range(first, n, size)]
+    layers, virtual = shipped
+    waiting: dict[int, tuple] = {}
+    merged = 0
+    with tqdm(total=n - first, desc="top-K", unit="img", disable=not ctx.progress, leave=False) as bar:
+        for number, result in ctx.executor.topk(layers, virtual, shards, done, labels is not None):
+            waiting[number] = result
+            while merged in waiting:
+                result = waiting.pop(merged)
+                parts, shard_labels = result if labels is not None else (result, None)
+                start, stop = shards[merged]
+                for name, part in parts.items():
+                    states[name].merge(part)
+                    done[name] = max(done[name], stop)
+                if labels is not None:
+                    labels[start:stop] = shard_labels
+                merged += 1
+                bar.update(stop - start)
+                if merged < len(shards):
+                    save(states, dict(done))
+    return states
 
 
 def _stale(ctx, store, what: str, changes: list[str], drop) -> None:
@@ -142,7 +190,7 @@ def run(ctx: StageContext) -> None:
         pending = [layer for layer in layers if not (store.topk_progress(layer) or (0, 0, 0, False))[3]]
         if pending:
             scorers = [channel_scorer(layer, shapes[layer][0], cfg.statistic) for layer in pending]
-            _run_pass(ctx, store, scorers, {layer: ctx.model.submodule(layer) for layer in pending})
+            _run_pass(ctx, store, scorers, {layer: ctx.model.submodule(layer) for layer in pending}, (pending, {}))
             ctx.log(f"top-K: {', '.join(pending)} over {n} samples (K={cfg.k}, {cfg.statistic})")
         else:
             ctx.log(f"top-K: {', '.join(layers)} complete, skipped")
@@ -165,7 +213,8 @@ def run(ctx: StageContext) -> None:
             virtual = virtual_neurons(store, planted)
             scorer = Scorer(name, planted.layer, len(virtual), lambda out, v=virtual: v.scored(out, cfg.statistic),
                             {"truth": torch.int64})
-            _run_pass(ctx, store, [scorer], {planted.layer: ctx.model.submodule(planted.layer)})
+            _run_pass(ctx, store, [scorer], {planted.layer: ctx.model.submodule(planted.layer)},
+                      ([], {name: (planted.layer, virtual)}))
             truth = store.topk_payload(name, "truth")[:, :ctx.config.relevance.n_refs]
             store.write_planted_truth(planted.layer, truth, virtual.modes)
             store.flush()

@@ -1,0 +1,160 @@
+"""Issue 12: a Ray run writes the store a local run writes, also when workers die; Ray missing is one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from polypure import Experiment
+from polypure.cli import main
+from polypure.config import load_config
+from polypure.errors import ConfigError
+from polypure.executor import aligned
+from polypure.work import KILL_ONCE_ENV
+
+# two targets' worth of work in every unit kind: top-K shards of two layers and a planted pass, two rule
+# variants over real and planted neurons, image embeddings; units small enough that each kind has several
+OVERRIDES = [
+    "data.synthetic.n=96", "data.batch_size=16", "topk.layers=[block_3, logits]", "topk.k=6",
+    "relevance.n_refs=6", "relevance.batch_size=12",
+    "relevance.targets=[{layer: block_3, neurons: '0:5', attribution_layers: [block_1, block_2]}]",
+    "relevance.planted={pairs: 2, layer: block_3, mode: [sum, max], seed: 0}",
+    "relevance.variants=[{id: default, composite: gradient}, {id: lrp, composite: epsilon_plus}]",
+    "evaluate.references=[dino]",
+    "evaluate.dino={evaluator: dinov2, model: vit_small_patch14_dinov2.lvd142m, pretrained: false, image_size: 56,"
+    " resize: 64}",
+    "executor.shard_size=20", "executor.neurons_per_task=2", "executor.workers=2",
+]
+STAGES = ["topk", "relevance", "embed"]
+
+
+def contents(path) -> dict:
+    """Every dataset's values and every object's attributes, time stamps left out."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            attrs = {key: np.asarray(value).tolist() for key, value in obj.attrs.items() if key != "created"}
+            out[name] = (obj[()] if isinstance(obj, h5py.Dataset) else None, attrs)
+        visit("/", f)
+        f.visititems(visit)
+    return out
+
+
+def assert_same_store(expected, actual) -> None:
+    a, b = contents(expected), contents(actual)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        (data_a, attrs_a), (data_b, attrs_b) = a[name], b[name]
+        assert attrs_a == attrs_b, name
+        if data_a is not None:
+            assert data_a.dtype == data_b.dtype and data_a.shape == data_b.shape, name
+            assert np.array_equal(data_a, data_b, equal_nan=data_a.dtype.kind == "f"), name
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    # while this folder exists, one unit of each kind kills its worker (work.kill_once_for_test)
+    kill = tmp_path_factory.mktemp("kill") / "armed"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {KILL_ONCE_ENV: str(kill)}})
+    yield kill
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local")
+    path = folder / "store.h5"
+    Experiment(load_config("demo", [*OVERRIDES, f"store={path}"]), progress=False).run(STAGES)
+    return path
+
+
+def run_on_ray(local_store, tmp_path, extra=()):
+    # the same store path as the local run (the config is part of the store); the local file moves aside
+    path = local_store.parent / "store.h5"
+    kept = tmp_path / "local.h5"
+    os.replace(local_store, kept)
+    try:
+        Experiment(load_config("demo", [*OVERRIDES, f"store={path}", "executor.kind=ray", *extra]),
+                   progress=False).run(STAGES)
+        os.replace(path, tmp_path / "ray.h5")
+    finally:
+        os.replace(kept, local_store)
+    return tmp_path / "ray.h5"
+
+
+@pytest.mark.slow
+def test_ray_run_writes_the_local_store(ray_cluster, local_store, tmp_path):
+    assert_same_store(local_store, run_on_ray(local_store, tmp_path))
+    with h5py.File(local_store, "r") as f:
+        # the config really made several units of each kind: 96 samples in shards of 20 (aligned to 32)
+        assert f["relevance/block_3/block_1"].shape == (5, 6, 32)
+        assert f["relevance/block_3@planted/lrp/block_2"].shape[0] == 4
+        assert f["embeddings/dino/block_3"].shape == (5, 6, 384)
+
+
+@pytest.mark.slow
+def test_workers_killed_mid_task_are_retried_and_the_store_is_the_same(ray_cluster, local_store, tmp_path):
+    ray_cluster.mkdir()
+    try:
+        store = run_on_ray(local_store, tmp_path)
+    finally:
+        killed = sorted(p.name for p in ray_cluster.iterdir())
+        for p in ray_cluster.iterdir():
+            p.unlink()
+        ray_cluster.rmdir()
+    # a top-K task, a relevance actor and an embedding actor each lost their process once
+    assert killed == ["embed", "relevance", "topk"]
+    assert_same_store(local_store, store)
+
+
+def test_units_are_cut_at_batch_boundaries():
+    assert [aligned(size, 16) for size in (1, 16, 17, 20, 32, 33)] == [16, 16, 32, 32, 32, 48]
+    assert aligned(5, 1) == 5
+
+
+def test_ray_asked_for_without_ray_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` raises ImportError
+    with pytest.raises(ConfigError, match=r"executor.kind: ray needs Ray.*pip install 'polypure\[ray\]'"):
+        Experiment(load_config("demo", [f"store={tmp_path / 's.h5'}", "executor.kind=ray"]))
+    assert main(["topk", "demo", "--executor", "ray", "--set", f"store={tmp_path / 's.h5'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'polypure[ray]'" in err[0]
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_executor_keys_are_checked_and_are_no_part_of_the_stored_config():
+    with pytest.raises(ConfigError, match="executor.address"):
+        load_config("demo", ["executor.address=not an address"])
+    with pytest.raises(ConfigError, match="executor.gpus_per_worker"):
+        load_config("demo", ["executor.gpus_per_worker=2"])
+    config = load_config("demo", ["executor.kind=ray", "executor.address=ray://head:10001"])
+    assert "executor" not in config.stored_yaml() and "executor" in config.to_yaml()
+
+
+@pytest.mark.slow
+def test_in_memory_model_and_item_labels_travel_to_the_workers(ray_cluster, tmp_path):
+    import torch
+
+    from tests.nets import tiny
+
+    generator = torch.Generator().manual_seed(3)
+    items = torch.utils.data.TensorDataset(torch.rand(40, 3, 16, 16, generator=generator), torch.arange(40) % 3)
+    path = tmp_path / "store.h5"
+    stores = []
+    for kind in ("local", "ray"):
+        # labels come from the items, so the top-K pass collects them: on Ray, each shard's from its worker
+        Experiment(model=tiny(seed=2), dataset=items, store=path, progress=False, data={"batch_size": 4},
+                   topk={"layers": ["c3"], "k": 4},
+                   relevance={"targets": [{"layer": "c3", "neurons": "0:6", "attribution_layers": ["c1", "c2"]}],
+                              "n_refs": 4, "batch_size": 8},
+                   executor={"kind": kind, "shard_size": 8, "neurons_per_task": 2}).run(["topk", "relevance"])
+        stores.append(path.rename(tmp_path / f"{kind}.h5"))
+    assert_same_store(*stores)
+    with h5py.File(stores[1], "r") as f:
+        assert f["samples/labels"][()].tolist() == (np.arange(40) % 3).tolist()
