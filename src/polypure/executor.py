@@ -148,7 +148,10 @@ class RayExecutor:
         self._connect()
         if not self._actors:
             worker = self.ray.remote(_Worker).options(max_restarts=3, max_task_retries=3, **self._resources)
-            self._actors = [worker.remote(self._source_ref, self._device()) for _ in range(self.settings.workers)]
+            # the source by value where it is small (a config): Ray keeps it with the actor for restarts, instead of
+            # depending on an object-store copy (a shipped in-memory model still goes through the store)
+            source = self.source if self.source.model is None and self.source.dataset is None else self._source_ref
+            self._actors = [worker.remote(source, self._device()) for _ in range(self.settings.workers)]
         return self._actors
 
     def _gather(self, pending: dict) -> Iterator[tuple[Any, Any]]:
