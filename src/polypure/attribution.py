@@ -37,6 +37,8 @@ from torch import nn
 
 from .errors import ConfigError, PolypureError
 from .hooks import forward_to, probe_layers, tap_layers
+from .precision import autocast, flags
+from .precision import check as check_precision
 
 #: Name of the model input, usable as an attribution layer (input-level heatmaps).
 INPUT = "input"
@@ -104,10 +106,13 @@ class ConditionalRelevance:
     times_activation : bool
         Multiply the backward signal by the activation (Gradient x Activation); False when the composite
         already propagates relevance (LRP).
+    precision : {"fp32", "tf32", "bf16"}
+        How the forward and backward passes compute (:mod:`polypure.precision`); relevance maps are
+        reduced and normalised in float32 at every precision.
     """
 
     def __init__(self, model: nn.Module, target: dict[str, nn.Module], attribution_layers: dict[str, nn.Module],
-                 composite=None, times_activation: bool = True):
+                 composite=None, times_activation: bool = True, precision: str = "fp32"):
         if len(target) != 1:
             raise ValueError("target must name exactly one layer")
         self.model = model
@@ -117,6 +122,7 @@ class ConditionalRelevance:
             raise ConfigError(f"target {self.target_name!r}: no attribution layers given")
         self.composite = composite
         self.times_activation = times_activation
+        self.precision = check_precision(precision)
         self.order: list[str] | None = None
         self.share_forward = True
         self._entered = 0
@@ -221,8 +227,10 @@ class ConditionalRelevance:
         transforms = {} if lowest == INPUT else {lowest: expand}
         if lowest == INPUT:
             x = expand(x)
-        with torch.enable_grad(), tap_layers(taps, transforms=transforms) as outputs:
-            forward_to(self.model, x, outputs)
+        device = images.device
+        with flags(device, self.precision), torch.enable_grad(), tap_layers(taps, transforms=transforms) as outputs:
+            with autocast(device, self.precision):
+                forward_to(self.model, x, outputs)
             if _TARGET not in outputs:
                 raise PolypureError(f"target layer {self.target_name!r} did not run in the forward pass")
             target = outputs[_TARGET]
@@ -235,8 +243,10 @@ class ConditionalRelevance:
             if grad is None:
                 raise ConfigError(f"attribution layer {name!r} does not lie on a path to the target "
                                   f"{self.target_name!r}")
-            rel_map = grad * activation.detach() if self.times_activation else grad
+            # in float32 whatever the passes computed in: the sums over positions are where bf16 would lose most
+            grad = grad.float()
+            rel_map = grad * activation.detach().float() if self.times_activation else grad
             relevance[name] = normalize_l1(rel_map)
             if name in keep_maps:
                 maps[name] = rel_map.detach()
-        return RelevanceBatch(relevance, spatial_mean(target.detach()), maps)
+        return RelevanceBatch(relevance, spatial_mean(target.detach().float()), maps)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -304,7 +304,8 @@ class RelevanceSection(_NamedComposite, _Section):
     canonizers: list[str] = Field(default_factory=list)
     times_activation: Literal["auto"] | bool = "auto"
     variants: list[VariantSection] | None = None
-    batch_size: int = Field(64, ge=1)
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = 64
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     planted: PlantedSection | list[PlantedSection] | None = None
 
     _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
@@ -331,6 +332,11 @@ class RelevanceSection(_NamedComposite, _Section):
             if twice:
                 raise ValueError(f"relevance.variants: id {twice[0]!r} is used twice")
         return self
+
+    @property
+    def rows_per_pass(self) -> int:
+        """``batch_size``, with ``auto`` read as 64: for the passes that are not worth measuring (checks, crops)."""
+        return 64 if self.batch_size == "auto" else self.batch_size
 
     @property
     def variant_list(self) -> list[VariantSection]:

@@ -198,12 +198,12 @@ class RayExecutor:
                                     with_labels=with_labels, device=self._device())] = number
             yield next(gathered)
 
-    def relevance(self, plan: TargetPlan, refs: np.ndarray, tasks: list[np.ndarray],
-                  rule: Rule) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def relevance(self, plan: TargetPlan, refs: np.ndarray, tasks: list[np.ndarray], rule: Rule,
+                  batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """``(rows, arrays)`` of each range of neurons (:func:`polypure.work.relevance_rows`), as they finish."""
         actors = self._actor_pool()
         plan_ref, refs_ref = self.ray.put(plan), self.ray.put(refs)
-        calls = [(rows, lambda actor, rows=rows: actor.relevance.remote(plan_ref, refs_ref, rows, rule))
+        calls = [(rows, lambda actor, rows=rows: actor.relevance.remote(plan_ref, refs_ref, rows, rule, batch_size))
                  for rows in tasks]
         yield from self._on_actors(actors, calls)
 
@@ -245,10 +245,11 @@ class _Worker:
         self.evaluators: dict[str, Any] = {}
         source.build(self.device)
 
-    def relevance(self, plan: TargetPlan, refs: np.ndarray, rows: np.ndarray, rule: Rule) -> dict[str, np.ndarray]:
+    def relevance(self, plan: TargetPlan, refs: np.ndarray, rows: np.ndarray, rule: Rule,
+                  batch_size: int) -> dict[str, np.ndarray]:
         from .work import relevance_rows
 
-        return relevance_rows(self.source, plan, refs, rows, rule, device=self.device)
+        return relevance_rows(self.source, plan, refs, rows, rule, batch_size=batch_size, device=self.device)
 
     def embed(self, name: str, settings: dict, indices: np.ndarray) -> np.ndarray:
         from .evaluators import make_evaluator

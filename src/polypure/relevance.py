@@ -32,6 +32,7 @@ from .attribution import ConditionalRelevance, channel_init
 from .composites import composite_kwargs, input_bounds, make_composite, times_activation
 from .errors import ConfigError
 from .planted import VirtualNeurons
+from .precision import auto_batch_size, to_device
 from .store import planted_target
 
 INIT_REL = "clamp(min=0)"
@@ -102,12 +103,15 @@ class Rule:
     params : tuple of (str, value)
         The composite's keyword arguments, input bounds included (lists as tuples, so the rule stays
         hashable); empty for a composite without parameters.
+    precision : str
+        ``relevance.precision`` (:mod:`polypure.precision`).
     """
 
     composite: str = "gradient"
     canonizers: tuple[str, ...] = ()
     times_activation: bool = True
     params: tuple[tuple[str, Any], ...] = ()
+    precision: str = "fp32"
 
     @property
     def params_json(self) -> str:
@@ -120,7 +124,8 @@ class Rule:
             self.composite != "gradient" or self.canonizers) else None
         return ConditionalRelevance(model.module, {plan.layer: model.submodule(plan.layer)},
                                     {name: model.submodule(name) for name in plan.attribution_layers},
-                                    composite=composite, times_activation=self.times_activation)
+                                    composite=composite, times_activation=self.times_activation,
+                                    precision=self.precision)
 
 
 def rules_from_config(config, model, dataset=None) -> dict[str, Rule]:
@@ -162,7 +167,8 @@ def rules_from_config(config, model, dataset=None) -> dict[str, Rule]:
         key = f"relevance.variants[{i}] ({variant.id}).composite" if named else "relevance.composite"
         params = composite_kwargs(name, variant.composite_params, bounds, key=key)
         rules[variant.id] = Rule(name, tuple(canonizers), times_activation(name, variant.times_activation),
-                                 tuple((key, tuple(v) if isinstance(v, list) else v) for key, v in params.items()))
+                                 tuple((key, tuple(v) if isinstance(v, list) else v) for key, v in params.items()),
+                                 config.relevance.precision)
     return rules
 
 
@@ -209,6 +215,25 @@ def plan_targets(config, channels: dict[str, int], virtual: dict[str, VirtualNeu
     if len(set(names)) != len(names):
         raise ConfigError("relevance.targets: a target layer is listed twice")
     return plans
+
+
+def resolve_batch_size(config, model, plan: TargetPlan, dataset, device: str | torch.device, rule: Rule) -> int:
+    """``relevance.batch_size``, with ``auto`` measured on ``device`` (:func:`polypure.precision.auto_batch_size`).
+
+    Resolved once by the process that runs the stage, so that every worker of a distributed run cuts its
+    chunks as a local run does.
+    """
+    setting = config.relevance.batch_size
+    if setting != "auto":
+        return int(setting)
+    image = dataset[0][0].unsqueeze(0).to(device)
+
+    def measure(rows: int) -> None:
+        with rule.engine(model, plan) as engine:
+            engine(image, torch.zeros(rows, dtype=torch.int64), plan.make_init(torch.as_tensor(plan.neurons[:1]).repeat(
+                rows)))
+
+    return auto_batch_size(measure, device)
 
 
 def neurons_per_chunk(batch_size: int, n_refs: int) -> int:
@@ -282,7 +307,7 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
             unique, images = loader.result(pending)
             if number + 1 < len(chunks):
                 pending = loader.submit(np.unique(refs[chunks[number + 1]]))
-            images = images.to(device)
+            images = to_device(images, device)
             flat_samples = refs[chunk].reshape(-1)
             flat_neurons = torch.as_tensor(np.repeat(plan.neurons[chunk], n_refs))
             image_rows = torch.as_tensor(np.searchsorted(unique, flat_samples))

@@ -494,4 +494,4 @@ def check_config(config: Config, samples: int = 8, neurons: int = 4) -> RuleRepo
     images = torch.stack([dataset[i][0] for i in range(min(samples, len(dataset)))]).to(device)
     rules = rules_from_config(config, model, dataset)
     targets = config_targets(config, model, images[:1], neurons)
-    return check_rules(model, images, list(rules.items()), targets, batch_size=config.relevance.batch_size)
+    return check_rules(model, images, list(rules.items()), targets, batch_size=config.relevance.rows_per_pass)

@@ -64,7 +64,7 @@ STR = h5py.string_dtype("utf-8")
 GLOBAL_SECTIONS = ("model", "data", "seed")
 
 #: Attributes of a relevance variant that make its rule; the others belong to the target.
-RULE_KEYS = ("composite", "canonizers", "times_activation", "composite_params")
+RULE_KEYS = ("composite", "canonizers", "times_activation", "composite_params", "precision")
 
 #: Datasets of a relevance target that are bookkeeping of its rows, not a feature space.
 _ROW_BOOKKEEPING = ("neurons", "complete")

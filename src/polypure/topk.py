@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import PolypureError
 from .hooks import forward_to, tap_layers
+from .precision import flags
 
 _EMPTY_INDEX = torch.iinfo(torch.int64).max
 
@@ -197,17 +198,19 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
     first = min([done[s.name] for s in scorers] + [stop])
     if first >= stop:
         return states
+    cuda = torch.device(device).type == "cuda"
+    # to a GPU through pinned memory, asynchronously: the next batch's copy overlaps this batch's work
     loader = DataLoader(Subset(dataset, range(first, stop)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, persistent_workers=False)
+                        num_workers=num_workers, persistent_workers=False, pin_memory=cuda)
     position = first
     bar = tqdm(total=stop - first, desc="top-K", unit="img", disable=not progress, leave=False)
     try:
-        with torch.no_grad(), tap_layers(modules) as outputs:
+        with torch.no_grad(), flags(device), tap_layers(modules) as outputs:
             for batch_number, (x, y) in enumerate(loader, 1):
                 n = len(x)
                 if labels is not None:
                     labels[position:position + n] = np.asarray(y, np.int64)
-                forward_to(model, x.to(device), outputs)
+                forward_to(model, x.to(device, non_blocking=cuda), outputs)
                 sample_idx = torch.arange(position, position + n)
                 for scorer in scorers:
                     skip = max(0, done[scorer.name] - position)

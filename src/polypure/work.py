@@ -151,7 +151,7 @@ def topk_shard(source: WorkSource | Config, layers: list[str], start: int, stop:
 
 
 def relevance_rows(source: WorkSource | Config, plan: TargetPlan, refs: np.ndarray, rows: np.ndarray, rule: Rule, *,
-                   device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+                   batch_size: int | None = None, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
     """Conditional relevance of some neurons (rows of a target) and their activation baseline.
 
     Parameters
@@ -164,7 +164,10 @@ def relevance_rows(source: WorkSource | Config, plan: TargetPlan, refs: np.ndarr
     rows : ndarray
         Positions in ``plan.neurons`` to compute.
     rule : Rule
-        Composite, canonizers and whether to multiply by the activation.
+        Composite, canonizers, whether to multiply by the activation, precision.
+    batch_size : int, optional
+        Rows per backward pass: the driver's resolved ``relevance.batch_size`` (``auto`` is measured once, by
+        the driver); by default the config's, ``auto`` read as 64.
     device : str or torch.device
 
     Returns
@@ -184,8 +187,9 @@ def relevance_rows(source: WorkSource | Config, plan: TargetPlan, refs: np.ndarr
 
     with rule.engine(model, plan) as engine:
         # chunks are computed and handed back in the order of rows
-        compute_target(dataset, plan, refs, np.asarray(rows), engine, keep, batch_size=config.relevance.batch_size,
-                       num_workers=config.data.num_workers, device=device)
+        compute_target(dataset, plan, refs, np.asarray(rows), engine, keep,
+                       batch_size=batch_size or config.relevance.rows_per_pass, num_workers=config.data.num_workers,
+                       device=device)
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 

@@ -75,7 +75,7 @@ def run(ctx: StageContext) -> None:
                     plan.neurons = store.neurons(target)
                     canonizers = list(ctx.config.relevance.canonizers) or list(ctx.model.canonizers)
                     boxes = crop_heatmaps(ctx.model, ctx.dataset, plan, refs, evaluator.settings.crop_composite,
-                                          canonizers, batch_size=ctx.config.relevance.batch_size, device=ctx.device,
+                                          canonizers, batch_size=ctx.config.relevance.rows_per_pass, device=ctx.device,
                                           key=f"evaluate.{name}.crop_composite")
                     store.write_crops(target, np.array(
                         [[boxes[(m, r)] or (-1, -1, -1, -1) for r in range(refs.shape[1])] for m in range(len(refs))],

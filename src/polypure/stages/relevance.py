@@ -38,7 +38,7 @@ def plans(ctx: StageContext, store) -> list:
 def run(ctx: StageContext) -> None:
     """Compute (or finish) the relevance of every target and rule variant in the config, writing to the store."""
     from ..composites import warn_uncanonized
-    from ..relevance import compute_target, rules_from_config
+    from ..relevance import compute_target, resolve_batch_size, rules_from_config
 
     cfg = ctx.config.relevance
     rules = rules_from_config(ctx.config, ctx.model, ctx.dataset)
@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> None:
                         "module": ctx.model.module_path(plan.layer), "attribution_layers": plan.attribution_layers}
             for variant, rule in rules.items():
                 attrs = {**settings, "composite": rule.composite, "canonizers": list(rule.canonizers),
-                         "times_activation": rule.times_activation}
+                         "times_activation": rule.times_activation, "precision": rule.precision}
                 if rule.params:
                     attrs["composite_params"] = rule.params_json
                 store.prepare_relevance(plan.name, plan.neurons, cfg.n_refs, layer_channels, shapes[plan.layer][0],
@@ -67,6 +67,7 @@ def run(ctx: StageContext) -> None:
             if (refs < 0).any():
                 raise ConfigError(f"target {plan.name!r}: fewer than relevance.n_refs={cfg.n_refs} references")
             computed = False
+            batch = None
             for variant, rule in rules.items():
                 which = plan.name if len(rules) == 1 else f"{plan.name} [{variant}]"
                 todo = np.flatnonzero(~store.complete(plan.name, variant))
@@ -74,6 +75,10 @@ def run(ctx: StageContext) -> None:
                     ctx.log(f"relevance {which}: complete, skipped")
                     continue
                 computed = True
+                if batch is None:
+                    batch = resolve_batch_size(ctx.config, ctx.model, plan, ctx.dataset, ctx.device, rule)
+                    if cfg.batch_size == "auto":
+                        ctx.log(f"relevance {plan.name}: batch_size auto -> {batch} rows per backward pass")
                 if rule not in warned:
                     warn_uncanonized(ctx.model.module, rule.composite, list(rule.canonizers),
                                      sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
@@ -83,10 +88,10 @@ def run(ctx: StageContext) -> None:
                     store.write_relevance_rows(name, rows, arrays, variant=variant)
 
                 if ctx.executor is not None:
-                    _distributed(ctx, plan, refs, todo, rule, write, f"relevance {which}")
+                    _distributed(ctx, plan, refs, todo, rule, batch, write, f"relevance {which}")
                 else:
                     with rule.engine(ctx.model, plan) as engine:
-                        compute_target(ctx.dataset, plan, refs, todo, engine, write, batch_size=cfg.batch_size,
+                        compute_target(ctx.dataset, plan, refs, todo, engine, write, batch_size=batch,
                                        num_workers=ctx.num_workers, device=ctx.device, progress=ctx.progress,
                                        desc=f"relevance {which}")
                 ctx.log(f"relevance {which}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
@@ -98,7 +103,7 @@ def run(ctx: StageContext) -> None:
                         "and its attribution layers)")
 
 
-def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, write, desc: str) -> None:
+def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, batch: int, write, desc: str) -> None:
     """Rows ``todo`` of a target on the executor's actors, in ranges of whole neurons, written as they arrive.
 
     A range holds whole chunks of the local computation (:func:`polypure.relevance.neurons_per_chunk`), so
@@ -110,10 +115,10 @@ def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, write, des
     from ..relevance import neurons_per_chunk
 
     cfg = ctx.config.relevance
-    size = aligned(ctx.config.executor.neurons_per_task, neurons_per_chunk(cfg.batch_size, cfg.n_refs))
+    size = aligned(ctx.config.executor.neurons_per_task, neurons_per_chunk(batch, cfg.n_refs))
     tasks = [todo[start:start + size] for start in range(0, len(todo), size)]
     with tqdm(total=len(todo), desc=desc, unit="neuron", disable=not ctx.progress, leave=False) as bar:
-        for rows, arrays in ctx.executor.relevance(plan, refs, tasks, rule):
+        for rows, arrays in ctx.executor.relevance(plan, refs, tasks, rule, batch):
             write(rows, arrays)
             bar.update(len(rows))
 
