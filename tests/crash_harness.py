@@ -152,7 +152,7 @@ def run_harness(folder: Path, kills: int, seed: int = 0, log=print) -> Tally:
             try:
                 if kind == "time":
                     try:
-                        proc.wait(timeout=rng.uniform(1.0, length))
+                        proc.wait(timeout=rng.uniform(0.5, 0.9 * length))
                     except subprocess.TimeoutExpired:
                         proc.send_signal(signal.SIGKILL)
                 _, err = proc.communicate(timeout=600)
