@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(split_overrides(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="polypure: %(message)s", stream=sys.stderr)
+    from .session import terminate_as_interrupt
+
+    # SIGTERM (a scheduler's stop) ends a run as Ctrl-C does: after the write under way, committed, exit 143
+    terminate_as_interrupt()
     try:
         if args.command == "inspect":
             from .describe import describe
@@ -266,10 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     except PolypureError as exc:
         print(f"polypure: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("polypure: interrupted; finished work is saved in the store, rerun the same command to continue",
+    except KeyboardInterrupt as exc:
+        from .session import Terminated
+
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"polypure: {what}; finished work is saved in the store, rerun the same command to continue",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception:  # a bug, not a user error: show where
         traceback.print_exc()
         return 1

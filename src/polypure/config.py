@@ -31,6 +31,7 @@ RUNTIME_KEYS = (
     "relevance.batch_size",
     "report",
     "executor",
+    "commit_every",
 )
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -478,6 +479,7 @@ class Config(_Section):
     store: Path | None = None
     device: str = "auto"
     seed: int = 0
+    commit_every: float = Field(30.0, ge=0)
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection | None = None
     topk: TopKSection = Field(default_factory=TopKSection)

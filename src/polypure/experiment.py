@@ -22,6 +22,7 @@ same config, and can run alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ class Experiment:
         self._validated = False
         self.report_path = None
         self._executor = None
+        self._writer = None
+        self._dirty = False
         if self.config.executor.kind != "local":
             # asked for and not installed: say so now, not after the first stage
             from .executor import check_available
@@ -206,18 +209,68 @@ class Experiment:
             self._executor = None
 
     @contextlib.contextmanager
-    def open_store(self):
-        """The store, opened for writing (created, or checked against the config, on first use)."""
-        path = self.config.store_path
-        if not self._store_checked:
-            store = Store.open_for_run(path, self.config.stored_yaml(), overwrite=self.overwrite)
-            self._store_checked = True
-        else:
-            store = Store(path, "a")
+    def writing(self):
+        """Hold the store for writing: its lock and working copy (:mod:`polypure.session`), then commit.
+
+        Stages and :meth:`run` enter it; nested entries share one session. On leaving, finished work is
+        committed even when an error or Ctrl-C ends the run, and the lock is released.
+        """
+        if self._writer is not None:
+            yield self._writer
+            return
+        from .session import WriteSession
+
+        self._writer = WriteSession(self.config.store_path, commit_every=self.config.commit_every).open()
+        self._dirty = False
         try:
-            yield store
+            yield self._writer
+        except OSError as exc:
+            # HDF5 reports a full disk as a failed write; say what it is, and where
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+                from .session import disk_full
+                work = self._writer.work_path
+                raise disk_full(self.config.store_path, work.stat().st_size if work.exists() else 0) from None
+            raise
         finally:
-            store.close()
+            writer, self._writer = self._writer, None
+            writer.close(commit=self._dirty)
+
+    def commit(self) -> None:
+        """Make what the stages wrote so far the store (a no-op when nothing changed)."""
+        if self._writer is not None and self._dirty:
+            self._writer.commit()
+            self._dirty = False
+
+    def _checkpoint(self) -> None:
+        if self._writer is not None and self._dirty:
+            before = self._writer.commits
+            self._writer.checkpoint()
+            if self._writer.commits != before:
+                self._dirty = False
+
+    def _mark_written(self) -> None:
+        self._dirty = True
+
+    @contextlib.contextmanager
+    def open_store(self):
+        """The store, opened for writing (created, or checked against the config, on first use).
+
+        What is written goes to the session's working copy (:meth:`writing`) and becomes the store at the
+        next commit: each stage's end, a checkpoint ``commit_every`` seconds after the last, or the end of
+        the run.
+        """
+        with self.writing() as writer:
+            options = dict(file=writer.work_path, on_flush=self._checkpoint, on_write=self._mark_written)
+            path = self.config.store_path
+            if not self._store_checked:
+                store = Store.open_for_run(path, self.config.stored_yaml(), overwrite=self.overwrite, **options)
+                self._store_checked = True
+            else:
+                store = Store(path, "a", **options)
+            try:
+                yield store
+            finally:
+                store.close()
 
     def layer_shapes(self, layers: list[str]) -> dict[str, tuple]:
         """Output shapes (without batch) of layers, probed once with the first sample."""
@@ -257,8 +310,13 @@ class Experiment:
     # -- stages ------------------------------------------------------------------------------------
 
     def _stage(self, name: str, **options):
-        """Run one stage (:mod:`polypure.stages`) after checking the config."""
+        """Run one stage (:mod:`polypure.stages`) after checking the config, and commit what it wrote."""
         self.validate()
+        if get_stage(name).WRITES:
+            with self.writing():
+                result = get_stage(name).run(self, **options)
+                self.commit()
+            return result
         return get_stage(name).run(self, **options)
 
     def topk(self) -> Experiment:
@@ -304,8 +362,10 @@ class Experiment:
             get_stage(name)
         self.validate()
         try:
-            for name in chosen:
-                getattr(self, name)()
+            # one session for every stage: no other writer can slip in between two of them
+            with self.writing() if any(get_stage(name).WRITES for name in chosen) else contextlib.nullcontext():
+                for name in chosen:
+                    getattr(self, name)()
         finally:
             self.close()
         return self

@@ -34,7 +34,8 @@ Example
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import yaml
 from . import __version__
 from .config import DEFAULT_VARIANT, space_name, split_space
 from .errors import ConfigError, StaleResultError, StoreError
+from .session import kill_inside_write_for_test, whole_write
 
 FORMAT = "polypure"
 #: A planted target is named after its layer: ``block_3@planted``.
@@ -104,12 +106,17 @@ class Store:
         Read only, or read and write (the one writer).
     """
 
-    def __init__(self, path: str | Path, mode: str = "r"):
+    def __init__(self, path: str | Path, mode: str = "r", *, file: str | Path | None = None,
+                 on_flush: Callable[[], None] | None = None, on_write: Callable[[], None] | None = None):
         self.path = Path(path)
-        if mode == "r" and not self.path.is_file():
+        # the file opened: the store itself, or the working copy a run writes (session.WriteSession)
+        self.file_path = Path(file) if file is not None else self.path
+        self.on_flush = on_flush
+        self.on_write = on_write
+        if mode == "r" and not self.file_path.is_file():
             raise StoreError(f"store {str(self.path)!r} does not exist")
         try:
-            self.file = h5py.File(self.path, mode)
+            self.file = h5py.File(self.file_path, mode)
         except OSError as exc:
             raise StoreError(f"store {str(self.path)!r} cannot be opened: {exc}") from None
         try:
@@ -133,7 +140,7 @@ class Store:
                              f"({__version__}) reads up to {FORMAT_VERSION}")
 
     @classmethod
-    def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False) -> Store:
+    def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False, **options) -> Store:
         """Open (or create) the store a run writes, checking it was made for the same model and data.
 
         Only the sections every result depends on (:data:`GLOBAL_SECTIONS`) are compared here; the
@@ -147,6 +154,9 @@ class Store:
             The run's resolved config.
         overwrite : bool
             Start a new store instead of refusing when the model, data or seed differ.
+        **options
+            ``file`` (the working copy to open instead of ``path``), ``on_flush``, ``on_write``: see
+            :class:`Store`.
 
         Raises
         ------
@@ -158,9 +168,10 @@ class Store:
         from .config import config_differences
 
         path = Path(path)
-        if path.exists():
+        file = Path(options.get("file") or path)
+        if file.exists():
             try:
-                with h5py.File(path, "r") as probe:
+                with h5py.File(file, "r") as probe:
                     fmt = _decode(probe.attrs.get("format"))
                     old_yaml = _decode(probe.attrs.get("config", ""))
             except OSError:
@@ -178,20 +189,27 @@ class Store:
                 raise StaleResultError(f"store {str(path)!r} was made with a different config ({shown}); rerun "
                                        "with --overwrite to replace it, or set another store path")
             if changed:
-                path.unlink()
-        if path.exists():
-            store = cls(path, "a")
-            store.file.attrs["config"] = config_yaml
+                file.unlink()
+        if file.exists():
+            store = cls(path, "a", **options)
+            if store.config_yaml != config_yaml:
+                store.file.attrs["config"] = config_yaml
+                store._wrote()
             return store
         path.parent.mkdir(parents=True, exist_ok=True)
-        store = cls(path, "a")
+        store = cls(path, "a", **options)
         attrs = store.file.attrs
         attrs["format"] = FORMAT
         attrs["format_version"] = FORMAT_VERSION
         attrs["config"] = config_yaml
         attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         attrs["polypure_version"] = __version__
+        store._wrote()
         return store
+
+    def _wrote(self) -> None:
+        if self.on_write is not None:
+            self.on_write()
 
     def close(self) -> None:
         """Flush and close the file."""
@@ -199,8 +217,10 @@ class Store:
             self.file.close()
 
     def flush(self) -> None:
-        """Push written data to disk, so an interruption loses nothing written so far."""
+        """Push written data to disk; a run's session may commit the store here (its checkpoints)."""
         self.file.flush()
+        if self.on_flush is not None:
+            self.on_flush()
 
     def __enter__(self) -> Store:
         return self
@@ -459,6 +479,7 @@ class Store:
             lo, hi = int(rows[sel[0]]), int(rows[sel[-1]]) + 1
             for name, data in arrays.items():
                 group[name][lo:hi] = data[sel]
+            kill_inside_write_for_test()
             group["complete"][lo:hi] = True
         self.flush()
 
@@ -940,3 +961,21 @@ def _runs(sorted_rows: np.ndarray) -> Iterable[tuple[int, int]]:
     bounds = np.concatenate([[0], breaks, [len(sorted_rows)]])
     for start, stop in zip(bounds[:-1], bounds[1:]):
         yield int(start), int(stop)
+
+
+def _whole(method: Callable) -> Callable:
+    """A store write that Ctrl-C and SIGTERM cannot cut in half (:func:`polypure.session.whole_write`)."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        with whole_write():
+            result = method(self, *args, **kwargs)
+            self._wrote()
+            kill_inside_write_for_test()
+            return result
+    return write
+
+
+# every method that changes the file, found by name so that a new one cannot be left out
+for _name in [n for n in vars(Store) if n.startswith(("write_", "update_", "prepare_", "drop"))]:
+    setattr(Store, _name, _whole(vars(Store)[_name]))
+del _name

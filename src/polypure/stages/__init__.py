@@ -1,6 +1,7 @@
 """The stages of a run, in the order ``polypure run`` executes them.
 
-Each stage is a module here with the same small contract: ``NAME``, a one-line ``HELP`` and
+Each stage is a module here with the same small contract: ``NAME``, a one-line ``HELP``, ``WRITES``
+(whether it writes the store: a run holds the store's lock and commits after such a stage) and
 ``run(context, **options)``. A stage reads what the stages before it wrote to the store, calls an engine
 (:mod:`polypure.topk`, :mod:`polypure.attribution`, :mod:`polypure.clustering`, ...) and writes its own
 results; it skips work the store already holds for the same settings, so every stage can run alone and

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .context import StageContext
 
 NAME = "cluster"
+WRITES = True
 HELP = "cluster each neuron's references in every space"
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .context import StageContext
 
 NAME = "embed"
+WRITES = True
 HELP = "embed the references with the configured evaluators (CLIP, DINOv2, labels)"
 
 

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .context import StageContext
 
 NAME = "evaluate"
+WRITES = True
 HELP = "compute per-neuron metrics and the summary table from the store"
 
 

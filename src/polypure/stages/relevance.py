@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .context import StageContext
 
 NAME = "relevance"
+WRITES = True
 HELP = "compute conditional relevance of the references at the attribution layers"
 
 

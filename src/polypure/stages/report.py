@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .context import StageContext
 
 NAME = "report"
+WRITES = False  # it reads the committed store
 HELP = "write the browsable HTML report of the store"
 
 

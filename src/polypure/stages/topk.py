@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .context import StageContext
 
 NAME = "topk"
+WRITES = True
 HELP = "find each layer's top-K most-activating samples"
 
 
