@@ -9,8 +9,8 @@ killed at any moment (``kill -9`` included) leaves it intact, and the next run c
 stages resume from what the store holds); a working copy left behind is discarded.
 
 Commits happen at the end of every stage, when a run stops (an error, Ctrl-C, SIGTERM), and on the stages'
-checkpoints once ``commit_every`` seconds have passed since the last, so a kill loses at most that much
-work. Readers (``polypure inspect``, ``report``, ``compare``, :class:`polypure.Results`) open the store
+checkpoints once ``commit_every`` seconds have passed since the last (or ten commits' durations, for a
+store that takes long to copy), so a kill loses at most that much work. Readers (``polypure inspect``, ``report``, ``compare``, :class:`polypure.Results`) open the store
 itself, never the working copy, so they work while a run writes.
 
 One process writes a store at a time: ``<store>.lock`` holds an exclusive ``flock`` for the writer's
@@ -82,6 +82,7 @@ class WriteSession:
         self.commit_every = commit_every
         self._lock_fd: int | None = None
         self._last_commit = 0.0
+        self._commit_seconds = 0.0
         self.commits = 0
 
     @property
@@ -144,6 +145,7 @@ class WriteSession:
         if not self.work_path.exists():
             return
         staged = self.path.with_name(self.path.name + ".commit")
+        start = time.monotonic()
         try:
             self._copy(self.work_path, staged)
             _kill_for_test("commit")
@@ -153,11 +155,16 @@ class WriteSession:
             staged.unlink(missing_ok=True)
             raise
         self._last_commit = time.monotonic()
+        self._commit_seconds = self._last_commit - start
         self.commits += 1
 
     def checkpoint(self) -> None:
-        """Commit if ``commit_every`` seconds have passed since the last commit (called after a flush)."""
-        if time.monotonic() - self._last_commit >= self.commit_every:
+        """Commit if ``commit_every`` seconds have passed since the last commit (called after a flush).
+
+        For a store so large that copying it takes a while (about 6 s a GiB here), the interval grows to ten
+        times the last commit's duration, so that commits never take more than a tenth of a run.
+        """
+        if time.monotonic() - self._last_commit >= max(self.commit_every, 10 * self._commit_seconds):
             self.commit()
 
     def _copy(self, source: Path, target: Path) -> None:
