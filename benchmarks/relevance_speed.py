@@ -173,10 +173,23 @@ def cli(args, floor_seconds_for):
     built = config_from_dict(config)
     dataset = build_dataset(built.data, build_model(built))
     floor = floor_seconds_for(dataset, refs, neurons)
+    # the CLI's stage runs in a fresh process: its first passes also pay for oneDNN building its kernels for
+    # every new shape. A floor in a fresh process pays the same; its first pass is timed
+    np.save(tmp / "refs.npy", refs)
+    script = (f"import sys, time, numpy as np, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              "from relevance_speed import bare_pass; from polypure.config import load_config; "
+              "from polypure.data import build_dataset; from polypure.models import build_model; "
+              f"c = load_config({str(tmp / 'cli.yaml')!r}); m = build_model(c); d = build_dataset(c.data, m); "
+              "x = torch.stack([d[i][0] for i in range(len(d))]); m.module.requires_grad_(False); "
+              f"t = time.perf_counter(); bare_pass(m.module, x, np.load({str(tmp / 'refs.npy')!r}), {neurons}, "
+              f"{args.batch}); print(time.perf_counter() - t)")
+    cold = min(float(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                    text=True).stdout.split()[-1]) for _ in range(args.repeats))
     stage = min(fresh) - min(skip)
     print(f"CLI: relevance run {min(fresh):.2f} s, start-up (the same command, nothing to do) {min(skip):.2f} s")
     print(f"CLI relevance stage (start-up subtracted): {stage:7.2f} s; floor on the same images {floor:.2f} s "
-          f"-> {stage / floor:.2f} (goal <= 1.1, below 1.0 where neurons share references)")
+          f"warm, {cold:.2f} s in a fresh process -> {stage / floor:.2f} of the warm floor, {stage / cold:.2f} of "
+          "the fresh one (goal <= 1.1, below 1.0 where neurons share references)")
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ def test_cli_writes_the_files_and_exit_codes(stores, tmp_path, capsys):
     assert not (tmp_path / "no").exists()
     assert main(["compare", str(stores["a"]), str(stores["c"]), "--test", "paired", "--out", str(tmp_path / "no")]) == 2
     assert "other references" in capsys.readouterr().err
-    # a missing store is a StoreError, as for `polypure report STORE`: exit status 1
-    assert main(["compare", str(stores["a"]), str(tmp_path / "missing.h5"), "--out", str(tmp_path / "no")]) == 1
+    # a missing store is a StoreError, as for `polypure report STORE`: bad input, exit status 2
+    assert main(["compare", str(stores["a"]), str(tmp_path / "missing.h5"), "--out", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.h5" in err and "does not exist" in err
 

@@ -269,7 +269,7 @@ def test_export_command_prints_the_paths_and_exit_codes(path, tmp_path, capsys):
     assert set(comparisons["space_a"]) == {"activation"}
     assert main(["export", str(path), str(tmp_path / "x"), "--baseline", "block_9"]) == 2
     assert "polypure: config error: baseline 'block_9'" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "missing.h5"), str(tmp_path / "x")]) == 1
+    assert main(["export", str(tmp_path / "missing.h5"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["export", str(path), str(tmp_path / "x"), "--format", "xlsx"])

@@ -22,7 +22,7 @@ import sys
 import traceback
 
 from . import __version__
-from .errors import ConfigError, PolypureError
+from .errors import ConfigError, PolypureError, StoreError
 from .stages import NAMES, STAGES
 
 
@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except ConfigError as exc:
         print(f"polypure: config error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        # a store that is missing, torn, newer, locked or made for another run: bad input, as a bad config is
+        print(f"polypure: error: {exc}", file=sys.stderr)
         return 2
     except PolypureError as exc:
         print(f"polypure: error: {exc}", file=sys.stderr)

@@ -585,7 +585,8 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
         loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "literal")))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            close = _close_key([part for part in err["loc"] if not isinstance(part, int)])
+            msg = "unknown key" + (f" (did you mean {close!r}?)" if close else "")
         elif err["type"] == "missing":
             msg = "missing required key"
         elif "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
@@ -593,6 +594,33 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
         problems.append((loc, msg))
     # a Union reports one error per branch; keep each message once
     return list(dict.fromkeys(problems))
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The config section class inside a field's annotation (``X``, ``X | None``, ``list[X]``), if any."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _close_key(loc: list) -> str | None:
+    """The known key nearest to a misspelled one at ``loc`` (``relevance.n_ref`` -> ``n_refs``), if one is close."""
+    import difflib
+
+    section: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part)) if section is not None else None
+        section = _section_model(field.annotation) if field is not None else None
+    if section is None or not loc:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _join(problems: list[tuple[str, str]]) -> str:

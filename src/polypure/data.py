@@ -135,6 +135,21 @@ class PolypureDataset(Dataset):
         """Drop per-sample storage beyond ``count`` (subclasses with their own storage override)."""
 
 
+def to_rgb(img: Image.Image) -> torch.Tensor:
+    """An image of any PIL mode as (3, H, W) float RGB in [0, 1].
+
+    Greyscale, palette, CMYK and RGBA images go through PIL's RGB conversion (alpha dropped). 16- and
+    32-bit greyscale images are scaled by their type's range first: PIL's own conversion would clip them
+    to 255, a white image.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) <= 65535 else float(2**32 - 1)
+        grey = torch.as_tensor(np.clip(array / top, 0, 1), dtype=torch.float32)
+        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+    return TF.pil_to_tensor(img.convert("RGB")).float().div_(255)
+
+
 class FileDataset(PolypureDataset):
     """Images read from files (any format PIL reads), converted to RGB.
 
@@ -157,9 +172,11 @@ class FileDataset(PolypureDataset):
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                return TF.pil_to_tensor(img.convert("RGB")).float().div_(255)
+                return to_rgb(img)
         except (OSError, ValueError) as exc:
-            raise PolypureError(f"image {str(path)!r} (sample {index}) cannot be read: {exc}") from None
+            # refused, not skipped: a skipped file would shift every later sample index the store records
+            raise ConfigError(f"image {str(path)!r} (sample {index}) cannot be read: {exc}; replace or remove "
+                              "it") from None
 
     def _keep(self, count: int) -> None:
         self.files = self.files[:count]

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import ConfigError, PolypureError
+from .errors import ConfigError
 from .hub import download_error, fetch, host_reachable
 from .registry import Registry
 
@@ -130,8 +130,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises
     ------
-    PolypureError
-        If the file cannot be read as weights.
+    ConfigError
+        If the file cannot be read as weights (bad input: exit status 2).
     """
     path = Path(path)
     try:
@@ -141,13 +141,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise PolypureError(f"weights file {str(path)!r} could not be read: {type(exc).__name__}: "
+        # weights_only refuses a pickle that would run code: it is named here like any unreadable file
+        raise ConfigError(f"weights file {str(path)!r} could not be read: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PolypureError(f"weights file {str(path)!r} does not hold a state dict of tensors")
+        raise ConfigError(f"weights file {str(path)!r} does not hold a state dict of tensors")
     return state
 
 
@@ -164,7 +165,7 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
             if items:
                 more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
                 parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise PolypureError(f"weights {source!r} do not fit the model: {'; '.join(parts)}")
+        raise ConfigError(f"weights {source!r} do not fit the model: {'; '.join(parts)}")
     module.load_state_dict(state)
 
 
@@ -297,7 +298,12 @@ def create_model(name: str, weights: str | None = None, layers: dict[str, str] |
         call_kwargs = dict(kwargs)
         if weights is not None:
             call_kwargs["weights"] = weights
-        model = _as_explained(factory(**call_kwargs), name)
+        try:
+            built = factory(**call_kwargs)
+        except Exception as exc:  # the user's own code: its error in one line, with where it came from
+            raise ConfigError(f"model.name: {name} raised {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        model = _as_explained(built, name)
         model.name = name
     else:
         factory = MODELS.get(name)

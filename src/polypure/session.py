@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, PolypureError, StoreError
 
 #: Seconds between commits on checkpoints (the config's ``commit_every`` overrides it).
 COMMIT_EVERY = 30.0
@@ -52,8 +52,8 @@ class StoreLockedError(StoreError, ConfigError):
     """Another process is writing the store (command-line exit status 2)."""
 
 
-class DiskFullError(StoreError):
-    """The store's file system ran out of space; everything committed before is kept."""
+class DiskFullError(PolypureError):
+    """The store's file system ran out of space; everything committed before is kept (exit status 1)."""
 
 
 def lock_path(path: Path) -> Path:

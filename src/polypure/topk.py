@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .errors import PolypureError
+from .errors import ConfigError, PolypureError
 from .hooks import forward_to, tap_layers
 from .precision import flags
 
@@ -153,6 +153,39 @@ def channel_scorer(name: str, channels: int, statistic: str) -> Scorer:
     return Scorer(name, name, channels, lambda out: (channel_statistic(out, statistic), {}))
 
 
+def _check_finite(values: torch.Tensor, layer: str, position: int) -> None:
+    """A NaN or infinite activation names its layer, sample and channel (bad weights or bad input)."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        row, channel = (int(i) for i in bad.nonzero()[0])
+        raise ConfigError(f"layer {layer!r}: {float(values[row, channel])} activation at sample {position + row}, "
+                          f"channel {channel}; check the model weights and the input data")
+
+
+def _batches(loader, position: int):
+    """The loader's batches; images of different sizes that cannot form a batch are one clear error."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except PolypureError as exc:
+            # raised in a loader worker process, it comes back with the worker's traceback in its message
+            text = str(exc)
+            if "Original Traceback" not in text:
+                raise
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            raise type(exc)(last.split(": ", 1)[1] if last.startswith("polypure.errors.") else last) from None
+        except RuntimeError as exc:
+            if "stack expects each tensor to be equal size" not in str(exc):
+                raise
+            raise ConfigError(f"data: the images from sample {position} on differ in size and data.image_size is "
+                              f"null (native size); set data.image_size to resize and crop them ({exc})") from None
+        position += len(batch[0])
+        yield batch
+
+
 def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Module], scorers: list[Scorer],
                  k: int, start: int = 0, stop: int | None = None, batch_size: int = 32, num_workers: int = 0,
                  device: str | torch.device = "cpu", states: dict[str, TopK] | None = None,
@@ -206,7 +239,7 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
     bar = tqdm(total=stop - first, desc="top-K", unit="img", disable=not progress, leave=False)
     try:
         with torch.no_grad(), flags(device), tap_layers(modules) as outputs:
-            for batch_number, (x, y) in enumerate(loader, 1):
+            for batch_number, (x, y) in enumerate(_batches(loader, position), 1):
                 n = len(x)
                 if labels is not None:
                     labels[position:position + n] = np.asarray(y, np.int64)
@@ -217,6 +250,7 @@ def collect_topk(model: torch.nn.Module, dataset, modules: dict[str, torch.nn.Mo
                     if skip >= n:
                         continue
                     values, payloads = scorer.fn(outputs[scorer.layer])
+                    _check_finite(values, scorer.layer, position)
                     states[scorer.name].update(values[skip:], sample_idx[skip:],
                                                {name: p[skip:] for name, p in payloads.items()})
                     done[scorer.name] = position + n

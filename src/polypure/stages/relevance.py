@@ -116,7 +116,9 @@ def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, batch: int
     from ..relevance import neurons_per_chunk
 
     cfg = ctx.config.relevance
-    size = aligned(ctx.config.executor.neurons_per_task, neurons_per_chunk(batch, cfg.n_refs))
+    # no more than a fair share per worker: a small target still keeps every worker busy
+    share = -(-len(todo) // ctx.config.executor.workers)
+    size = aligned(min(ctx.config.executor.neurons_per_task, share), neurons_per_chunk(batch, cfg.n_refs))
     tasks = [todo[start:start + size] for start in range(0, len(todo), size)]
     with tqdm(total=len(todo), desc=desc, unit="neuron", disable=not ctx.progress, leave=False) as bar:
         for rows, arrays in ctx.executor.relevance(plan, refs, tasks, rule, batch):

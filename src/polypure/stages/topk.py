@@ -92,7 +92,9 @@ def _distributed_pass(ctx, scorers: list[Scorer], shipped: tuple[list[str], dict
         states.setdefault(scorer.name, TopK(scorer.channels, cfg.k, scorer.payloads))
     done = {scorer.name: done.get(scorer.name, 0) for scorer in scorers}
     first = min(done.values())
-    size = aligned(ctx.config.executor.shard_size, ctx.batch_size)
+    # no more than a fair share per worker: a small dataset still keeps every worker busy
+    share = -(-(n - first) // ctx.config.executor.workers)
+    size = aligned(min(ctx.config.executor.shard_size, share), ctx.batch_size)
     shards = [(start, min(start + size, n)) for start in range(first, n, size)]
     layers, virtual = shipped
     waiting: dict[int, tuple] = {}
