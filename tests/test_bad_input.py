@@ -117,7 +117,8 @@ def test_a_corrupt_or_truncated_jpeg_among_good_ones_is_refused_by_name(tmp_path
     good = (root / "1.jpg").read_bytes()
     (root / "1.jpg").write_bytes(good[:len(good) // 3])  # truncated
     (root / "2.jpg").write_bytes(b"not a jpeg at all")  # corrupt
-    line = refused(capsys, ["topk", "demo", "--set", *images_config(root), f"store={tmp_path / 's.h5'}"], "sample")
+    line = refused(capsys, ["topk", "demo", "-q", "--set", *images_config(root), f"store={tmp_path / 's.h5'}"],
+                   "sample")
     assert "1.jpg" in line or "2.jpg" in line
 
 
@@ -126,7 +127,7 @@ def test_images_of_mixed_sizes_at_native_size(tmp_path, capsys):
     write_images(root, 3)
     write_images(tmp_path / "other", 1, size=(48, 40))
     shutil.move(tmp_path / "other" / "0.jpg", root / "9.jpg")
-    refused(capsys, ["topk", "demo", "--set", *images_config(root, "null"), f"store={tmp_path / 's.h5'}"],
+    refused(capsys, ["topk", "demo", "-q", "--set", *images_config(root, "null"), f"store={tmp_path / 's.h5'}"],
             "data.image_size", "differ in size")
 
 
@@ -212,7 +213,7 @@ def test_nan_or_inf_activations_name_the_layer_and_sample(tmp_path, value):
 
 @pytest.mark.slow
 def test_the_report_shows_html_in_sample_ids_and_class_names_as_text(tmp_path):
-    evil_class, evil_file = "<img src=x onerror=alert(1)>", "<b>bold</b>"
+    evil_class, evil_file = "<img src=x onerror=alert(1)>", "<b>bold"
     rng = np.random.default_rng(2)
     for label in (evil_class, "plain"):
         (tmp_path / "data" / label).mkdir(parents=True)
@@ -224,5 +225,5 @@ def test_the_report_shows_html_in_sample_ids_and_class_names_as_text(tmp_path):
                  f"store={tmp_path / 's.h5'}", f"report.out={tmp_path / 'report'}"]
     assert main(["run", "demo", "-q", "--set", *overrides]) == 0
     pages = "".join(p.read_text() for p in (tmp_path / "report").rglob("*.html"))
-    assert "&lt;img src=x onerror=alert(1)&gt;" in pages or "&lt;b&gt;bold&lt;/b&gt;" in pages
+    assert "&lt;img src=x onerror=alert(1)&gt;" in pages or "&lt;b&gt;bold" in pages
     assert evil_class not in pages and evil_file not in pages

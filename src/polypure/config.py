@@ -332,6 +332,11 @@ class RelevanceSection(_NamedComposite, _Section):
             twice = sorted({i for i in ids if ids.count(i) > 1})
             if twice:
                 raise ValueError(f"relevance.variants: id {twice[0]!r} is used twice")
+        if self.targets is not None:
+            layers = [t.layer for t in self.targets]
+            twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+            if twice:
+                raise ValueError(f"relevance.targets: layer {twice[0]!r} is listed twice (give one entry per layer)")
         return self
 
     @property

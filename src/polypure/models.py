@@ -88,6 +88,11 @@ class ExplainedModel:
     def _unknown_layer(self, layer: str) -> str:
         """The message for a layer that is neither alias nor module, with the names a user most likely meant."""
         modules = [name for name, _ in self.module.named_modules() if name]
+        if layer in self.layers and self.layers[layer] != layer:
+            # an alias pointing at nothing: the alias is fine, its module path is the mistake
+            close = difflib.get_close_matches(self.layers[layer], modules, n=4, cutoff=0.5)
+            hint = f"; closest modules: {', '.join(close)}" if close else ""
+            return (f"model.layers.{layer}: {self.layers[layer]!r} is not a module of {self.name}{hint}")
         close = difflib.get_close_matches(layer, [*self.layers, *modules], n=4, cutoff=0.5)
         hint = f"; closest: {', '.join(close)}" if close else ""
         if self.layers:
