@@ -26,9 +26,9 @@ SMALL = ["data.synthetic.n=48", "topk.k=6", "topk.layers=[block_3]", "relevance.
 
 @pytest.mark.slow
 def test_kill_9_at_any_moment_loses_nothing(tmp_path):
-    # one kill of each kind twice: at a random moment, inside a store write, inside a commit
-    tally = run_harness(tmp_path, kills=6, seed=1, log=lambda line: None)
-    assert tally.kills == 6 and tally.by_kind == {"time": 2, "write": 2, "commit": 2}
+    # one kill of each kind: at a random moment, inside a store write, inside a commit (the script runs 25+)
+    tally = run_harness(tmp_path, kills=3, seed=1, log=lambda line: None)
+    assert tally.kills == 3 and tally.by_kind == {"time": 1, "write": 1, "commit": 1}
     assert tally.reruns_identical == tally.chains >= 1
 
 
@@ -79,7 +79,7 @@ def test_writes_are_whole_under_ctrl_c():
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_end_a_run_cleanly(tmp_path, signum, status):
     store = tmp_path / "s.h5"
-    overrides = ["data.synthetic.n=400", "data.batch_size=8", "topk.checkpoint_every=1", "commit_every=0",
+    overrides = ["data.synthetic.n=240", "data.batch_size=8", "topk.checkpoint_every=1", "commit_every=0",
                  f"store={store}"]
     run = subprocess.Popen([sys.executable, "-m", "polypure", "topk", "demo", "--set", *overrides],
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -92,7 +92,7 @@ def test_ctrl_c_and_sigterm_end_a_run_cleanly(tmp_path, signum, status):
     assert "finished work is saved in the store" in err.strip().splitlines()[-1]
     with h5py.File(store, "r") as f:
         done = f["topk/block_3"].attrs["samples_done"]
-        assert 0 < done <= 400
+        assert 0 < done <= 240
     assert not work_path(store).exists()
     # the rerun goes on from there and ends where an uninterrupted run ends
     assert main(["topk", "demo", "-q", "--set", *overrides]) == 0
