@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import io
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,17 +30,10 @@ from polypure import Experiment
 LAYERS = {"block_0": "layer1", "block_1": "layer2", "block_2": "layer3", "block_3": "layer4"}
 
 
-def best_of(repeats, fn):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main():
-    from scale import make_images  # the image generator of the study benchmark, beside this file
+    # beside this file: the study benchmark's image generator, the relevance benchmark's timer
+    from relevance_speed import best_of
+    from scale import make_images
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)

@@ -82,9 +82,10 @@ def differences(expected, actual) -> list[str]:
         (data_a, attrs_a), (data_b, attrs_b) = a[name], b[name]
         same = attrs_a == attrs_b
         if data_a is not None:
+            # a table (compound dtype) compares field by field, so that NaN equals NaN in its float fields too
+            fields = data_a.dtype.names or [None]
             same = same and data_a.dtype == data_b.dtype and data_a.shape == data_b.shape and all(
-                equal(data_a[f], data_b[f]) for f in data_a.dtype.names) if data_a.dtype.names else (
-                same and data_a.shape == data_b.shape and equal(data_a, data_b))
+                equal(data_a if f is None else data_a[f], data_b if f is None else data_b[f]) for f in fields)
         if not same:
             out.append(name)
     return out
