@@ -109,10 +109,17 @@ class ConditionalRelevance:
     precision : {"fp32", "tf32", "bf16"}
         How the forward and backward passes compute (:mod:`polypure.precision`); relevance maps are
         reduced and normalised in float32 at every precision.
+    relevance_init : bool
+        The composite is LRP in the gradient x input framework (AttnLRP): ``init`` gives the initial
+        *relevance* at the target, as zennit-crp's ``init_rel`` under an LRP composite, and the backward
+        starts from that divided by the target's activation, so that gradient x activation at the target is
+        the initial relevance and lower layers conserve it. False: ``init`` is the initial gradient itself
+        (Gradient x Activation as METHOD.md defines it, or zennit's relevance under an LRP composite).
     """
 
     def __init__(self, model: nn.Module, target: dict[str, nn.Module], attribution_layers: dict[str, nn.Module],
-                 composite=None, times_activation: bool = True, precision: str = "fp32"):
+                 composite=None, times_activation: bool = True, precision: str = "fp32",
+                 relevance_init: bool = False):
         if len(target) != 1:
             raise ValueError("target must name exactly one layer")
         self.model = model
@@ -123,6 +130,7 @@ class ConditionalRelevance:
         self.composite = composite
         self.times_activation = times_activation
         self.precision = check_precision(precision)
+        self.relevance_init = relevance_init
         self.order: list[str] | None = None
         self.share_forward = True
         self._entered = 0
@@ -237,7 +245,13 @@ class ConditionalRelevance:
             if not target.requires_grad:
                 raise PolypureError(f"target layer {self.target_name!r} does not depend on the attribution layers")
             inputs = {name: (x if name == INPUT else outputs[name]) for name in self.layers}
-            grads = torch.autograd.grad(target, list(inputs.values()), init(target.detach()), allow_unused=True)
+            start = init(target.detach())
+            if self.relevance_init:
+                # relevance R at the target is gradient x activation there: the gradient to start from is R / A
+                # (zero where A is: R, a clamped share of A, is zero there too)
+                activation = target.detach()
+                start = torch.where(activation != 0, start / torch.where(activation != 0, activation, 1), 0)
+            grads = torch.autograd.grad(target, list(inputs.values()), start, allow_unused=True)
         relevance, maps = {}, {}
         for (name, activation), grad in zip(inputs.items(), grads):
             if grad is None:

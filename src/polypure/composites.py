@@ -46,9 +46,13 @@ COMPOSITES = Registry("composite", group="polypure.composites")
 #: Canonizer factories ``factory() -> zennit Canonizer``.
 CANONIZERS = Registry("canonizer", group="polypure.canonizers")
 
+#: LRP in the gradient x input framework (lxt's AttnLRP): the backward pass carries a modified gradient,
+#: layer relevance is that gradient times the activation, and it is conserved like any LRP relevance.
+GRADIENT_LRP_COMPOSITES = frozenset({"attnlrp"})
+
 #: Composites whose backward pass carries a (possibly modified) gradient rather than relevance; their
 #: layer relevance is gradient x activation. All other composites propagate relevance itself.
-GRADIENT_COMPOSITES = frozenset({"gradient", "guided_backprop", "deconvnet"})
+GRADIENT_COMPOSITES = frozenset({"gradient", "guided_backprop", "deconvnet"}) | GRADIENT_LRP_COMPOSITES
 
 #: Composite parameters that bound the model input; left out of the config they default to the data's
 #: normalised pixel range (:func:`input_bounds`).
@@ -60,6 +64,8 @@ Bound = float | list[float]
 COMPOSITES.register("gradient", lambda canonizers=None: Composite(canonizers=canonizers))
 for _name, _cls in ZENNIT_COMPOSITES.items():
     COMPOSITES.register(_name, _cls)
+# AttnLRP for vision transformers through lxt (an optional extra, imported when the composite is registered)
+COMPOSITES.register_lazy("attnlrp", "polypure.transformer_lrp:attnlrp")
 
 
 def composite_parameters(name: str) -> tuple[dict[str, inspect.Parameter], bool]:

@@ -57,12 +57,24 @@ def _check_python_spec(value: str, what: str) -> str:
     return value
 
 
+class LayerSpec(_Section):
+    """A layer alias with the layout of its outputs (``model.layers: {name: {module: PATH, channel_axis: -1}}``).
+
+    ``channel_axis`` says where the channels are in outputs of three or more dimensions: 1 (channels first,
+    a CNN's (B, C, H, W)) or -1 (tokens by channels, a transformer's (B, T, D)). Layers of timm, open_clip and
+    torchvision ViTs are recognised without it.
+    """
+
+    module: str
+    channel_axis: int = 1
+
+
 class ModelSection(_Section):
     """Which network to explain and where its layers are."""
 
     name: str = "torchvision:resnet34"
     weights: str | bool | None = None
-    layers: dict[str, str] = Field(default_factory=dict)
+    layers: dict[str, str | LayerSpec] = Field(default_factory=dict)
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -163,7 +175,7 @@ class TopKSection(_Section):
 
     layers: list[str] = Field(default_factory=lambda: ["block_3"])
     k: int = Field(50, ge=1)
-    statistic: Literal["max", "mean"] = "max"
+    statistic: Literal["max", "mean", "cls"] = "max"
     checkpoint_every: int = Field(50, ge=1)
 
 

@@ -152,12 +152,12 @@ class Experiment:
         if self._model is None:
             arg = self._model_arg
             if isinstance(arg, ExplainedModel):
-                model = arg
-                model.layers = {**model.layers, **self.config.model.layers}
+                from .models import attach_layers
+                model = attach_layers(arg, self.config.model.layers)
             elif isinstance(arg, nn.Module):
-                from .models import _default_canonizers, default_layers
-                model = ExplainedModel(arg, {**default_layers(arg), **self.config.model.layers},
-                                       name=self.config.model.name, canonizers=_default_canonizers(arg))
+                from .models import _default_canonizers, attach_layers
+                model = attach_layers(ExplainedModel(arg, name=self.config.model.name,
+                                                     canonizers=_default_canonizers(arg)), self.config.model.layers)
             else:
                 model = build_model(self.config)
             model.module.eval().to(self.device)

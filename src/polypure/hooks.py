@@ -4,6 +4,13 @@ Stopping once every requested layer has produced its output skips the rest of th
 block_2 target, layer4 and the head never run). Rewriting the output of the lowest attribution layer
 is how the relevance stage forwards each reference image once and still gives every (neuron,
 reference) pair its own row above that layer.
+
+Every recorded output is channels first, ``(B, C, *positions)``, whatever the module's own layout: a
+transformer block's ``(B, T, D)`` tokens-by-channels output is recorded as ``(B, D, T)`` (its channel axis
+is set with :func:`set_channel_axis`). The recorded tensor is a view, and the network goes on with the
+same view moved back, so autograd sees the recorded tensor on the path to the output and nothing is copied.
+Top-K statistics, relevance sums and neuron indices therefore treat tokens as positions, as they treat a
+CNN's pixels.
 """
 
 from __future__ import annotations
@@ -15,6 +22,35 @@ import torch
 from torch import nn
 
 from .errors import PolypureError
+
+#: Attribute of a module that names the channel axis of its outputs when it is not 1 (``-1`` for the
+#: ``(B, T, D)`` outputs of transformer blocks). Kept on the module, so that it travels with it when a model
+#: is pickled to a worker process.
+CHANNEL_AXIS_ATTR = "_polypure_channel_axis"
+
+
+def set_channel_axis(module: nn.Module, axis: int) -> None:
+    """Declare the channel axis of a module's outputs (1, the default, removes the declaration).
+
+    The axis applies to outputs of three or more dimensions; a ``(B, C)`` output is channels first anyway.
+    """
+    if axis == 1:
+        module.__dict__.pop(CHANNEL_AXIS_ATTR, None)
+    else:
+        setattr(module, CHANNEL_AXIS_ATTR, int(axis))
+
+
+def channel_axis(module: nn.Module) -> int:
+    """The channel axis declared for a module's outputs (1 unless :func:`set_channel_axis` said otherwise)."""
+    return getattr(module, CHANNEL_AXIS_ATTR, 1)
+
+
+def _moved_axis(output: torch.Tensor, axis: int) -> int | None:
+    """The axis to move to position 1 for a channels-first view, or None where the output already is one."""
+    if output.ndim < 3:
+        return None
+    axis = axis % output.ndim
+    return None if axis == 1 else axis
 
 
 class StopForward(Exception):
@@ -31,14 +67,16 @@ def tap_layers(modules: dict[str, nn.Module], transforms: dict[str, Callable] | 
     modules : dict of str to Module
         Layer name to module.
     transforms : dict of str to callable, optional
-        ``fn(output) -> output`` applied to (and replacing) a layer's output before it is recorded.
+        ``fn(output) -> output`` applied to (and replacing) a layer's output before it is recorded; it
+        receives and returns the channels-first view.
     stop : bool
         Raise :class:`StopForward` as soon as every module has produced its output.
 
     Yields
     ------
     dict
-        Filled with ``name -> output`` as the forward runs; cleared by the caller between passes.
+        Filled with ``name -> output`` (channels first) as the forward runs; cleared by the caller between
+        passes.
     """
     outputs: dict[str, torch.Tensor] = {}
     transforms = transforms or {}
@@ -49,10 +87,14 @@ def tap_layers(modules: dict[str, nn.Module], transforms: dict[str, Callable] | 
 
     def make_hook(names):
         def hook(module, args, output):
+            packed = output
             if isinstance(output, (tuple, list)):
                 output = output[0]
             if not isinstance(output, torch.Tensor):
                 raise PolypureError(f"layer {names[0]!r} does not output a tensor")
+            moved = _moved_axis(output, channel_axis(module))
+            if moved is not None:
+                output = output.movedim(moved, 1)
             for name in names:
                 if name in outputs:
                     raise PolypureError(f"layer {name!r} runs more than once per forward pass (a module reused "
@@ -62,6 +104,13 @@ def tap_layers(modules: dict[str, nn.Module], transforms: dict[str, Callable] | 
                 outputs[name] = output
             if stop and len(outputs) == len(modules):
                 raise StopForward
+            if moved is not None:
+                output = output.movedim(1, moved)
+            if isinstance(packed, tuple):
+                # a module returning (output, extra), like nn.MultiheadAttention: only the first is replaced
+                return (output, *packed[1:])
+            if isinstance(packed, list):
+                return [output, *packed[1:]]
             return output
         return hook
 

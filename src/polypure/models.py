@@ -3,12 +3,22 @@
 A model name is one of
 
 * ``torchvision:NAME`` -- any ``torchvision.models`` builder (``torchvision:resnet34``),
-* ``timm:NAME`` -- any timm model (``timm:resnet34.a1_in1k``),
+* ``timm:NAME`` -- any timm model (``timm:resnet34.a1_in1k``, ``timm:vit_small_patch16_224``, DINOv2 as
+  ``timm:vit_small_patch14_dinov2``),
+* ``open_clip:NAME`` -- the image tower of an open_clip model (``open_clip:ViT-B-32``, weights a tag such as
+  ``openai`` or a local checkpoint of the whole CLIP model),
 * ``python:MODULE:FACTORY`` -- a factory function in an importable module or a ``.py`` file,
 * a registered name (``polypure list models``), such as ``demo_resnet`` or ``efficientnet_lite0``.
 
 Weights are explicit: ``None`` for random initialisation, a library tag (``DEFAULT``) that the library
 downloads, or a local file (safetensors, or a state dict that ``torch.load(weights_only=True)`` reads).
+
+Vision transformers (timm, open_clip and torchvision ViTs) get the aliases ``block_0`` .. ``block_{n-1}``
+(the residual stream after each block), ``mlp_0`` .. ``mlp_{n-1}`` (the MLP's hidden neurons, after its
+activation) and ``logits`` where there is a classification head. Their layers output tokens by channels,
+(B, T, D): the channel axis of every such layer is declared with :func:`polypure.hooks.set_channel_axis`,
+so that tokens are positions to polypure, as pixels are for a CNN. ``model.layers`` may declare it for any
+other layer (``{name: {module: PATH, channel_axis: -1}}``). An alias may start a path: ``block_3.attn``.
 
 Example
 -------
@@ -16,6 +26,9 @@ Example
 >>> model = create_model("torchvision:resnet18")          # random weights
 >>> model.layers["block_3"]
 'layer4'
+>>> vit = create_model("timm:vit_tiny_patch16_224", img_size=32)
+>>> vit.layers["mlp_0"], vit.channel_axis("block_0")
+('blocks.0.mlp.act', -1)
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .hooks import channel_axis, set_channel_axis
 from .hub import download_error, fetch, host_reachable
 from .registry import Registry
 
@@ -60,6 +74,10 @@ class ExplainedModel:
         used when ``data.normalize`` is ``auto``.
     canonizers : list of str
         Canonizer names applied automatically when an LRP composite is asked for.
+    channel_axes : dict of str to int
+        Channel axes of layers (aliases or module paths) whose outputs are not channels first, such as
+        ``-1`` for (B, T, D) tokens; declared on their modules by :meth:`declare_channel_axes`. Transformer
+        layers found by :func:`token_modules` need no entry.
     """
 
     module: nn.Module
@@ -67,9 +85,12 @@ class ExplainedModel:
     name: str = "in-memory"
     preprocessing: dict[str, Any] | None = None
     canonizers: list[str] = field(default_factory=list)
+    channel_axes: dict[str, int] = field(default_factory=dict)
 
     def module_path(self, layer: str) -> str:
         """The module path behind an alias, or ``layer`` itself if it is already a module path.
+
+        An alias may start a path (``block_3.mlp.fc1`` is ``blocks.3.mlp.fc1`` on a timm ViT).
 
         Raises
         ------
@@ -77,6 +98,9 @@ class ExplainedModel:
             If neither an alias nor a module of that name exists.
         """
         path = self.layers.get(layer, layer)
+        head, dot, rest = layer.partition(".")
+        if layer not in self.layers and dot and head in self.layers:
+            path = f"{self.layers[head]}.{rest}" if self.layers[head] else rest
         if path == "":
             return path
         try:
@@ -108,20 +132,86 @@ class ExplainedModel:
         """The module behind an alias or module path."""
         return self.module.get_submodule(self.module_path(layer))
 
+    def channel_axis(self, layer: str) -> int:
+        """The channel axis of a layer's outputs as polypure reads them (1 for channels first)."""
+        return channel_axis(self.submodule(layer)) if self.module_path(layer) else 1
+
+    def declare_channel_axes(self) -> None:
+        """Declare the channel axis of token layers on their modules (found ones, then ``channel_axes``)."""
+        for module in token_modules(self.module):
+            set_channel_axis(module, -1)
+        for layer, axis in self.channel_axes.items():
+            path = self.module_path(layer)
+            if not path:
+                raise ConfigError(f"model.layers.{layer}: the model input is channels first; channel_axis "
+                                  "applies to a module's outputs")
+            set_channel_axis(self.module.get_submodule(path), axis)
+
+
+def _vit_parts(module: nn.Module) -> tuple[str, list[str], str | None, str] | None:
+    """Where a vision transformer keeps its blocks: (kind, block paths, head path, MLP activation suffix).
+
+    timm's ``VisionTransformer`` (ViT, DeiT, DINOv2 and their kin), open_clip's image tower and torchvision's
+    ``VisionTransformer``; None for any other network.
+    """
+    kind = f"{type(module).__module__}.{type(module).__name__}"
+    children = dict(module.named_children())
+    if kind.startswith("timm.") and isinstance(children.get("blocks"), nn.Sequential) and "patch_embed" in children:
+        blocks = [f"blocks.{i}" for i in range(len(children["blocks"]))]
+        head = "head" if isinstance(children.get("head"), nn.Linear) else None
+        return "timm", blocks, head, "mlp.act"
+    transformer = children.get("transformer")
+    if kind.startswith("open_clip.") and transformer is not None and hasattr(transformer, "resblocks"):
+        if not getattr(transformer, "batch_first", True):
+            raise ConfigError(f"{kind}: this open_clip version runs its transformer tokens first (T, B, D); "
+                              "polypure needs batch first (open_clip >= 2.24)")
+        return "open_clip", [f"transformer.resblocks.{i}" for i in range(len(transformer.resblocks))], None, \
+            "mlp.gelu"
+    if kind.startswith("torchvision.") and hasattr(children.get("encoder"), "layers"):
+        names = [name for name, _ in module.encoder.layers.named_children()]
+        heads = children.get("heads")
+        head = "heads.head" if heads is not None and isinstance(getattr(heads, "head", None), nn.Linear) else None
+        return "torchvision", [f"encoder.layers.{name}" for name in names], head, "mlp.1"
+    return None
+
+
+def token_modules(module: nn.Module) -> list[nn.Module]:
+    """The modules of a vision transformer whose 3-D outputs are (B, T, D) tokens by channels.
+
+    Every module of the network except convolutions (the patch embedding's ``(B, D, h, w)`` is channels
+    first); empty for a network that is not a known vision transformer.
+    """
+    if _vit_parts(module) is None:
+        return []
+    return [m for m in module.modules() if not isinstance(m, nn.modules.conv._ConvNd)]
+
 
 def default_layers(module: nn.Module) -> dict[str, str]:
-    """Aliases for well-known architectures: ResNet stages as ``block_0`` .. ``block_3`` plus ``logits``."""
+    """Aliases for well-known architectures.
+
+    ResNets: their stages as ``block_0`` .. ``block_3`` plus ``logits``. Vision transformers: ``block_i``
+    (each block's output, the residual stream), ``mlp_i`` (the MLP's hidden neurons after the activation)
+    and ``logits`` where there is a classification head.
+    """
     children = dict(module.named_children())
     if all(f"layer{i}" in children for i in range(1, 5)):
         aliases = {f"block_{i}": f"layer{i + 1}" for i in range(4)}
         if isinstance(children.get("fc"), nn.Linear):
             aliases["logits"] = "fc"
         return aliases
+    vit = _vit_parts(module)
+    if vit is not None:
+        _, blocks, head, act = vit
+        aliases = {f"block_{i}": path for i, path in enumerate(blocks)}
+        aliases.update({f"mlp_{i}": f"{path}.{act}" for i, path in enumerate(blocks)})
+        if head is not None:
+            aliases["logits"] = head
+        return aliases
     return {}
 
 
 def _default_canonizers(module: nn.Module) -> list[str]:
-    return ["resnet"] if default_layers(module) else []
+    return ["resnet"] if "layer1" in default_layers(module).values() else []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,18 +357,79 @@ def _as_explained(obj: Any, name: str) -> ExplainedModel:
     raise ConfigError(f"model.name: {name} returned {type(obj).__name__}, not a torch.nn.Module")
 
 
-def create_model(name: str, weights: str | None = None, layers: dict[str, str] | None = None,
+def layer_specs(layers: dict[str, Any] | None) -> tuple[dict[str, str], dict[str, int]]:
+    """Split ``model.layers`` entries into aliases (alias to module path) and declared channel axes.
+
+    An entry is a module path, or a mapping (or :class:`~polypure.config.LayerSpec`) with ``module`` and
+    ``channel_axis``.
+    """
+    paths, axes = {}, {}
+    for alias, spec in (layers or {}).items():
+        if isinstance(spec, str):
+            paths[alias] = spec
+            continue
+        spec = spec if isinstance(spec, dict) else spec.model_dump()
+        paths[alias] = spec["module"]
+        if spec.get("channel_axis") is not None:
+            axes[alias] = int(spec["channel_axis"])
+    return paths, axes
+
+
+def attach_layers(model: ExplainedModel, layers: dict[str, Any] | None = None) -> ExplainedModel:
+    """Give a model its default aliases, the config's ``model.layers`` over them, and its channel axes.
+
+    Every alias is checked to name a module, and the channel axes are declared on the modules
+    (:meth:`ExplainedModel.declare_channel_axes`).
+    """
+    paths, axes = layer_specs(layers)
+    model.layers = {**default_layers(model.module), **model.layers, **paths}
+    model.channel_axes = {**model.channel_axes, **axes}
+    for alias in model.layers:
+        model.module_path(alias)
+    model.declare_channel_axes()
+    return model
+
+
+def _open_clip(arch: str, weights: str | None, **kwargs) -> ExplainedModel:
+    """The image tower of an open_clip model (its ``visual`` module), with the model's preprocessing."""
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise ConfigError(f"model.name: open_clip has no model {arch!r}{hint}")
+    if weights is None:
+        clip = open_clip.create_model(arch, pretrained=None, **kwargs)
+    else:
+        clip = fetch(lambda: open_clip.create_model(arch, pretrained=weights, **kwargs), what=f"open_clip:{arch}",
+                     tag=weights, key="model.weights")
+    cfg = open_clip.get_model_preprocess_cfg(clip)
+    size = int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"])
+    preprocessing = {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "image_size": size, "resize": size}
+    return ExplainedModel(clip.visual, name=f"open_clip:{arch}", preprocessing=preprocessing)
+
+
+def _tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The image tower's part of a whole open_clip checkpoint (keys ``visual.*``); a tower's own as it is."""
+    if any(key.startswith("visual.") for key in state):
+        return {key.removeprefix("visual."): value for key, value in state.items() if key.startswith("visual.")}
+    return state
+
+
+def create_model(name: str, weights: str | None = None, layers: dict[str, Any] | None = None,
                  **kwargs) -> ExplainedModel:
     """Build a model by name, with explicit weights, ready to explain.
 
     Parameters
     ----------
     name : str
-        ``torchvision:NAME``, ``timm:NAME``, ``python:MODULE:FACTORY`` or a registered name.
+        ``torchvision:NAME``, ``timm:NAME``, ``open_clip:NAME``, ``python:MODULE:FACTORY`` or a registered
+        name.
     weights : str, optional
         None (random initialisation), a library tag such as ``DEFAULT``, or a local weights file.
     layers : dict, optional
-        Extra or replacing layer aliases (alias to module path), merged over the model's defaults.
+        Extra or replacing layer aliases, merged over the model's defaults: alias to module path, or to
+        ``{"module": PATH, "channel_axis": AXIS}`` for a layer whose outputs are not channels first.
     **kwargs
         Passed to the model's builder (``num_classes=10``, ...).
 
@@ -298,6 +449,8 @@ def create_model(name: str, weights: str | None = None, layers: dict[str, str] |
         model = _torchvision(name.split(":", 1)[1], weights, **kwargs)
     elif name.startswith("timm:"):
         model = _timm(name.split(":", 1)[1], weights, **kwargs)
+    elif name.startswith("open_clip:"):
+        model = _open_clip(name.split(":", 1)[1], weights, **kwargs)
     elif name.startswith("python:"):
         factory = import_factory(name.split(":", 1)[1], "model.name")
         call_kwargs = dict(kwargs)
@@ -316,12 +469,13 @@ def create_model(name: str, weights: str | None = None, layers: dict[str, str] |
         model.name = name
 
     if weight_file is not None:
-        apply_state_dict(model.module, load_state_dict_file(weight_file), str(weight_file))
-    model.layers = {**default_layers(model.module), **model.layers, **(layers or {})}
+        state = load_state_dict_file(weight_file)
+        if name.startswith("open_clip:"):
+            state = _tower_state(state)
+        apply_state_dict(model.module, state, str(weight_file))
+    attach_layers(model, layers)
     if not model.canonizers:
         model.canonizers = _default_canonizers(model.module)
-    for alias in model.layers:
-        model.module_path(alias)
     model.module.eval()
     return model
 

@@ -124,7 +124,7 @@ class VirtualNeurons:
         Parameters
         ----------
         activation : Tensor (B, C, *positions)
-        statistic : {"max", "mean"}
+        statistic : {"max", "mean", "cls"}
 
         Returns
         -------
@@ -135,7 +135,9 @@ class VirtualNeurons:
         b = activation[:, self.pairs[:, 1]] / _expand(self.scales[:, 1], activation)
         is_max = _expand(self.is_max(torch.arange(len(self))), activation).to(activation.device)
         v = torch.where(is_max, torch.maximum(a, b), a + b)
-        truth = (_spatial_max(b) > _spatial_max(a)).to(torch.int64)
+        # the unit that wins where the statistic looks: the class token under "cls", anywhere otherwise
+        where = (lambda x: channel_statistic(x, "cls")) if statistic == "cls" else _spatial_max
+        truth = (where(b) > where(a)).to(torch.int64)
         return channel_statistic(v, statistic), {"truth": truth}
 
     def init(self, which: torch.Tensor):

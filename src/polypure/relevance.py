@@ -122,10 +122,12 @@ class Rule:
         """A fresh engine for ``plan`` on ``model`` (an ExplainedModel); enter it with ``with``."""
         composite = make_composite(self.composite, list(self.canonizers), dict(self.params)) if (
             self.composite != "gradient" or self.canonizers) else None
+        from .composites import GRADIENT_LRP_COMPOSITES
         return ConditionalRelevance(model.module, {plan.layer: model.submodule(plan.layer)},
                                     {name: model.submodule(name) for name in plan.attribution_layers},
                                     composite=composite, times_activation=self.times_activation,
-                                    precision=self.precision)
+                                    precision=self.precision,
+                                    relevance_init=self.composite in GRADIENT_LRP_COMPOSITES and self.times_activation)
 
 
 def rules_from_config(config, model, dataset=None) -> dict[str, Rule]:

@@ -8,8 +8,8 @@ users report most among them:
   model output and the output of every checked layer are compared with and without the variant's
   canonizers applied: the largest absolute difference, and that over the largest absolute value, which
   fails above :data:`CANONIZER_TOLERANCE`;
-* **conservation** (LRP composites whose backward signal is the relevance): per row, the sum of the
-  relevance at an attribution layer over the sum of the initial relevance at the target neuron (its
+* **conservation** (LRP composites, AttnLRP included, whose gradient times the activation is the
+  relevance): per row, the sum of the relevance at an attribution layer over the sum of the initial relevance at the target neuron (its
   activation clamped at 0); the median and the worst ratio (furthest from 1) per layer are shown, and a
   median above :data:`CONSERVATION_LIMIT` fails (relevance is being created);
 * **dead or exploding relevance**: the share of rows with all-zero relevance at a layer, which fails above
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .composites import CANONIZERS, GRADIENT_COMPOSITES, warn_uncanonized
+from .composites import CANONIZERS, GRADIENT_COMPOSITES, GRADIENT_LRP_COMPOSITES, warn_uncanonized
 from .config import Config
 from .experiment import resolve_device
 from .hooks import probe_layers, tap_layers
@@ -328,7 +328,10 @@ def _check_target(variant: str, model: ExplainedModel, rule: Rule, plan: TargetP
     start, maps, undone = _relevance_rows(model, rule, plan, images, batch_size)
     finite_start = torch.isfinite(start)
     fired = finite_start & (start != 0)
-    conserves = rule.composite not in GRADIENT_COMPOSITES and not rule.times_activation
+    # LRP conserves relevance, whether the backward signal is the relevance or, in the gradient x input
+    # framework (AttnLRP), a gradient that times the activation is the relevance
+    conserves = (rule.composite not in GRADIENT_COMPOSITES and not rule.times_activation) or \
+        (rule.composite in GRADIENT_LRP_COMPOSITES and rule.times_activation)
     where = f"variant {variant!r}, target {plan.name!r}"
     target = LayerCheck(variant, plan.name, plan.layer, *change.get(plan.layer, (None, None)),
                         silent=float((finite_start & (start == 0)).double().mean()),

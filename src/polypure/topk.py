@@ -35,16 +35,23 @@ _EMPTY_INDEX = torch.iinfo(torch.int64).max
 def channel_statistic(activation: torch.Tensor, statistic: str) -> torch.Tensor:
     """Reduce a layer output (B, C, *positions) to one value per sample and channel.
 
-    A non-spatial output (B, C), such as logits, is its own statistic.
+    ``max`` and ``mean`` reduce over every position (pixels of a CNN map, tokens of a transformer layer,
+    which :mod:`polypure.hooks` records channels first as (B, D, T)); ``cls`` takes the first token, the
+    class token of a ViT. A non-spatial output (B, C), such as logits, is its own statistic.
     """
     if activation.ndim == 2:
         return activation
+    if statistic == "cls":
+        if activation.ndim != 3:
+            raise PolypureError(f"topk.statistic 'cls' takes the class token of a (B, T, D) token layer; this layer "
+                                f"outputs {tuple(activation.shape[1:])} per sample (channels first)")
+        return activation[:, :, 0]
     flat = activation.flatten(2)
     if statistic == "max":
         return flat.amax(dim=2)
     if statistic == "mean":
         return flat.mean(dim=2)
-    raise PolypureError(f"topk.statistic must be 'max' or 'mean', not {statistic!r}")
+    raise PolypureError(f"topk.statistic must be 'max', 'mean' or 'cls', not {statistic!r}")
 
 
 class TopK:

@@ -150,6 +150,11 @@ def check_layers(config, model, probe) -> dict[str, tuple]:
         if position[layer] > position[target]:
             raise ConfigError(f"{key}: {layer!r} runs after the target layer {target!r}; attribution layers must lie "
                               "below the target")
+    if config.topk.statistic == "cls":
+        for i, layer in enumerate(config.topk.layers):
+            if len(shapes[layer]) > 2:
+                raise ConfigError(f"topk.layers[{i}]: statistic 'cls' takes the class token of a token layer "
+                                  f"(B, T, D); {layer!r} outputs {shapes[layer]} per sample (channels first)")
     return shapes
 
 
