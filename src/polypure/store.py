@@ -14,7 +14,7 @@ Schema (paths other tools rely on; the README has the full table)::
     /relevance/<target>/complete     (M,) bool
     /relevance/<target>/<variant>/<layer>, activation, complete     any other variant (its rule as attrs)
     /planted/<layer>/pairs, truth, modes, scales
-    /clusters/<target>/<space>/<method id>       (M, n_refs) int64
+    /clusters/<target>/<space>/<method id>       (M, n_refs) int64   -1: noise; attr ``not_clustered``: dead rows
     /embeddings/<evaluator>/<target>             (M, n_refs, D) float32
     /metrics/...
     /comparisons/<target>                        table: paired comparisons of metrics between spaces
