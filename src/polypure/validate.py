@@ -257,14 +257,22 @@ def check_compare(config, dataset) -> None:
 def check_experiment(exp) -> None:
     """Run every check on an :class:`~polypure.experiment.Experiment` (builds its model and dataset).
 
+    Besides the config's names and numbers: that the store's folder can be written (before the model and
+    data are built, and before any work).
+
     Raises
     ------
     ConfigError
         At the first problem, with one line naming the key.
+    StoreError
+        For a store path whose folder cannot be written.
     """
+    from .session import check_writable
+
     config = exp.config
     check_rules(config)
     check_clusterers(config)
+    check_writable(config.store_path)
     dataset = exp.dataset
     check_samples(config, len(dataset))
     shapes = check_layers(config, exp.model, exp.probe_layers)
