@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # names resolve on first use, so that `polypure --help` does not pay for importing torch
 _LAZY = {
     "Config": "config", "load_config": "config",
-    "ConfigError": "errors", "PolypureError": "errors", "StoreError": "errors",
+    "ConfigError": "errors", "InputError": "errors", "PolypureError": "errors", "StoreError": "errors",
     "Experiment": "experiment",
     "ExplainedModel": "models", "create_model": "models",
     "Store": "store",

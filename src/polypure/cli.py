@@ -11,7 +11,8 @@
     polypure check-rules CONFIG                   check composites and canonizers on a few samples
     polypure list [KIND]                          registered models, composites, canonizers, ...
 
-Exit status: 0 success, 1 runtime failure, 2 usage or config error.
+Exit status: 0 success, 1 runtime failure, 2 bad input (``InputError``: a usage or config error, or a file,
+store, model or plugin that cannot be used as given).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import traceback
 
 from . import __version__
-from .errors import ConfigError, PolypureError, StoreError
+from .errors import ConfigError, InputError, PolypureError
 from .stages import NAMES, STAGES
 
 
@@ -259,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             for kind, registry in _registries().items():
                 if args.kind in (None, kind):
-                    print(f"{kind}: {', '.join(registry.names())}")
+                    # a plugin whose entry point fails to import is listed as such; the other names still work
+                    broken = registry.broken()
+                    print(f"{kind}: {', '.join(f'{n} (broken)' if n in broken else n for n in registry.names())}")
+                    for message in broken.values():
+                        print(f"polypure: warning: {message}", file=sys.stderr)
             return 0
         if args.command == "check-rules":
             return _check_rules(args)
@@ -267,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"polypure: config error: {exc}", file=sys.stderr)
         return 2
-    except StoreError as exc:
-        # a store that is missing, torn, newer, locked or made for another run: bad input, as a bad config is
+    except InputError as exc:
+        # a store that is missing, torn, newer, locked or made for another run, a plugin that fails on its
+        # data: bad input, as a bad config is
         print(f"polypure: error: {exc}", file=sys.stderr)
         return 2
     except PolypureError as exc:

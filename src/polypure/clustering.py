@@ -7,6 +7,10 @@ estimator class or a factory function; installed packages add names through the 
 directly. Built in: ``kmeans`` (scikit-learn KMeans, ``n_init=10``, fixed ``random_state``) and
 ``hdbscan`` (the hdbscan package; noise is labelled -1).
 
+A neuron whose features in a space are all zero (a dead neuron's relevance) is not clustered: its labels
+are -1, as noise is, and the cluster stage warns once with how many there are (:data:`DEAD`). A clusterer
+that raises on the data, or returns labels of another shape, stops the stage with :class:`ClustererFailed`.
+
 The config's parameters go to the class or factory as keyword arguments, checked against its signature.
 The run's seed goes as ``random_state`` where it takes that parameter (as scikit-learn's estimators do)
 and as ``seed`` where it names that, unless the config sets them itself.
@@ -34,7 +38,7 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from .errors import ConfigError, PolypureError
+from .errors import ConfigError, InputError
 from .registry import Registry
 
 #: Clusterers by name: estimator classes (``cls(**params)``) or factories (``factory(**params) -> estimator``),
@@ -43,6 +47,16 @@ CLUSTERERS = Registry("clusterer", group="polypure.clusterers")
 
 #: Parameters through which polypure passes the run's seed, where a clusterer takes them.
 SEED_PARAMETERS = ("random_state", "seed")
+
+#: Why a neuron is not clustered in a space: all its features there are zero. Its labels are -1.
+DEAD = "all-zero features (a dead neuron): not clustered, labelled -1"
+
+
+class ClustererFailed(InputError):
+    """A clusterer raised on the data, or returned labels of the wrong shape (exit status 2).
+
+    Clusterings finished before stay in the store.
+    """
 
 
 @CLUSTERERS.register("kmeans")
@@ -139,6 +153,15 @@ def fresh(estimator):
     return copy.deepcopy(estimator)
 
 
+def dead_rows(features: np.ndarray) -> np.ndarray:
+    """Which neurons have all-zero features in a space: (M, n_refs, D) -> (M,) bool.
+
+    Relevance is L1-normalised with a small epsilon, so a neuron that never fires keeps exact zeros.
+    """
+    features = np.asarray(features)
+    return ~features.reshape(len(features), -1).any(axis=1)
+
+
 def cluster_rows(features: np.ndarray, estimator, notes: dict | None = None) -> np.ndarray:
     """Cluster each neuron's references: (M, n_refs, D) features to (M, n_refs) int64 labels.
 
@@ -149,22 +172,45 @@ def cluster_rows(features: np.ndarray, estimator, notes: dict | None = None) -> 
         Cloned for every neuron.
     notes : dict, optional
         Warnings the clusterer raised, counted by ``(category, message)`` (neurons that raised each) instead
-        of warned here: a caller clustering many spaces can report them once.
+        of warned here: a caller clustering many spaces can report them once. Neurons whose features are
+        all zero (:func:`dead_rows`) are not clustered: their labels are -1, counted under
+        ``(UserWarning, DEAD)``.
+
+    Returns
+    -------
+    ndarray of int64, shape (M, n_refs)
+
+    Raises
+    ------
+    ClustererFailed
+        When the clusterer raises, or returns labels of another shape; names the estimator, the row and the
+        exception.
     """
     out = np.empty(features.shape[:2], np.int64)
     raised: dict[tuple[type, str], int] = {}
+    dead = dead_rows(features)
     for m in range(len(features)):
+        if dead[m]:
+            # nothing to split: a clusterer's split of identical zero vectors would be an arbitrary one
+            out[m] = -1
+            raised[UserWarning, DEAD] = raised.get((UserWarning, DEAD), 0) + 1
+            continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            # a dead neuron's identical vectors make k-means warn; its single cluster is the honest answer
+            # identical vectors make k-means warn; its single cluster is the honest answer
             warnings.simplefilter("ignore", ConvergenceWarning)
-            labels = np.asarray(fresh(estimator).fit_predict(np.asarray(features[m], np.float64)))
+            try:
+                labels = np.asarray(fresh(estimator).fit_predict(np.asarray(features[m], np.float64)))
+            except Exception as exc:  # a plugin's failure on the data, told in one line with where it happened
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise ClustererFailed(f"clusterer {type(estimator).__name__} raised {type(exc).__name__} on row {m}: "
+                                      f"{first}") from None
         for item in caught:
             key = (item.category, str(item.message))
             raised[key] = raised.get(key, 0) + 1
         if labels.shape != (features.shape[1],):
-            raise PolypureError(f"clusterer {type(estimator).__name__} returned {labels.shape} labels for "
-                                f"{features.shape[1]} references")
+            raise ClustererFailed(f"clusterer {type(estimator).__name__} returned labels of shape {labels.shape} for "
+                                  f"{features.shape[1]} references (row {m})")
         out[m] = labels
     # one warning per kind, not one per neuron (spectral clustering's "graph is not fully connected" would
     # otherwise flood the screen)

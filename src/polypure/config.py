@@ -595,14 +595,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
-    """``(key, problem)`` for each error of a validation, each distinct problem once."""
+def validation_problems(exc: ValidationError, model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    """``(key, problem)`` for each error of a validation, each distinct problem once.
+
+    Parameters
+    ----------
+    exc : pydantic.ValidationError
+    model : pydantic model class, optional
+        What was validated (default :class:`Config`); an unknown key names the closest key of its section.
+    """
     problems = []
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "literal")))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            close = _close_key([part for part in err["loc"] if not isinstance(part, int)])
+            close = _close_key([part for part in err["loc"] if not isinstance(part, int)], model or Config)
             msg = "unknown key" + (f" (did you mean {close!r}?)" if close else "")
         elif err["type"] == "missing":
             msg = "missing required key"
@@ -626,11 +633,14 @@ def _section_model(annotation) -> type[BaseModel] | None:
     return None
 
 
-def _close_key(loc: list) -> str | None:
-    """The known key nearest to a misspelled one at ``loc`` (``relevance.n_ref`` -> ``n_refs``), if one is close."""
+def _close_key(loc: list, model: type[BaseModel]) -> str | None:
+    """The known key nearest to a misspelled one at ``loc`` (``relevance.n_ref`` -> ``n_refs``), if one is close.
+
+    ``loc`` is the key's location inside ``model`` (:class:`Config`, an evaluator's settings, ...).
+    """
     import difflib
 
-    section: type[BaseModel] | None = Config
+    section: type[BaseModel] | None = model
     for part in loc[:-1]:
         field = section.model_fields.get(str(part)) if section is not None else None
         section = _section_model(field.annotation) if field is not None else None
@@ -644,9 +654,9 @@ def _join(problems: list[tuple[str, str]]) -> str:
     return "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems)
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad key and its problem."""
-    return _join(validation_problems(exc))
+def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line naming each bad key and its problem (``model``: what was validated, see :func:`validation_problems`)."""
+    return _join(validation_problems(exc, model))
 
 
 def _override_for(loc: str, overrides: list[str]) -> str | None:

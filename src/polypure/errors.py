@@ -3,6 +3,10 @@
 Every error a user can cause (a bad config, a missing file, an unknown name, a store made by another
 config) is raised as one of these, with a one-line message that names the file, key, layer or neuron
 involved. The command line prints the message without a traceback.
+
+Exit status of the command line: :class:`InputError` and everything under it (:class:`ConfigError`,
+:class:`StoreError`) is bad input, status 2; any other :class:`PolypureError` is a runtime failure,
+status 1.
 """
 
 
@@ -10,15 +14,23 @@ class PolypureError(Exception):
     """A runtime failure with a message for the user (command-line exit status 1)."""
 
 
-class ConfigError(PolypureError, ValueError):
+class InputError(PolypureError):
+    """Bad input: a config, file, store, model or plugin that cannot be used as given (exit status 2).
+
+    The base of :class:`ConfigError` and :class:`StoreError`; raised itself for input that is no config
+    key and no store, such as a clusterer or evaluator plugin that fails on the data it is given.
+    """
+
+
+class ConfigError(InputError, ValueError):
     """A usage or configuration problem (command-line exit status 2).
 
     Also a ``ValueError``, so that code catching bad values from Python catches it too.
     """
 
 
-class StoreError(PolypureError):
-    """A store that cannot be read or does not fit the current run."""
+class StoreError(InputError):
+    """A store that cannot be read or does not fit the current run (exit status 2)."""
 
 
 class StaleResultError(StoreError, ConfigError):

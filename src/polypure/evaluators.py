@@ -79,7 +79,7 @@ class Evaluator:
             self.settings = self.Settings.model_validate(settings)
         except ValidationError as exc:
             from .config import format_validation_error
-            raise ConfigError(f"evaluate.{name}: {format_validation_error(exc)}") from None
+            raise ConfigError(f"evaluate.{name}: {format_validation_error(exc, self.Settings)}") from None
         if self.view == "crop" and not self.image_based:
             raise ConfigError(f"evaluate.{name}: view 'crop' needs an image evaluator")
         self.device = torch.device(self.settings.device) if self.settings.device else torch.device("cpu")

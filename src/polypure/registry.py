@@ -104,9 +104,22 @@ class Registry:
         return obj
 
     def names(self) -> list[str]:
-        """All registered names, plugins included."""
+        """All registered names, plugins included (broken ones too: see :meth:`broken`)."""
         self._load_plugins()
         return sorted(self._entries)
+
+    def broken(self) -> dict[str, str]:
+        """Plugins whose entry point failed to import, by name, with why.
+
+        Such a name fails with that message only when it is used; every other name works all the same.
+
+        Returns
+        -------
+        dict of str to str
+            Name to one-line message (``clusterer plugin 'x' (module:attr) failed to load: ...``).
+        """
+        self._load_plugins()
+        return {name: obj.message for name, obj in self._entries.items() if isinstance(obj, _BrokenPlugin)}
 
     def __contains__(self, name: str) -> bool:
         if name not in self._entries:
@@ -121,7 +134,9 @@ class _BrokenPlugin:
     """Stands in for an entry point that failed to import, and reports it when used."""
 
     def __init__(self, kind: str, name: str, target: str, exc: Exception):
-        self.message = f"{kind} plugin {name!r} ({target}) failed to load: {type(exc).__name__}: {exc}"
+        # one line: an import error's text can run to several (a SyntaxError's caret, a chained cause)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        self.message = f"{kind} plugin {name!r} ({target}) failed to load: {type(exc).__name__}: {first}"
 
     def fail(self):
         raise ConfigError(self.message)

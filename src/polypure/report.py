@@ -13,7 +13,8 @@ PosixPath('storage/demo_report/index.html')
 Plain HTML rendered from the Jinja2 templates in ``polypure/templates`` (every value escaped), with the
 styles and the table-sorting script of that folder inlined into each page, images as files next to the
 pages, nothing fetched from elsewhere, so it opens from ``file://``. It reads only the store (and, for thumbnails, the data its
-config describes), so it can be written again at any time.
+config describes), so it can be written again at any time. It never runs code a store's config names: data
+made by a ``python:`` factory gets no thumbnails unless the dataset is passed.
 
 Layout of the folder::
 
@@ -202,6 +203,10 @@ def _rebuild_dataset(store: Store):
     if cfg.data.kind == "memory":
         return None, ("the store was made from a dataset passed from Python (data.kind: memory); pass it as "
                       "write_report(..., dataset=...) to see images")
+    if cfg.data.kind.startswith("python:"):
+        # a store is data: code it names is never run by reading it (a store from elsewhere could name any code)
+        return None, (f"the store's data is made by code ({cfg.data.kind}), which a report does not run; pass the "
+                      "dataset as write_report(..., dataset=...) to see images")
     try:
         dataset = build_dataset(cfg.data)
     except Exception as exc:  # a missing folder or file only costs the thumbnails

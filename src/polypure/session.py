@@ -56,6 +56,46 @@ class DiskFullError(PolypureError):
     """The store's file system ran out of space; everything committed before is kept (exit status 1)."""
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse a store path whose folder cannot take the files a run writes, before any work starts.
+
+    A run never writes the store itself: it creates ``<store>.lock``, ``<store>.writing`` and
+    ``<store>.commit`` next to it and renames the last over the store. So the folder must take a new file
+    even when the store exists. The nearest existing folder is tried with a temporary file that leaves
+    nothing behind, so that permissions, read-only file systems and quotas all count (``os.access`` would
+    say yes to root on a read-only file system). A lock file left by an earlier run must open for writing.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store.
+
+    Raises
+    ------
+    StoreError
+        Naming the store, the folder (or lock file) and the reason.
+    """
+    import tempfile
+
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # folders still to be made are made in the nearest one that exists
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise StoreError(f"store {str(path)!r} cannot be written: folder {str(folder)!r} is not writable "
+                         f"({exc.strerror or exc}); set another store path") from None
+    lock = lock_path(path)
+    if lock.exists():
+        try:
+            os.close(os.open(lock, os.O_RDWR))
+        except OSError as exc:
+            raise StoreError(f"store {str(path)!r} cannot be written: its lock file {str(lock)!r} cannot be opened "
+                             f"for writing ({exc.strerror or exc}); remove it or set another store path") from None
+
+
 def lock_path(path: Path) -> Path:
     """The lock file of a store."""
     return path.with_name(path.name + ".lock")
@@ -99,9 +139,7 @@ class WriteSession:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store {str(self.path)!r}: cannot create its folder ({exc.strerror})") from None
-        if not os.access(folder, os.W_OK):
-            raise StoreError(f"store {str(self.path)!r}: folder {str(folder)!r} is not writable; set another store "
-                             "path")
+        check_writable(self.path)
         self._lock()
         try:
             # a working copy left by a killed run may be torn: the store is the last complete state

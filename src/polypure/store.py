@@ -14,7 +14,7 @@ Schema (paths other tools rely on; the README has the full table)::
     /relevance/<target>/complete     (M,) bool
     /relevance/<target>/<variant>/<layer>, activation, complete     any other variant (its rule as attrs)
     /planted/<layer>/pairs, truth, modes, scales
-    /clusters/<target>/<space>/<method id>       (M, n_refs) int64
+    /clusters/<target>/<space>/<method id>       (M, n_refs) int64   -1: noise; attr ``not_clustered``: dead rows
     /embeddings/<evaluator>/<target>             (M, n_refs, D) float32
     /metrics/...
     /comparisons/<target>                        table: paired comparisons of metrics between spaces
@@ -95,6 +95,14 @@ def read_attr(value):
     return _decode(value)
 
 
+def _check_version(path: Path, attrs) -> None:
+    """Refuse a store written by a newer polypure, whose layout this one cannot know."""
+    version = int(attrs.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise StoreError(f"store {str(path)!r} has format version {version}; this polypure ({__version__}) reads up "
+                         f"to {FORMAT_VERSION}: upgrade polypure or set another store path")
+
+
 class Store:
     """An open polypure store.
 
@@ -134,10 +142,7 @@ class Store:
             return
         if _decode(attrs.get("format")) != FORMAT:
             raise StoreError(f"{str(self.path)!r} is an HDF5 file but not a polypure store")
-        version = int(attrs.get("format_version", 0))
-        if version > FORMAT_VERSION:
-            raise StoreError(f"store {str(self.path)!r} has format version {version}; this polypure "
-                             f"({__version__}) reads up to {FORMAT_VERSION}")
+        _check_version(self.path, attrs)
 
     @classmethod
     def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False, **options) -> Store:
@@ -163,7 +168,8 @@ class Store:
         StaleResultError
             If the store was made for another model, data or seed and ``overwrite`` is False.
         StoreError
-            If the file exists and is not a polypure store.
+            If the file exists and is not a polypure store, or is one of a newer format version (refused
+            with ``overwrite`` too: it is never deleted by a polypure that cannot read it).
         """
         from .config import config_differences
 
@@ -174,6 +180,9 @@ class Store:
                 with h5py.File(file, "r") as probe:
                     fmt = _decode(probe.attrs.get("format"))
                     old_yaml = _decode(probe.attrs.get("config", ""))
+                    if fmt == FORMAT:
+                        # read only, before --overwrite below could delete a store this polypure cannot read
+                        _check_version(path, probe.attrs)
             except OSError:
                 raise StoreError(f"{str(path)!r} exists and is not an HDF5 file; remove it or set another store "
                                  "path") from None

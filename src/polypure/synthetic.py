@@ -172,7 +172,7 @@ def synthetic_dataset(data: DataSection, **geometry) -> ArrayDataset:
     try:
         spec = SyntheticSpec.model_validate(data.synthetic or {})
     except ValidationError as exc:
-        raise ConfigError(f"data.synthetic: {format_validation_error(exc)}") from None
+        raise ConfigError(f"data.synthetic: {format_validation_error(exc, SyntheticSpec)}") from None
     images, factors = render(spec.n, spec.size, spec.seed, spec.noise)
     ds = ArrayDataset(images, labels=class_of_shape()[factors["shape"]], **geometry)
     ds.factors = {"shape": (factors["shape"], list(SHAPES)), "colour": (factors["colour"], list(COLOURS)),

@@ -73,6 +73,31 @@ def check_clusterers(config) -> None:
             raise ConfigError(f"cluster.methods[{i}] ({method.method_id}): {message}") from None
 
 
+def check_cluster_counts(methods, n_refs: int) -> None:
+    """No clusterer may ask for more clusters than each neuron has references (k-means would fail on the data).
+
+    Checked when the cluster stage starts, not before the first stage: a run that stops before clustering
+    (a top-K with ``relevance.n_refs: 1``) must not be refused for the default k-means.
+
+    Parameters
+    ----------
+    methods : list of (str, estimator)
+        Method id and estimator; an estimator's ``n_clusters`` attribute, where it is an int, is checked.
+    n_refs : int
+        References per neuron.
+
+    Raises
+    ------
+    ConfigError
+        Naming the method id, its ``n_clusters`` and ``relevance.n_refs``.
+    """
+    for method_id, estimator in methods:
+        wanted = getattr(estimator, "n_clusters", None)
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > n_refs:
+            raise ConfigError(f"cluster.methods ({method_id}): n_clusters ({wanted}) is more than the references of "
+                              f"each neuron (relevance.n_refs = {n_refs})")
+
+
 def _attribution_layers(config) -> set[str]:
     rel = config.relevance
     layers = {layer for t in rel.target_list for layer in t.attribution_layers}
@@ -237,14 +262,22 @@ def check_compare(config, dataset) -> None:
 def check_experiment(exp) -> None:
     """Run every check on an :class:`~polypure.experiment.Experiment` (builds its model and dataset).
 
+    Besides the config's names and numbers: that the store's folder can be written (before the model and
+    data are built, and before any work).
+
     Raises
     ------
     ConfigError
         At the first problem, with one line naming the key.
+    StoreError
+        For a store path whose folder cannot be written.
     """
+    from .session import check_writable
+
     config = exp.config
     check_rules(config)
     check_clusterers(config)
+    check_writable(config.store_path)
     dataset = exp.dataset
     check_samples(config, len(dataset))
     shapes = check_layers(config, exp.model, exp.probe_layers)

@@ -4,12 +4,22 @@ Spaces are a target's attribution layers and ``activation`` (or ``cluster.spaces
 evaluator embeddings); clusterers are the config's ``cluster.methods`` (:mod:`polypure.clustering`) or
 estimators passed from Python. Results go to ``/clusters/<target>/<space>/<method id>``; a clustering
 already stored with the same method, parameters and seed is kept.
+
+Before anything is clustered, a method that asks for more clusters than each neuron has references is
+refused (:func:`polypure.validate.check_cluster_counts`). A neuron whose features in a space are all zero
+(dead) is not clustered there (labels -1, rows listed in the clustering's ``not_clustered`` attribute), and
+a clustering that calls every reference of a neuron noise is stored as it is; each is warned about once
+per target and method, with how many (neuron, space) pairs. A clusterer that raises stops the stage with
+one line naming the method id, target and space; the clusterings finished before stay in the store.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..errors import ConfigError, PolypureError
 
@@ -19,6 +29,11 @@ if TYPE_CHECKING:
 NAME = "cluster"
 WRITES = True
 HELP = "cluster each neuron's references in every space"
+
+log = logging.getLogger("polypure")
+
+#: The note of a clustering that labels every reference of a neuron noise (HDBSCAN can do that).
+ALL_NOISE = "every reference labelled noise"
 
 
 def _methods(ctx, methods) -> list[tuple[str, str, dict, Any]]:
@@ -48,11 +63,24 @@ def run(ctx: StageContext, methods: dict[str, Any] | None = None) -> None:
     """
     from tqdm.auto import tqdm
 
-    from ..clustering import cluster_rows
+    from ..clustering import DEAD, ClustererFailed, cluster_rows, dead_rows
+    from ..validate import check_cluster_counts
+
+    # the two notes that change what the summary can score: warnings, shown with --quiet too
+    told = {DEAD: "have all-zero features (dead neurons): not clustered, labelled -1, no score (counted as "
+                  "'constant' in the summary)",
+            ALL_NOISE: "have every reference labelled noise: stored as they are, no score (counted as 'all-noise' "
+                       "in the summary)"}
 
     chosen = _methods(ctx, methods)
+    # before the store is opened: a method that cannot work leaves it as it was (the config's n_refs is what
+    # the relevance stage stores; a store that holds other counts is checked again below)
+    check_cluster_counts([(mid, est) for mid, _, _, est in chosen], ctx.config.relevance.n_refs)
     with ctx.open_store() as store:
-        for target, spaces in store.target_spaces(ctx.config.cluster.spaces).items():
+        targets = store.target_spaces(ctx.config.cluster.spaces)
+        for target in targets:
+            check_cluster_counts([(mid, est) for mid, _, _, est in chosen], store.n_refs(target))
+        for target, spaces in targets.items():
             complete = store.complete(target)
             if not complete.all():
                 raise PolypureError(f"relevance of target {target!r} is incomplete ({int((~complete).sum())} "
@@ -66,9 +94,22 @@ def run(ctx: StageContext, methods: dict[str, Any] | None = None) -> None:
                                        default=str)
                 if store.has_clusters(target, space, method_id, signature):
                     continue
-                labels = cluster_rows(store.features(target, space), estimator, notes.setdefault(method_id, {}))
-                store.write_clusters(target, space, method_id, labels, attrs={
-                    "method": name, "params": json.dumps(params, default=str), "signature": signature})
+                features = store.features(target, space)
+                raised = notes.setdefault(method_id, {})
+                try:
+                    labels = cluster_rows(features, estimator, raised)
+                except ClustererFailed as exc:
+                    # the clusterings written before are flushed; the run's session commits them on the way out
+                    raise ClustererFailed(f"cluster.methods ({method_id}), target {target!r}, space {space!r}: "
+                                          f"{exc}") from None
+                dead = dead_rows(features)
+                noise = int(((labels < 0).all(axis=1) & ~dead).sum())
+                if noise:
+                    raised[UserWarning, ALL_NOISE] = raised.get((UserWarning, ALL_NOISE), 0) + noise
+                attrs = {"method": name, "params": json.dumps(params, default=str), "signature": signature}
+                if dead.any():
+                    attrs["not_clustered"] = np.flatnonzero(dead).astype(np.int64)
+                store.write_clusters(target, space, method_id, labels, attrs=attrs)
                 store.flush()
                 done.append((space, method_id))
             ctx.log(f"cluster {target}: {len(done)} new clustering(s) over {len(spaces)} space(s)"
@@ -78,5 +119,8 @@ def run(ctx: StageContext, methods: dict[str, Any] | None = None) -> None:
             rows = len(store.neurons(target))
             for method_id, raised in notes.items():
                 for (_, message), count in raised.items():
-                    ctx.log(f"cluster {target}: {method_id} warned {message!r} for {count} of "
-                            f"{rows * len(spaces)} (neuron, space) pairs")
+                    pairs = f"{count} of {rows * len(spaces)} (neuron, space) pairs"
+                    if message in told:
+                        log.warning(f"cluster {target}: {method_id}: {pairs} {told[message]}")
+                    else:
+                        ctx.log(f"cluster {target}: {method_id} warned {message!r} for {pairs}")

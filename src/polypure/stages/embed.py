@@ -5,6 +5,10 @@ With the ``full`` view each distinct image is embedded once, however many neuron
 with the ``crop`` view (PURE) every (neuron, reference) pair is first cut to its heatmap
 (:mod:`polypure.crops`), and the boxes are kept in ``/crops/<target>``. Embeddings already stored with the
 same evaluator signature are kept.
+
+Whatever an evaluator returns, here or from a Ray worker (:func:`polypure.work.embed_chunk`), is checked
+where it arrives: it must be one finite vector per sample (:func:`checked`), or the stage stops with one
+line naming the evaluator, before anything of that target is written.
 """
 
 from __future__ import annotations
@@ -14,12 +18,55 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from .context import StageContext
 
 NAME = "embed"
 WRITES = True
 HELP = "embed the references with the configured evaluators (CLIP, DINOv2, labels)"
+
+
+def checked(name: str, target: str, vectors, count: int) -> np.ndarray:
+    """An evaluator's output for ``count`` samples, refused unless it is ``(count, D)`` finite numbers.
+
+    A plugin that returns another shape would otherwise misalign references and embeddings without a word
+    (or fail later, far from its cause).
+
+    Parameters
+    ----------
+    name : str
+        The evaluator's name in the config.
+    target : str
+        The target whose references were embedded.
+    vectors : array_like
+        What the evaluator returned.
+    count : int
+        Samples it was given.
+
+    Returns
+    -------
+    ndarray, shape (count, D)
+
+    Raises
+    ------
+    InputError
+        Naming the evaluator, the target, the shape returned and the shape expected.
+    """
+    try:
+        array = np.asarray(vectors)
+    except (TypeError, ValueError, RuntimeError):  # ragged lists, tensors that cannot leave their device
+        array = np.asarray(None)
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"evaluate.{name}: the evaluator returned {type(vectors).__name__} for {count} samples of "
+                         f"target {target!r}, not an array of numbers; it must return ({count}, D)")
+    if array.ndim != 2 or array.shape[0] != count or array.shape[1] == 0:
+        raise InputError(f"evaluate.{name}: the evaluator returned an array of shape {array.shape} for {count} "
+                         f"samples of target {target!r}; it must return ({count}, D), one vector per sample")
+    if not np.isfinite(array).all():
+        raise InputError(f"evaluate.{name}: the evaluator returned NaN or infinite values for target {target!r}")
+    return array
 
 
 def run(ctx: StageContext) -> None:
@@ -67,6 +114,7 @@ def run(ctx: StageContext) -> None:
                                 for n, chunk in enumerate(chunks))
                     for number, vectors in tqdm(done, total=len(chunks), desc=f"embed {name} {target}",
                                                 disable=not ctx.progress, leave=False):
+                        vectors = checked(name, target, vectors, len(chunks[number]))
                         for i, vector in zip(chunks[number], vectors):
                             cache[int(i)] = vector
                     embeddings = np.stack([np.stack([cache[int(i)] for i in row]) for row in refs])
@@ -85,7 +133,8 @@ def run(ctx: StageContext) -> None:
                     for m in tqdm(range(len(refs)), desc=f"embed {name} {target} (crops)",
                                   disable=not ctx.progress, leave=False):
                         crops = [crop(as_rgb(ctx.dataset.view(int(i))), boxes[(m, r)]) for r, i in enumerate(refs[m])]
-                        rows.append(evaluator.embed_images(crops).float().cpu().numpy())
+                        rows.append(checked(name, target, evaluator.embed_images(crops).float().cpu().numpy(),
+                                            len(crops)))
                     embeddings = np.stack(rows)
                 store.write_embeddings(name, target, embeddings, attrs={
                     "view": evaluator.view, "signature": signature, "evaluator": type(evaluator).__name__})
