@@ -389,13 +389,22 @@ class _Flat(Evaluator):
         return torch.zeros(len(images))
 
 
-def test_an_evaluator_of_the_wrong_shape_is_refused(store, capsys, monkeypatch):
-    monkeypatch.setitem(EVALUATORS._entries, "flat", _Flat)
+class _Nothing(Evaluator):
+    """An evaluator plugin that returns no array at all."""
+
+    def embed_images(self, images):
+        return None
+
+
+@pytest.mark.parametrize("plugin,said", [(_Flat, r"returned an array of shape \(\d+,\) for \d+ samples"),
+                                         (_Nothing, r"returned list for \d+ samples .* not an array of numbers")])
+def test_an_evaluator_of_the_wrong_shape_is_refused(store, capsys, monkeypatch, plugin, said):
+    monkeypatch.setitem(EVALUATORS._entries, "flat", plugin)
     path, _ = store
     before = contents(path)
     line = refused(capsys, ["run", "demo", "-q", "--stages", "embed", "--set", *SMALL, "evaluate.references=[flat]",
                             f"store={path}"], "evaluate.flat", "target 'block_3'", "it must return (")
-    assert re.search(r"returned an array of shape \(\d+,\) for \d+ samples", line), line
+    assert re.search(said, line), line
     assert_kept(before, path)
     with h5py.File(path, "r") as f:
         assert "embeddings" not in f

@@ -39,11 +39,14 @@ def test_timm_vit_gets_block_mlp_and_logits_aliases_and_token_layers_are_read_ch
     assert shapes == {"block_0": (192, 5), "mlp_1": (768, 5), "logits": (1000,), "patch_embed.proj": (192, 2, 2)}
 
 
-def test_open_clip_and_torchvision_vits_are_recognised():
+def test_open_clip_dinov2_and_torchvision_vits_are_recognised():
     clip = create_model("open_clip:ViT-B-32")
     assert clip.layers["block_11"] == "transformer.resblocks.11"
     assert clip.layers["mlp_0"] == "transformer.resblocks.0.mlp.gelu" and "logits" not in clip.layers
     assert clip.preprocessing["image_size"] == 224 and clip.channel_axis("block_0") == -1
+    dinov2 = create_model("timm:vit_small_patch14_dinov2", img_size=56)
+    assert dinov2.layers["mlp_11"] == "blocks.11.mlp.act" and "logits" not in dinov2.layers   # no head
+    assert dinov2.preprocessing["image_size"] == 56                    # the size it was built for, not 518
     from torchvision.models import VisionTransformer as TorchvisionViT
     tv = attach_layers(ExplainedModel(TorchvisionViT(32, 8, 2, 2, 16, 32, num_classes=3)))
     assert tv.layers["block_1"] == "encoder.layers.encoder_layer_1" and tv.layers["logits"] == "heads.head"

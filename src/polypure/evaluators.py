@@ -102,8 +102,15 @@ class Evaluator:
         out = []
         for start in range(0, len(indices), batch_size):
             images = [as_rgb(dataset.view(int(i))) for i in indices[start:start + batch_size]]
-            out.append(self.embed_images(images).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            vectors = self.embed_images(images)
+            out.append(vectors.detach().float().cpu().numpy() if isinstance(vectors, torch.Tensor) else vectors)
+        if not out:
+            return np.zeros((0, 0), np.float32)
+        try:
+            return np.concatenate(out)
+        except (ValueError, TypeError):
+            # not arrays of one width: handed on as they are, for the embed stage to name the problem in one line
+            return out
 
 
 def as_rgb(image: torch.Tensor) -> torch.Tensor:

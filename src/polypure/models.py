@@ -316,6 +316,10 @@ def _timm(arch: str, weights: str | None, **kwargs) -> ExplainedModel:
     preprocessing = None
     if "mean" in cfg:
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        fixed = getattr(getattr(module, "patch_embed", None), "img_size", None)
+        if fixed:
+            # a ViT built for another input size (img_size=...) takes only that size
+            size = int(fixed[-1] if isinstance(fixed, (tuple, list)) else fixed)
         preprocessing = {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "image_size": size,
                          "resize": round(size / cfg.get("crop_pct", 0.875))}
     return ExplainedModel(module, name=f"timm:{arch}", preprocessing=preprocessing)
