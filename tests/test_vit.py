@@ -30,8 +30,7 @@ def test_timm_vit_gets_block_mlp_and_logits_aliases_and_token_layers_are_read_ch
     assert [model.layers[f"block_{i}"] for i in (0, 11)] == ["blocks.0", "blocks.11"]
     assert model.layers["mlp_3"] == "blocks.3.mlp.act" and model.layers["logits"] == "head"
     assert model.module_path("block_2.attn.qkv") == "blocks.2.attn.qkv"
-    assert model.channel_axis("block_0") == -1 and model.channel_axis("mlp_0") == -1
-    assert model.channel_axis("patch_embed.proj") == 1                   # a convolution stays channels first
+    assert model.channel_axis("block_0") == "tokens" and model.channel_axis("mlp_0") == "tokens"
     assert model.canonizers == []
     layers = {name: model.submodule(name) for name in ["block_0", "mlp_1", "logits", "patch_embed.proj"]}
     shapes, _ = probe_layers(model.module, layers, torch.randn(2, 3, 32, 32))
@@ -43,10 +42,15 @@ def test_open_clip_dinov2_and_torchvision_vits_are_recognised():
     clip = create_model("open_clip:ViT-B-32")
     assert clip.layers["block_11"] == "transformer.resblocks.11"
     assert clip.layers["mlp_0"] == "transformer.resblocks.0.mlp.gelu" and "logits" not in clip.layers
-    assert clip.preprocessing["image_size"] == 224 and clip.channel_axis("block_0") == -1
+    assert clip.preprocessing["image_size"] == 224 and clip.channel_axis("block_0") == "tokens"
     dinov2 = create_model("timm:vit_small_patch14_dinov2", img_size=56)
     assert dinov2.layers["mlp_11"] == "blocks.11.mlp.act" and "logits" not in dinov2.layers   # no head
     assert dinov2.preprocessing["image_size"] == 56                    # the size it was built for, not 518
+    # a hybrid ViT: its convolutional stem's maps stay channels first, its tokens are (D, T)
+    hybrid = create_model("timm:vit_tiny_r_s16_p8_224", img_size=64)
+    layers = {name: hybrid.submodule(name) for name in ["patch_embed.backbone.norm", "patch_embed", "block_0"]}
+    shapes, _ = probe_layers(hybrid.module, layers, torch.randn(1, 3, 64, 64))
+    assert shapes == {"patch_embed.backbone.norm": (64, 32, 32), "patch_embed": (192, 4), "block_0": (192, 5)}
     from torchvision.models import VisionTransformer as TorchvisionViT
     tv = attach_layers(ExplainedModel(TorchvisionViT(32, 8, 2, 2, 16, 32, num_classes=3)))
     assert tv.layers["block_1"] == "encoder.layers.encoder_layer_1" and tv.layers["logits"] == "heads.head"

@@ -24,29 +24,38 @@ from torch import nn
 from .errors import PolypureError
 
 #: Attribute of a module that names the channel axis of its outputs when it is not 1 (``-1`` for the
-#: ``(B, T, D)`` outputs of transformer blocks). Kept on the module, so that it travels with it when a model
-#: is pickled to a worker process.
+#: ``(B, T, D)`` outputs of transformer blocks), or :data:`TOKENS`. Kept on the module, so that it travels
+#: with it when a model is pickled to a worker process.
 CHANNEL_AXIS_ATTR = "_polypure_channel_axis"
 
+#: The layout of a vision transformer's modules: a 3-D output is (B, T, D), tokens by channels, and any
+#: other is channels first (the convolutions, batch norms and activations of a hybrid ViT's stem).
+TOKENS = "tokens"
 
-def set_channel_axis(module: nn.Module, axis: int) -> None:
-    """Declare the channel axis of a module's outputs (1, the default, removes the declaration).
 
-    The axis applies to outputs of three or more dimensions; a ``(B, C)`` output is channels first anyway.
+def set_channel_axis(module: nn.Module, axis: int | str) -> None:
+    """Declare the channel axis of a module's outputs: an int, or :data:`TOKENS`; 1 removes the declaration.
+
+    An int applies to outputs of three or more dimensions (``-1`` for channels-last (B, H, W, C) maps too); a
+    ``(B, C)`` output is channels first anyway.
     """
     if axis == 1:
         module.__dict__.pop(CHANNEL_AXIS_ATTR, None)
+    elif axis == TOKENS:
+        setattr(module, CHANNEL_AXIS_ATTR, TOKENS)
     else:
         setattr(module, CHANNEL_AXIS_ATTR, int(axis))
 
 
-def channel_axis(module: nn.Module) -> int:
+def channel_axis(module: nn.Module) -> int | str:
     """The channel axis declared for a module's outputs (1 unless :func:`set_channel_axis` said otherwise)."""
     return getattr(module, CHANNEL_AXIS_ATTR, 1)
 
 
-def _moved_axis(output: torch.Tensor, axis: int) -> int | None:
+def _moved_axis(output: torch.Tensor, axis: int | str) -> int | None:
     """The axis to move to position 1 for a channels-first view, or None where the output already is one."""
+    if axis == TOKENS:
+        return 2 if output.ndim == 3 else None
     if output.ndim < 3:
         return None
     axis = axis % output.ndim

@@ -28,7 +28,7 @@ Example
 'layer4'
 >>> vit = create_model("timm:vit_tiny_patch16_224", img_size=32)
 >>> vit.layers["mlp_0"], vit.channel_axis("block_0")
-('blocks.0.mlp.act', -1)
+('blocks.0.mlp.act', 'tokens')
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .hooks import channel_axis, set_channel_axis
+from .hooks import TOKENS, channel_axis, set_channel_axis
 from .hub import download_error, fetch, host_reachable
 from .registry import Registry
 
@@ -132,14 +132,18 @@ class ExplainedModel:
         """The module behind an alias or module path."""
         return self.module.get_submodule(self.module_path(layer))
 
-    def channel_axis(self, layer: str) -> int:
-        """The channel axis of a layer's outputs as polypure reads them (1 for channels first)."""
+    def channel_axis(self, layer: str) -> int | str:
+        """The channel axis of a layer's outputs as polypure reads them.
+
+        1 (channels first), another axis, or ``"tokens"`` (a vision transformer's module: -1 for (B, T, D)
+        outputs, 1 for any other).
+        """
         return channel_axis(self.submodule(layer)) if self.module_path(layer) else 1
 
     def declare_channel_axes(self) -> None:
         """Declare the channel axis of token layers on their modules (found ones, then ``channel_axes``)."""
         for module in token_modules(self.module):
-            set_channel_axis(module, -1)
+            set_channel_axis(module, TOKENS)
         for layer, axis in self.channel_axes.items():
             path = self.module_path(layer)
             if not path:
@@ -176,14 +180,15 @@ def _vit_parts(module: nn.Module) -> tuple[str, list[str], str | None, str] | No
 
 
 def token_modules(module: nn.Module) -> list[nn.Module]:
-    """The modules of a vision transformer whose 3-D outputs are (B, T, D) tokens by channels.
+    """The modules of a vision transformer, whose 3-D outputs are (B, T, D) tokens by channels.
 
-    Every module of the network except convolutions (the patch embedding's ``(B, D, h, w)`` is channels
-    first); empty for a network that is not a known vision transformer.
+    Every module of the network: outputs of other dimensions (the patch embedding's or a convolutional
+    stem's (B, D, h, w) maps) stay channels first (:data:`polypure.hooks.TOKENS`). Empty for a network that
+    is not a known vision transformer.
     """
     if _vit_parts(module) is None:
         return []
-    return [m for m in module.modules() if not isinstance(m, nn.modules.conv._ConvNd)]
+    return list(module.modules())
 
 
 def default_layers(module: nn.Module) -> dict[str, str]:
