@@ -39,3 +39,15 @@ def test_python_example_works(tmp_path, monkeypatch):
     with h5py.File(tmp_path / "r18.h5", "r") as f:
         assert f["relevance/block_3/block_2"].shape == (2, 5, 256)
         assert "metrics/summary" in f
+
+
+def test_vision_transformer_config_example_is_a_valid_config():
+    import yaml
+
+    from polypure.config import config_from_dict
+    from polypure.validate import check_rules
+
+    config = config_from_dict(yaml.safe_load(fenced("## Vision transformers", "yaml")[0]))
+    assert config.model.name.startswith("timm:") and config.topk.statistic == "max"
+    assert [v.composite for v in config.relevance.variant_list] == ["gradient", "attnlrp"]
+    check_rules(config)                      # the composites and their parameters exist

@@ -54,6 +54,7 @@ from .registry import Registry
 #: Registered model factories: ``factory(weights=None, **kwargs) -> nn.Module | ExplainedModel``.
 MODELS = Registry("model", group="polypure.models")
 MODELS.register_lazy("demo_resnet", "polypure.demo_model:demo_resnet")
+MODELS.register_lazy("demo_vit", "polypure.demo_vit:demo_vit")
 MODELS.register_lazy("efficientnet_lite0", "polypure.efficientnet:efficientnet_lite0")
 
 
