@@ -34,13 +34,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .demo_model import ASSETS, MEAN, STD, _batches, evaluate_accuracy
+from .demo_model import ASSETS, MEAN, STD, fit
 from .models import ExplainedModel, apply_state_dict, load_state_dict_file
-from .synthetic import CLASS_PAIRS, class_of_shape, render
+from .synthetic import CLASS_PAIRS
 
 WEIGHTS = ASSETS / "demo_vit.safetensors"
 CARD = ASSETS / "demo_vit.json"
@@ -168,7 +167,6 @@ def train_demo_vit(out: Path | None = None, epochs: int = 18, per_epoch: int = 5
         The card: architecture, settings, held-out accuracy per epoch, training time.
     """
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     out = Path(out) if out is not None else ASSETS
     out.mkdir(parents=True, exist_ok=True)
@@ -177,31 +175,10 @@ def train_demo_vit(out: Path | None = None, epochs: int = 18, per_epoch: int = 5
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     steps = epochs * ((per_epoch + batch - 1) // batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=WARMUP)
-    shape_class = class_of_shape()
-    val_images, val_factors = render(held_out, seed=999_999 - seed)
-    val_labels = shape_class[val_factors["shape"]]
     start = time.time()
-    history = []
-    rng = np.random.default_rng(seed)
-    for epoch in range(epochs):
-        images, factors = render(per_epoch, seed=1000 + seed * 100 + epoch)
-        labels = shape_class[factors["shape"]]
-        model.train()
-        bar = tqdm(total=per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for x, y in _batches(images, labels, batch, rng):
-            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=LABEL_SMOOTHING)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # a transformer trained from scratch at a high learning rate: clipping keeps early steps stable
-            nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
-            optimizer.step()
-            schedule.step()
-            bar.update(len(y))
-        bar.close()
-        accuracy = evaluate_accuracy(model, val_images, val_labels)
-        history.append(round(accuracy, 4))
-        if progress:
-            print(f"epoch {epoch + 1}/{epochs}: held-out accuracy {accuracy:.4f}")
+    # a transformer trained from scratch at a high learning rate: clipping keeps early steps stable
+    history = fit(model, optimizer, schedule, epochs=epochs, per_epoch=per_epoch, held_out=held_out, seed=seed,
+                  batch=batch, progress=progress, label_smoothing=LABEL_SMOOTHING, clip_norm=CLIP_NORM)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS.name))
     card = {
