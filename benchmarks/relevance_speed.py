@@ -30,7 +30,7 @@ from crp.concepts import ChannelConcept
 from zennit.core import Composite
 
 from polypure import Experiment
-from polypure.data import ArrayDataset
+from polypure.data.datasets import ArrayDataset
 
 LAYERS = ["layer1", "layer2", "layer3"]
 
@@ -166,9 +166,9 @@ def cli(args, floor_seconds_for):
         skip.append(timed())
     with h5py.File(tmp / "cli.h5", "r") as f:
         refs = f["topk/block_3/indices"][()][neurons, :args.refs]
-    from polypure.config import config_from_dict
-    from polypure.data import build_dataset
-    from polypure.models import build_model
+    from polypure.config.settings import config_from_dict
+    from polypure.data.datasets import build_dataset
+    from polypure.models.factory import build_model
 
     built = config_from_dict(config)
     dataset = build_dataset(built.data, build_model(built))
@@ -177,8 +177,8 @@ def cli(args, floor_seconds_for):
     # every new shape. A floor in a fresh process pays the same; its first pass is timed
     np.save(tmp / "refs.npy", refs)
     script = (f"import sys, time, numpy as np, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-              "from relevance_speed import bare_pass; from polypure.config import load_config; "
-              "from polypure.data import build_dataset; from polypure.models import build_model; "
+              "from relevance_speed import bare_pass; from polypure.config.settings import load_config; "
+              "from polypure.data.datasets import build_dataset; from polypure.models.factory import build_model; "
               f"c = load_config({str(tmp / 'cli.yaml')!r}); m = build_model(c); d = build_dataset(c.data, m); "
               "x = torch.stack([d[i][0] for i in range(len(d))]); m.module.requires_grad_(False); "
               f"t = time.perf_counter(); bare_pass(m.module, x, np.load({str(tmp / 'refs.npy')!r}), {neurons}, "

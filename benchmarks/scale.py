@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from polypure import Experiment
-from polypure.stages import NAMES
+from polypure.pipeline.stages import NAMES
 
 SIZES = {
     # images, neurons, references (= k), relevance rows per backward pass, images per top-K / embedding batch
@@ -103,10 +103,10 @@ def floors(cfg: dict, store: Path) -> dict[str, float]:
     import h5py
     from torch.utils.data import DataLoader
 
-    from polypure.config import config_from_dict
-    from polypure.data import build_dataset
-    from polypure.evaluators import as_rgb, make_evaluator, prepare
-    from polypure.models import build_model
+    from polypure.config.settings import config_from_dict
+    from polypure.data.datasets import build_dataset
+    from polypure.evaluation.evaluators import as_rgb, make_evaluator, prepare
+    from polypure.models.factory import build_model
 
     config = config_from_dict(cfg)
     device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else

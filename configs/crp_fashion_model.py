@@ -7,7 +7,7 @@ activations are modules of their own so that their outputs can be hooked as laye
 import torch
 from torch import nn
 
-from polypure.models import ExplainedModel
+from polypure.models.factory import ExplainedModel
 
 
 class FashionCNN(nn.Module):

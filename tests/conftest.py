@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from polypure.data import ArrayDataset
+from polypure.data.datasets import ArrayDataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("POLYPURE_SHARED", REPO.parent / "shared")) / "data"

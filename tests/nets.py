@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polypure.models import ExplainedModel
+from polypure.models.factory import ExplainedModel
 
 
 class TinyNet(nn.Module):

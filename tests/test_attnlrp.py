@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from polypure.attribution import ConditionalRelevance, channel_init
-from polypure.composites import make_composite, times_activation
-from polypure.models import ExplainedModel, attach_layers, create_model
+from polypure.attribution.composites import make_composite, times_activation
+from polypure.attribution.engine import ConditionalRelevance, channel_init
+from polypure.models.factory import ExplainedModel, attach_layers, create_model
 
 from .test_vit import small_vit
 
@@ -21,8 +21,8 @@ pytest.importorskip("lxt.efficient", reason="lxt (the polypure[lxt] extra) is no
 # a ResNet explained with an LRP composite and canonizers: the computation AttnLRP must never touch
 RESNET_LRP = """
 import sys, numpy as np, torch, torchvision
-from polypure.attribution import ConditionalRelevance, channel_init
-from polypure.composites import make_composite
+from polypure.attribution.engine import ConditionalRelevance, channel_init
+from polypure.attribution.composites import make_composite
 torch.manual_seed(0)
 net = torchvision.models.resnet18(num_classes=10).eval()
 images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -14,7 +14,7 @@ from crp.concepts import ChannelConcept
 from zennit.core import Composite
 
 from polypure import Experiment
-from polypure.attribution import ConditionalRelevance, channel_init
+from polypure.attribution.engine import ConditionalRelevance, channel_init
 
 from .conftest import random_images
 from .nets import tiny

@@ -24,9 +24,9 @@ from PIL import Image
 
 from polypure import Experiment
 from polypure.cli import main
-from polypure.clustering import CLUSTERERS
-from polypure.data import to_rgb
-from polypure.evaluators import EVALUATORS, Evaluator
+from polypure.data.datasets import to_rgb
+from polypure.evaluation.clustering import CLUSTERERS
+from polypure.evaluation.evaluators import EVALUATORS, Evaluator
 from tests.conftest import REPO
 from tests.nets import tiny
 
@@ -276,8 +276,8 @@ def kill_channel(path: Path, channel: int) -> Path:
     """The demo weights with one block_3 channel that never fires (a dead neuron), as a .safetensors file."""
     from safetensors.torch import save_file
 
-    from polypure.demo_model import WEIGHTS
-    from polypure.models import load_state_dict_file
+    from polypure.models.demo_resnet import WEIGHTS
+    from polypure.models.factory import load_state_dict_file
 
     state = load_state_dict_file(WEIGHTS)
     state["layer4.0.bn2.weight"][channel] = 0.0
@@ -449,7 +449,7 @@ def test_bad_input_errors_exit_2_and_other_errors_exit_1():
             raise error("x")
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("polypure.describe.describe", fail)
+            patch.setattr("polypure.store.inspection.describe", fail)
             assert main(["inspect", "whatever.h5"]) == status, error
 
 

@@ -10,13 +10,13 @@ from zennit.canonizers import Canonizer
 from zennit.composites import LayerMapComposite
 from zennit.core import Hook
 
+from polypure.attribution.composites import CANONIZERS, COMPOSITES
+from polypure.attribution.relevance_plan import Rule, TargetPlan
+from polypure.attribution.rule_checks import CANONIZER_TOLERANCE, CONSERVATION_LIMIT, canonizer_change, check_rules
 from polypure.cli import main
-from polypure.composites import CANONIZERS, COMPOSITES
-from polypure.config import config_from_dict
+from polypure.config.settings import config_from_dict
 from polypure.errors import ConfigError
-from polypure.relevance import Rule, TargetPlan
-from polypure.rulecheck import CANONIZER_TOLERANCE, CONSERVATION_LIMIT, canonizer_change, check_rules
-from polypure.work import build_data, build_model
+from polypure.pipeline.work_units import build_data, build_model
 
 from .nets import tiny
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from sklearn.cluster import AgglomerativeClustering, KMeans, SpectralClustering
 
-from polypure import Experiment, clustering
-from polypure.clustering import make_clusterer
+from polypure import Experiment
 from polypure.errors import ConfigError
+from polypure.evaluation import clustering
+from polypure.evaluation.clustering import make_clusterer
 from polypure.registry import Registry
 
 from .conftest import REPO, random_images
@@ -140,7 +141,7 @@ class _Warns:
 def test_a_warning_per_neuron_is_given_once_with_its_count():
     import warnings
 
-    from polypure.clustering import cluster_rows
+    from polypure.evaluation.clustering import cluster_rows
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -151,7 +152,7 @@ def test_a_warning_per_neuron_is_given_once_with_its_count():
 def test_a_caller_can_collect_the_warnings_to_report_them_once():
     import warnings
 
-    from polypure.clustering import cluster_rows
+    from polypure.evaluation.clustering import cluster_rows
 
     notes: dict = {}
     with warnings.catch_warnings(record=True) as caught:

@@ -1,7 +1,7 @@
-"""Stores compared with each other (polypure.compare, ``polypure compare``).
+"""Stores compared with each other (polypure.evaluation.store_comparison, ``polypure compare``).
 
-Paired comparisons that equal polypure.stats.paired on the stored per-neuron metrics, unpaired ones that
-equal polypure.stats.unpaired, refusals with one line and exit status 2, and the files written.
+Paired comparisons that equal polypure.evaluation.statistics.paired on the stored per-neuron metrics, unpaired ones that
+equal polypure.evaluation.statistics.unpaired, refusals with one line and exit status 2, and the files written.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from polypure import Experiment, stats
+from polypure import Experiment
 from polypure.cli import main
-from polypure.compare import COMPARISON_COLUMNS, PAIRED, UNPAIRED, compare_stores, write_comparison
 from polypure.errors import ConfigError
+from polypure.evaluation import statistics as stats
+from polypure.evaluation.store_comparison import COMPARISON_COLUMNS, PAIRED, UNPAIRED, compare_stores, write_comparison
 
 from .conftest import random_images
 from .nets import tiny

@@ -1,4 +1,4 @@
-"""Comparisons the evaluate stage stores (polypure.comparisons).
+"""Comparisons the evaluate stage stores (polypure.evaluation.comparisons).
 
 What the config asks for, equal to Results.compare and to an independent computation, refused names,
 printed and saved beside the store.
@@ -15,10 +15,11 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from polypure import comparisons, stats, summary
 from polypure.errors import ConfigError
-from polypure.results import COMPARISON_COLUMNS, open_results
-from polypure.store import Store
+from polypure.evaluation import comparisons, summary
+from polypure.evaluation import statistics as stats
+from polypure.store.hdf5_store import Store
+from polypure.store.results import COMPARISON_COLUMNS, open_results
 
 from .test_evaluate_purity import SEED, built_store, experiment
 
@@ -128,7 +129,7 @@ def test_a_metric_the_store_lacks_is_named(path):
 
 
 def test_compare_config_section_is_checked():
-    from polypure.config import config_from_dict
+    from polypure.config.settings import config_from_dict
 
     with pytest.raises(ConfigError, match="compare.n_resamples"):
         config_from_dict({"compare": {"n_resamples": 10}})

@@ -12,9 +12,7 @@ import torch
 from torch import nn
 
 from polypure import Experiment
-from polypure.attribution import INPUT, ConditionalRelevance, channel_init
-from polypure.cli import main
-from polypure.composites import (
+from polypure.attribution.composites import (
     COMPOSITES,
     GRADIENT_COMPOSITES,
     canonizer_advice,
@@ -22,10 +20,12 @@ from polypure.composites import (
     make_composite,
     times_activation,
 )
-from polypure.config import load_config
-from polypure.data import ArrayDataset
+from polypure.attribution.engine import INPUT, ConditionalRelevance, channel_init
+from polypure.cli import main
+from polypure.config.settings import load_config
+from polypure.data.datasets import ArrayDataset
 from polypure.errors import ConfigError
-from polypure.models import ExplainedModel
+from polypure.models.factory import ExplainedModel
 
 from .conftest import random_images
 
@@ -124,8 +124,8 @@ def test_input_bounds_are_the_normalised_pixel_range():
 
 def test_crop_view_runs_the_box_rule_for_every_batch_size(tmp_path):
     """The crop view's input heatmaps go through the ZBox rule with batches of several sizes."""
-    from polypure.crops import crop_heatmaps
-    from polypure.stages.relevance import plans
+    from polypure.attribution.crops import crop_heatmaps
+    from polypure.pipeline.relevance_stage import plans
 
     exp = Experiment(demo_config(tmp_path, "gradient", neurons=[3, 7, 9], n_refs=3, batch_size=7), progress=False)
     exp.run(["topk", "relevance"])

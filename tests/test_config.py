@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from polypure.cli import main
-from polypure.config import load_config
+from polypure.config.settings import load_config
 from polypure.errors import ConfigError
 
 BASE = """
@@ -104,7 +104,7 @@ def test_every_bundled_config_is_valid(name, monkeypatch):
             pytest.skip(f"its data is to be downloaded first: {exc}")
         raise
     if config.compare.baseline is not None:
-        from polypure.config import space_name
+        from polypure.config.settings import space_name
         spaces = {space_name(v.id, layer) for v in config.relevance.variant_list
                   for t in [*config.relevance.target_list, *config.relevance.planted_list]
                   for layer in t.attribution_layers or []}

@@ -15,9 +15,9 @@ import pytest
 
 from polypure import Experiment
 from polypure.cli import main
-from polypure.config import load_config
-from polypure.describe import describe
-from polypure.session import StoreLockedError, WriteSession, whole_write, work_path
+from polypure.config.settings import load_config
+from polypure.store.inspection import describe
+from polypure.store.write_session import StoreLockedError, WriteSession, whole_write, work_path
 from tests.crash_harness import differences, run_harness
 
 SMALL = ["data.synthetic.n=48", "topk.k=6", "topk.layers=[block_3]", "relevance.n_refs=6", "relevance.planted=null",
@@ -50,7 +50,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
 def test_a_lock_left_by_a_killed_writer_is_taken_over(tmp_path):
     store = tmp_path / "s.h5"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from polypure.session import WriteSession; "
+        "import sys, time; from polypure.store.write_session import WriteSession; "
         f"s = WriteSession({str(store)!r}).open(); print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from polypure import Experiment
-from polypure.config import DataSection, config_from_dict
-from polypure.data import DATASETS, ArrayDataset, FactoryDataset, build_dataset
+from polypure.config.settings import DataSection, config_from_dict
+from polypure.data.datasets import DATASETS, ArrayDataset, FactoryDataset, build_dataset
 from polypure.errors import ConfigError
 
 from .conftest import REPO

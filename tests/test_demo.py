@@ -11,10 +11,10 @@ from torch import nn
 
 from polypure import Experiment
 from polypure.cli import main
-from polypure.data import ArrayDataset
-from polypure.demo_model import evaluate_accuracy, load_card, train_demo
-from polypure.models import ExplainedModel, create_model
-from polypure.synthetic import class_of_shape, render
+from polypure.data.datasets import ArrayDataset
+from polypure.data.synthetic import class_of_shape, render
+from polypure.models.demo_resnet import evaluate_accuracy, load_card, train_demo
+from polypure.models.factory import ExplainedModel, create_model
 
 
 def test_shipped_demo_model_is_accurate_on_new_images():
@@ -91,8 +91,8 @@ def small_demo(tmp_path_factory):
 
 
 def test_demo_table_comes_from_the_stored_clusters_and_factors(small_demo, tmp_path):
-    from polypure import summary
-    from polypure.store import Store
+    from polypure.evaluation import summary
+    from polypure.store.hdf5_store import Store
 
     with h5py.File(small_demo, "r") as f:
         shape = f["samples/factors/shape"][()]

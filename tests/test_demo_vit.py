@@ -9,11 +9,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from polypure.cli import main
-from polypure.demo_model import evaluate_accuracy
-from polypure.demo_vit import ARCHITECTURE, ConvStem, load_card, train_demo_vit
+from polypure.data.synthetic import class_of_shape, render
 from polypure.errors import ConfigError
-from polypure.models import create_model
-from polypure.synthetic import class_of_shape, render
+from polypure.models.demo_resnet import evaluate_accuracy
+from polypure.models.demo_vit import ARCHITECTURE, ConvStem, load_card, train_demo_vit
+from polypure.models.factory import create_model
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from polypure import Experiment, purity, summary
-from polypure.results import open_results
+from polypure import Experiment
+from polypure.evaluation import purity, summary
+from polypure.store.results import open_results
 
 from .conftest import random_images
 from .nets import tiny

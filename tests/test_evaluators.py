@@ -14,9 +14,9 @@ import torch
 from polypure import Experiment
 from polypure.cli import main
 from polypure.errors import ConfigError
-from polypure.evaluators import make_evaluator, prepare
-from polypure.hub import HF_HUB, host_reachable
-from polypure.metrics import cluster_distances, distance_correlation
+from polypure.evaluation.evaluators import make_evaluator, prepare
+from polypure.evaluation.metrics import cluster_distances, distance_correlation
+from polypure.models.hub import HF_HUB, host_reachable
 
 from .conftest import random_images
 from .nets import tiny
@@ -95,7 +95,7 @@ def evaluated(tmp_path_factory):
                                           {"name": "hdbscan", "min_cluster_size": 3}]},
                      evaluate={"references": ["clip", "dino"], "clip": {"pretrained": None},
                                "dino": SMALL_DINO, "ground_truth": ["class"]})
-    from polypure.evaluators import ClipEvaluator
+    from polypure.evaluation.evaluators import ClipEvaluator
     original = ClipEvaluator.embed_images
 
     def counting(self, images):
@@ -151,8 +151,8 @@ def test_stored_reference_metrics_equal_independent_computation(evaluated):
 
 def test_summary_has_a_row_per_space_and_is_saved(evaluated):
     path, _ = evaluated
-    from polypure import summary
-    from polypure.store import Store
+    from polypure.evaluation import summary
+    from polypure.store.hdf5_store import Store
     with Store(path, "r") as store:
         records = summary.read(store)
     rows = {(r["space"]) for r in records if r["group"] == "c3" and r["metric"] == "corr clip"}
@@ -163,7 +163,7 @@ def test_summary_has_a_row_per_space_and_is_saved(evaluated):
 
 
 def test_the_readme_evaluator_example_works():
-    from polypure.evaluators import EVALUATORS
+    from polypure.evaluation.evaluators import EVALUATORS
     readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Write your own evaluator", 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0]

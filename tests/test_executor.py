@@ -11,10 +11,10 @@ import pytest
 
 from polypure import Experiment
 from polypure.cli import main
-from polypure.config import load_config
+from polypure.config.settings import load_config
 from polypure.errors import ConfigError
-from polypure.executor import aligned
-from polypure.work import KILL_ONCE_ENV
+from polypure.pipeline.executor import aligned
+from polypure.pipeline.work_units import KILL_ONCE_ENV
 from tests.crash_harness import differences
 
 # two targets' worth of work in every unit kind: top-K shards of two layers and a planted pass, two rule

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypure import Experiment, comparisons, figures
-from polypure.store import Store
+from polypure import Experiment
+from polypure.evaluation import comparisons
+from polypure.store.hdf5_store import Store
+from polypure.viz import figures
 
 from .conftest import random_images
 from .nets import tiny

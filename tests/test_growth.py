@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-import polypure.relevance
-import polypure.topk
+import polypure.attribution.relevance_plan
+import polypure.attribution.topk
 from polypure import Experiment
 from polypure.cli import main
 from polypure.errors import ConfigError, StaleResultError
@@ -28,7 +28,7 @@ def make(store, neurons="0:4", targets=None, overwrite=False, **sections):
 def computed(monkeypatch):
     """Records the neurons each relevance pass computes and counts top-K passes."""
     log = {"neurons": [], "topk": 0}
-    compute, collect = polypure.relevance.compute_target, polypure.topk.collect_topk
+    compute, collect = polypure.attribution.relevance_plan.compute_target, polypure.attribution.topk.collect_topk
 
     def counting_compute(dataset, plan, refs, todo, *args, **kwargs):
         log["neurons"] += plan.neurons[todo].tolist()
@@ -38,8 +38,8 @@ def computed(monkeypatch):
         log["topk"] += 1
         return collect(*args, **kwargs)
 
-    monkeypatch.setattr(polypure.relevance, "compute_target", counting_compute)
-    monkeypatch.setattr(polypure.topk, "collect_topk", counting_collect)
+    monkeypatch.setattr(polypure.attribution.relevance_plan, "compute_target", counting_compute)
+    monkeypatch.setattr(polypure.attribution.topk, "collect_topk", counting_collect)
     return log
 
 

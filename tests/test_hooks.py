@@ -1,4 +1,4 @@
-"""Unit tests of polypure.hooks: recording, rewriting and stopping a forward pass."""
+"""Unit tests of polypure.attribution.hooks: recording, rewriting and stopping a forward pass."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from polypure.attribution.hooks import StopForward, forward_to, probe_layers, tap_layers
 from polypure.errors import PolypureError
-from polypure.hooks import StopForward, forward_to, probe_layers, tap_layers
 
 
 class Chain(nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from polypure import imaging
-from polypure.data import ArrayDataset
+from polypure.data.datasets import ArrayDataset
+from polypure.viz import imaging
 
 
 def test_thumbnail_makes_grey_rgb_and_follows_crop_boxes():

@@ -9,11 +9,11 @@ import torch
 import torchvision
 
 from polypure import Experiment
-from polypure.data import MEMORY_DATA_KEYS, FactoryDataset, WrappedDataset
-from polypure.describe import MEMORY_DATA_SHOWN, describe, shown_config
+from polypure.data.datasets import MEMORY_DATA_KEYS, FactoryDataset, WrappedDataset
 from polypure.errors import ConfigError
-from polypure.evaluators import EVALUATORS, Evaluator
-from polypure.store import Store
+from polypure.evaluation.evaluators import EVALUATORS, Evaluator
+from polypure.store.hdf5_store import Store
+from polypure.store.inspection import MEMORY_DATA_SHOWN, describe, shown_config
 
 from .conftest import random_images
 from .nets import tiny
@@ -233,7 +233,7 @@ def test_inspect_shows_only_the_data_settings_of_an_in_memory_dataset(tmp_path):
     assert "labelled 8, from a dataset passed from Python" in text
     assert set(MEMORY_DATA_SHOWN) == {"kind", *MEMORY_DATA_KEYS}
 
-    from polypure.config import load_config
+    from polypure.config.settings import load_config
     built = load_config("demo").to_yaml()
     assert shown_config(built) == built
 

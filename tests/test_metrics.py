@@ -7,7 +7,7 @@ import pytest
 from scipy.spatial.distance import pdist, squareform
 from scipy.stats import pearsonr
 
-from polypure.metrics import cluster_distances, distance_correlation, mixture, pairwise_distances
+from polypure.evaluation.metrics import cluster_distances, distance_correlation, mixture, pairwise_distances
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -59,7 +59,7 @@ def test_mixture_counts_values_with_enough_share():
 
 
 def test_degenerate_spaces_are_named():
-    from polypure.metrics import degenerate
+    from polypure.evaluation.metrics import degenerate
 
     rng = np.random.default_rng(0)
     varied = rng.normal(size=(6, 5))
@@ -74,7 +74,7 @@ def test_degenerate_spaces_are_named():
 
 
 def test_clusterings_that_split_nothing_are_named():
-    from polypure.metrics import clustering_status, single_label
+    from polypure.evaluation.metrics import clustering_status, single_label
 
     labels = np.array([[-1, -1, -1, -1], [0, 0, -1, 0], [2, 2, 2, 2], [0, 1, -1, 1], [0, 1, 1, 0]])
     assert clustering_status(labels).tolist() == ["all-noise", "one-cluster", "one-cluster", "", ""]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from polypure import Experiment
-from polypure.clustering import CLUSTERERS, make_clusterer
 from polypure.errors import ConfigError
+from polypure.evaluation.clustering import CLUSTERERS, make_clusterer
 
 from .conftest import REPO, random_images
 from .nets import tiny

@@ -13,8 +13,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from polypure import Experiment
+from polypure.attribution.precision import auto_batch_size, computing
 from polypure.errors import StaleResultError
-from polypure.precision import auto_batch_size, computing
 
 from .conftest import random_images
 

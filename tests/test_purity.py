@@ -11,7 +11,7 @@ import pytest
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from polypure.purity import (
+from polypure.evaluation.purity import (
     clarity,
     clarity_batch,
     monosemanticity_topk,

@@ -44,8 +44,8 @@ def test_python_example_works(tmp_path, monkeypatch):
 def test_vision_transformer_config_example_is_a_valid_config():
     import yaml
 
-    from polypure.config import config_from_dict
-    from polypure.validate import check_rules
+    from polypure.config.settings import config_from_dict
+    from polypure.pipeline.preflight import check_rules
 
     config = config_from_dict(yaml.safe_load(fenced("## Vision transformers", "yaml")[0]))
     assert config.model.name.startswith("timm:") and config.topk.statistic == "max"

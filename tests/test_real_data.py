@@ -11,9 +11,9 @@ from crp.concepts import ChannelConcept
 from zennit.core import Composite
 
 from polypure.cli import main
-from polypure.config import load_config
-from polypure.data import build_dataset
-from polypure.models import create_model
+from polypure.config.settings import load_config
+from polypure.data.datasets import build_dataset
+from polypure.models.factory import create_model
 
 from .conftest import REPO, shared_data
 

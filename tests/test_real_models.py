@@ -20,14 +20,14 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.layer import Sum
 
 from polypure import Experiment
+from polypure.attribution.composites import ResNetCanonizer
 from polypure.cli import main
-from polypure.composites import ResNetCanonizer
-from polypure.config import DataSection, load_config
-from polypure.data import build_dataset, prefix_labels
-from polypure.efficientnet import map_by_position
+from polypure.config.settings import DataSection, load_config
+from polypure.data.datasets import build_dataset, prefix_labels
 from polypure.errors import ConfigError, PolypureError
-from polypure.hub import host_reachable
-from polypure.models import create_model
+from polypure.models.efficientnet_lite import map_by_position
+from polypure.models.factory import create_model
+from polypure.models.hub import host_reachable
 
 from .conftest import REPO, random_images, shared_data
 

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypure import comparisons, figures, imaging
-from polypure.report import THUMB_SIZE, write_report
-from polypure.store import Store
+from polypure.evaluation import comparisons
+from polypure.store.hdf5_store import Store
+from polypure.viz import figures, imaging
+from polypure.viz.report import THUMB_SIZE, write_report
 
 from .test_figures import small_store
 

@@ -1,6 +1,6 @@
-"""The results API (polypure.results) and ``polypure export``.
+"""The results API (polypure.store.results) and ``polypure export``.
 
-DataFrames that equal what the store holds, comparisons that equal polypure.stats, tables that read back
+DataFrames that equal what the store holds, comparisons that equal polypure.evaluation.statistics, tables that read back
 as written, and the README's notebook example.
 """
 
@@ -16,11 +16,13 @@ import pandas as pd
 import pytest
 
 import polypure
-from polypure import Experiment, stats, summary
+from polypure import Experiment
 from polypure.cli import main
 from polypure.errors import ConfigError
-from polypure.results import COMPARISON_COLUMNS, METRIC_COLUMNS, Results, export, open_results
-from polypure.store import Store
+from polypure.evaluation import statistics as stats
+from polypure.evaluation import summary
+from polypure.store.hdf5_store import Store
+from polypure.store.results import COMPARISON_COLUMNS, METRIC_COLUMNS, Results, export, open_results
 
 from .conftest import REPO, random_images
 from .nets import tiny

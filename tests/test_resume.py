@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from polypure import Experiment
-from polypure.store import Store
+from polypure.store.hdf5_store import Store
 
 from .conftest import random_images
 from .nets import tiny

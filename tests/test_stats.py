@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from polypure.stats import (
+from polypure.evaluation.statistics import (
     PairedResult,
     UnpairedResult,
     holm,

@@ -1,4 +1,4 @@
-"""Unit tests of polypure.store: the Store's typed accessors and the HDF5 schema it owns.
+"""Unit tests of polypure.store.hdf5_store: the Store's typed accessors and the HDF5 schema it owns.
 
 Every store is built directly through the Store API (no model), and checked against numpy arrays built
 here and plain h5py reads of the file.
@@ -15,7 +15,7 @@ import yaml
 
 import polypure
 from polypure.errors import ConfigError, StaleResultError, StoreError
-from polypure.store import (
+from polypure.store.hdf5_store import (
     ACTIVATION,
     CLASS,
     FORMAT_VERSION,

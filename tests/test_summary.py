@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from polypure import Experiment
-from polypure.report import write_report
+from polypure.viz.report import write_report
 
 from .conftest import random_images
 from .nets import tiny
@@ -90,8 +90,8 @@ def test_one_hot_relevance_is_reported_degenerate(evaluated, tmp_path, capsys):
 
 
 def test_records_say_over_how_many_neurons_and_why(evaluated):
-    from polypure import summary
-    from polypure.store import Store
+    from polypure.evaluation import summary
+    from polypure.store.hdf5_store import Store
 
     with Store(evaluated) as store:
         records = summary.read(store)
@@ -104,8 +104,8 @@ def test_records_say_over_how_many_neurons_and_why(evaluated):
 
 
 def test_a_neuron_whose_references_share_one_label_gets_no_score(evaluated, tmp_path):
-    from polypure import summary
-    from polypure.store import Store
+    from polypure.evaluation import summary
+    from polypure.store.hdf5_store import Store
 
     path = tmp_path / "s.h5"
     path.write_bytes(evaluated.read_bytes())

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from polypure import Experiment
-from polypure.config import DataSection
-from polypure.data import build_dataset
+from polypure.config.settings import DataSection
+from polypure.data.datasets import build_dataset
+from polypure.data.synthetic import CLASS_PAIRS, COLOURS, SHAPES, TEXTURES, class_of_shape, render
 from polypure.errors import ConfigError
-from polypure.synthetic import CLASS_PAIRS, COLOURS, SHAPES, TEXTURES, class_of_shape, render
 
 
 def test_same_seed_same_images_other_seed_other_images():

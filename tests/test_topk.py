@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from polypure import Experiment
-from polypure.data import ArrayDataset
-from polypure.topk import TopK, channel_scorer, channel_statistic, collect_topk
+from polypure.attribution.topk import TopK, channel_scorer, channel_statistic, collect_topk
+from polypure.data.datasets import ArrayDataset
 
 from .conftest import random_images
 from .nets import tiny
@@ -130,7 +130,7 @@ def test_nan_activation_names_the_sample():
 def test_a_bad_image_keeps_the_batches_finished_before_it(tmp_path):
     """The pass stops with an error naming the image, and a checkpoint of all batches before it."""
     from polypure.errors import PolypureError
-    from polypure.store import Store
+    from polypure.store.hdf5_store import Store
 
     dataset = dataset_with_ties()
     original = dataset._raw

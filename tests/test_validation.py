@@ -7,9 +7,9 @@ import torchvision
 
 from polypure import Experiment
 from polypure.cli import main, split_overrides
-from polypure.config import load_config
+from polypure.config.settings import load_config
 from polypure.errors import ConfigError
-from polypure.models import ExplainedModel
+from polypure.models.factory import ExplainedModel
 
 from .conftest import random_images
 from .nets import tiny
@@ -48,9 +48,9 @@ def target(**changes):
     ({"topk": {"k": 13}, "relevance": {"n_refs": 4}}, "topk.k (13) is larger than the dataset (12 samples)"),
 ])
 def test_bad_names_fail_before_any_stage(tmp_path, monkeypatch, changes, message):
-    import polypure.topk
+    import polypure.attribution.topk
     calls = []
-    monkeypatch.setattr(polypure.topk, "collect_topk", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(polypure.attribution.topk, "collect_topk", lambda *a, **k: calls.append(1))
     exp = experiment(tmp_path, **changes)
     with pytest.raises(ConfigError) as info:
         exp.run()

@@ -8,13 +8,13 @@ import h5py
 import numpy as np
 import pytest
 
-import polypure.relevance
-import polypure.topk
+import polypure.attribution.relevance_plan
+import polypure.attribution.topk
 from polypure import Experiment
 from polypure.cli import main
-from polypure.config import load_config, space_name, split_space
+from polypure.config.settings import load_config, space_name, split_space
 from polypure.errors import ConfigError, StaleResultError
-from polypure.store import Store
+from polypure.store.hdf5_store import Store
 
 from .conftest import random_images
 from .nets import tiny
@@ -39,7 +39,7 @@ def make(store, variants=None, overwrite=False, planted=True, **relevance):
 def computed(monkeypatch):
     """Records (target, composite, neurons) of every relevance pass and counts top-K passes."""
     log = {"passes": [], "topk": 0}
-    compute, collect = polypure.relevance.compute_target, polypure.topk.collect_topk
+    compute, collect = polypure.attribution.relevance_plan.compute_target, polypure.attribution.topk.collect_topk
 
     def counting_compute(dataset, plan, refs, todo, engine, *args, **kwargs):
         composite = type(engine.composite).__name__ if engine.composite is not None else "gradient"
@@ -50,8 +50,8 @@ def computed(monkeypatch):
         log["topk"] += 1
         return collect(*args, **kwargs)
 
-    monkeypatch.setattr(polypure.relevance, "compute_target", counting_compute)
-    monkeypatch.setattr(polypure.topk, "collect_topk", counting_collect)
+    monkeypatch.setattr(polypure.attribution.relevance_plan, "compute_target", counting_compute)
+    monkeypatch.setattr(polypure.attribution.topk, "collect_topk", counting_collect)
     return log
 
 

@@ -10,11 +10,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from polypure import Experiment
-from polypure.attribution import ConditionalRelevance, channel_init
+from polypure.attribution.engine import ConditionalRelevance, channel_init
+from polypure.attribution.hooks import probe_layers
+from polypure.attribution.topk import channel_statistic
 from polypure.errors import ConfigError, PolypureError
-from polypure.hooks import probe_layers
-from polypure.models import ExplainedModel, attach_layers, create_model
-from polypure.topk import channel_statistic
+from polypure.models.factory import ExplainedModel, attach_layers, create_model
 
 from .conftest import random_images
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from polypure import Experiment
-from polypure.config import load_config
-from polypure.models import build_model
-from polypure.relevance import TargetPlan, rule_from_config
-from polypure.work import relevance_rows, topk_shard
+from polypure.attribution.relevance_plan import TargetPlan, rule_from_config
+from polypure.config.settings import load_config
+from polypure.models.factory import build_model
+from polypure.pipeline.work_units import relevance_rows, topk_shard
 
 OVERRIDES = ["data.synthetic.n=40", "topk.k=6", "topk.layers=[block_3]", "relevance.n_refs=4",
              "relevance.batch_size=16", "relevance.planted=null",

@@ -3,7 +3,7 @@
 ::
 
     polypure run [CONFIG] [--set KEY=VALUE ...]   every stage (no CONFIG: the bundled demo)
-    polypure topk CONFIG                          one stage alone (any of polypure.stages.NAMES but report)
+    polypure topk CONFIG                          one stage alone (any of polypure.pipeline.stages.NAMES but report)
     polypure inspect STORE                        what a store holds
     polypure report STORE                         the browsable HTML report of a store
     polypure export STORE DIR [--format parquet]  metrics, summary and comparisons as CSV or Parquet tables
@@ -22,9 +22,9 @@ import logging
 import sys
 import traceback
 
-from . import __version__
-from .errors import ConfigError, InputError, PolypureError
-from .stages import NAMES, STAGES
+from polypure import __version__
+from polypure.errors import ConfigError, InputError, PolypureError
+from polypure.pipeline.stages import NAMES, STAGES
 
 
 def _add_run_options(parser: argparse.ArgumentParser, config_optional: bool) -> None:
@@ -140,26 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registries():
-    from .composites import CANONIZERS, COMPOSITES
-    from .models import MODELS
+    from polypure.attribution.composites import CANONIZERS, COMPOSITES
+    from polypure.models.factory import MODELS
     out = {"models": MODELS, "composites": COMPOSITES, "canonizers": CANONIZERS}
     try:
-        from .clustering import CLUSTERERS
+        from polypure.evaluation.clustering import CLUSTERERS
         out["clusterers"] = CLUSTERERS
     except ImportError:
         pass
     try:
-        from .evaluators import EVALUATORS
+        from polypure.evaluation.evaluators import EVALUATORS
         out["evaluators"] = EVALUATORS
     except ImportError:
         pass
-    from .data import DATASETS
+    from polypure.data.datasets import DATASETS
     out["datasets"] = DATASETS
     return out
 
 
 def _run(args) -> int:
-    from .experiment import Experiment
+    from polypure.experiment import Experiment
 
     if args.command == "run":
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
@@ -184,8 +184,8 @@ def _run(args) -> int:
 
 
 def _check_rules(args) -> int:
-    from .config import load_config
-    from .rulecheck import check_config
+    from polypure.attribution.rule_checks import check_config
+    from polypure.config.settings import load_config
 
     for option in ("samples", "neurons"):
         if getattr(args, option) < 1:
@@ -230,27 +230,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(split_overrides(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="polypure: %(message)s", stream=sys.stderr)
-    from .session import terminate_as_interrupt
+    from polypure.store.write_session import terminate_as_interrupt
 
     # SIGTERM (a scheduler's stop) ends a run as Ctrl-C does: after the write under way, committed, exit 143
     terminate_as_interrupt()
     try:
         if args.command == "inspect":
-            from .describe import describe
+            from polypure.store.inspection import describe
             print(describe(args.store, show_config=not args.no_config))
             return 0
         if args.command == "report":
-            from .report import write_report
+            from polypure.viz.report import write_report
             print(write_report(args.store, out=args.out, max_neurons=args.neurons, view=args.view,
                                progress=not args.quiet))
             return 0
         if args.command == "export":
-            from .results import export
+            from polypure.store.results import export
             for path in export(args.store, args.out, format=args.format, baseline=args.baseline):
                 print(path)
             return 0
         if args.command == "compare":
-            from .compare import compare_stores, write_comparison
+            from polypure.evaluation.store_comparison import compare_stores, write_comparison
             paired = {"auto": None, "paired": True, "unpaired": False}[args.test]
             result = compare_stores(args.stores, metric=args.metric, paired=paired, seed=args.seed)
             for path in write_comparison(result, args.out):
@@ -258,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo-train":
             if args.model == "demo_vit":
-                from .demo_vit import train_demo_vit as train
+                from polypure.models.demo_vit import train_demo_vit as train
             else:
-                from .demo_model import train_demo as train
+                from polypure.models.demo_resnet import train_demo as train
             # options left out keep the training function's own defaults, which the shipped card records
             given = {k: v for k, v in (("epochs", args.epochs), ("per_epoch", args.per_epoch)) if v is not None}
             card = train(args.out, seed=args.seed, progress=not args.quiet, **given)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"polypure: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        from .session import Terminated
+        from polypure.store.write_session import Terminated
 
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"polypure: {what}; finished work is saved in the store, rerun the same command to continue",

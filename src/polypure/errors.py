@@ -39,3 +39,26 @@ class StaleResultError(StoreError, ConfigError):
     Finished work is never replaced silently: the run stops and names the result and the setting that
     differs; ``--overwrite`` recomputes that result and what depends on it, nothing else.
     """
+
+
+class StoreLockedError(StoreError, ConfigError):
+    """Another process is writing the store (command-line exit status 2)."""
+
+
+class DiskFullError(PolypureError):
+    """The store's file system ran out of space; everything committed before is kept (exit status 1)."""
+
+
+class ClustererFailed(InputError):
+    """A clusterer raised on the data, or returned labels of the wrong shape (exit status 2).
+
+    Clusterings finished before stay in the store.
+    """
+
+
+class StopForward(Exception):  
+    """Raised inside a hook to end a forward pass once every needed layer has run.
+
+    Control flow, not an error: :func:`polypure.attribution.hooks.tap_layers` raises it and
+    :func:`polypure.attribution.hooks.forward_to` catches it; it never reaches a user.
+    """

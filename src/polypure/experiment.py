@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, config_from_dict, load_config
-from .data import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset
-from .errors import ConfigError
-from .models import ExplainedModel, build_model
-from .stages import NAMES
-from .stages import get as get_stage
-from .store import Store
-from .validate import check_evaluators
+from polypure.config.settings import Config, config_from_dict, load_config
+from polypure.data.datasets import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset
+from polypure.errors import ConfigError
+from polypure.models.factory import ExplainedModel, build_model
+from polypure.pipeline.preflight import check_evaluators
+from polypure.pipeline.stages import NAMES
+from polypure.pipeline.stages import get as get_stage
+from polypure.store.hdf5_store import Store
 
 log = logging.getLogger("polypure")
 
@@ -69,7 +69,7 @@ class Experiment:
         ``(image, label, ...)`` with images (C, H, W) tensors prepared for the model: the model gets them
         as they are (cast to its dtype), and they are never changed. Labels come from the dataset's
         ``labels`` or ``targets`` attribute, else from the items. Of ``config.data`` only ``batch_size``
-        and ``num_workers`` apply (see :class:`~polypure.data.WrappedDataset`).
+        and ``num_workers`` apply (see :class:`~polypure.data.datasets.WrappedDataset`).
     mean, std : sequence of float, optional
         The normalisation a torch ``dataset``'s items carry (``(pixels - mean) / std``), which evaluators,
         crops and thumbnails undo to get pixels in [0, 1].
@@ -141,7 +141,7 @@ class Experiment:
         self._dirty = False
         if self.config.executor.kind != "local":
             # asked for and not installed: say so now, not after the first stage
-            from .executor import check_available
+            from polypure.pipeline.executor import check_available
             check_available(self.config.executor.kind)
 
     # -- parts -------------------------------------------------------------------------------------
@@ -152,10 +152,10 @@ class Experiment:
         if self._model is None:
             arg = self._model_arg
             if isinstance(arg, ExplainedModel):
-                from .models import attach_layers
+                from polypure.models.factory import attach_layers
                 model = attach_layers(arg, self.config.model.layers)
             elif isinstance(arg, nn.Module):
-                from .models import _default_canonizers, attach_layers
+                from polypure.models.factory import _default_canonizers, attach_layers
                 model = attach_layers(ExplainedModel(arg, name=self.config.model.name,
                                                      canonizers=_default_canonizers(arg)), self.config.model.layers)
             else:
@@ -189,13 +189,13 @@ class Experiment:
     def executor(self):
         """Where the top-K, relevance and embedding work runs: None for this process, or a Ray executor.
 
-        A :class:`~polypure.executor.RayExecutor` connects on first use and is stopped by :meth:`close`.
+        A :class:`~polypure.pipeline.executor.RayExecutor` connects on first use and is stopped by :meth:`close`.
         """
         if self._executor is None and self.config.executor.kind != "local":
             import os
 
-            from .executor import make_executor
-            from .work import WorkSource
+            from polypure.pipeline.executor import make_executor
+            from polypure.pipeline.work_units import WorkSource
             memory_model = self._model_arg is not None
             source = WorkSource(self.config, model=self.model if memory_model else None,
                                 dataset=self._dataset_arg, cwd=os.getcwd())
@@ -210,7 +210,7 @@ class Experiment:
 
     @contextlib.contextmanager
     def writing(self):
-        """Hold the store for writing: its lock and working copy (:mod:`polypure.session`), then commit.
+        """Hold the store for writing: its lock and working copy (:mod:`polypure.store.write_session`), then commit.
 
         Stages and :meth:`run` enter it; nested entries share one session. On leaving, finished work is
         committed even when an error or Ctrl-C ends the run, and the lock is released.
@@ -218,7 +218,7 @@ class Experiment:
         if self._writer is not None:
             yield self._writer
             return
-        from .session import WriteSession
+        from polypure.store.write_session import WriteSession
 
         self._writer = WriteSession(self.config.store_path, commit_every=self.config.commit_every).open()
         self._dirty = False
@@ -227,7 +227,7 @@ class Experiment:
         except OSError as exc:
             # HDF5 reports a full disk as a failed write; say what it is, and where
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
-                from .session import disk_full
+                from polypure.store.write_session import disk_full
                 work = self._writer.work_path
                 raise disk_full(self.config.store_path, work.stat().st_size if work.exists() else 0) from None
             raise
@@ -281,7 +281,7 @@ class Experiment:
 
     def probe_layers(self, modules: dict[str, nn.Module]) -> tuple[dict[str, tuple], list[str]]:
         """Shapes and forward order of layers from one forward pass of the first sample (shapes are kept)."""
-        from .hooks import probe_layers
+        from polypure.attribution.hooks import probe_layers
         x = self.dataset[0][0].unsqueeze(0).to(self.device)
         shapes, order = probe_layers(self.model.module, modules, x)
         self._shapes.update(shapes)
@@ -298,7 +298,7 @@ class Experiment:
             With one line naming the key and the problem.
         """
         if not self._validated:
-            from .validate import check_experiment
+            from polypure.pipeline.preflight import check_experiment
             check_experiment(self)
             self._validated = True
         return self
@@ -310,7 +310,7 @@ class Experiment:
     # -- stages ------------------------------------------------------------------------------------
 
     def _stage(self, name: str, **options):
-        """Run one stage (:mod:`polypure.stages`) after checking the config, and commit what it wrote."""
+        """Run one stage (:mod:`polypure.pipeline.stages`) after checking the config, and commit what it wrote."""
         self.validate()
         if get_stage(name).WRITES:
             with self.writing():
@@ -356,7 +356,7 @@ class Experiment:
         return self
 
     def run(self, stages: list[str] | None = None) -> Experiment:
-        """Run stages in order (default: every stage of :data:`polypure.stages.NAMES`), after :meth:`validate`."""
+        """Run stages in order (default: every stage of :data:`polypure.pipeline.stages.NAMES`), after :meth:`validate`."""
         chosen = list(stages or STAGES)
         for name in chosen:
             get_stage(name)

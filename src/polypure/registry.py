@@ -23,7 +23,7 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
-from .errors import ConfigError
+from polypure.errors import ConfigError
 
 
 class Registry:

@@ -1,0 +1,266 @@
+"""Conditional relevance of lower layers to target neurons, many (neuron, image) pairs per backward pass.
+
+For target channel k of layer L and a lower layer l (METHOD.md section 2)::
+
+    R_i^l = sum over positions of  A_i^l * G_i^l,   G^l = VJP of A^L w.r.t. A^l with max(A_k^L, 0) on channel k
+
+then ``R / (sum_i |R_i| + 1e-10)``. This is zennit-crp's ``CondAttribution`` with ``start_layer=L`` and
+``init_rel=lambda a: a.clamp(min=0)``, but
+
+* every attribution layer is recorded by one backward pass (crp's users ran one per layer),
+* the backward stops at the lowest attribution layer instead of running down to the input,
+* each image is forwarded once up to the lowest attribution layer, however many neurons use it as a
+  reference; only above it does every (neuron, image) pair get a row of its own,
+* the forward stops at the target layer.
+
+Example
+-------
+>>> import torch, torchvision
+>>> from polypure.attribution.engine import ConditionalRelevance, channel_init
+>>> net = torchvision.models.resnet18().eval()
+>>> engine = ConditionalRelevance(net, {"layer4": net.layer4}, {"layer2": net.layer2, "layer3": net.layer3})
+>>> images = torch.randn(2, 3, 64, 64)
+>>> rows, neurons = torch.tensor([0, 1, 1]), torch.tensor([5, 5, 9])
+>>> with engine:
+...     out = engine(images, rows, channel_init(neurons))
+>>> out.relevance["layer3"].shape
+torch.Size([3, 256])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from polypure.attribution.hooks import forward_to, probe_layers, tap_layers
+from polypure.attribution.precision import autocast, flags
+from polypure.attribution.precision import check as check_precision
+from polypure.errors import ConfigError, PolypureError
+
+#: Name of the model input, usable as an attribution layer (input-level heatmaps).
+INPUT = "input"
+_TARGET = "\0target"
+
+
+def normalize_l1(relevance: torch.Tensor) -> torch.Tensor:
+    """Sum a relevance map over positions and divide by its L1 norm over channels (plus 1e-10).
+
+    This is zennit-crp's ``ChannelConcept().attribute(R, abs_norm=True)``.
+    """
+    per_channel = relevance.flatten(2).sum(-1) if relevance.ndim > 2 else relevance
+    return per_channel / (per_channel.abs().sum(-1, keepdim=True) + 1e-10)
+
+
+def spatial_mean(activation: torch.Tensor) -> torch.Tensor:
+    """The activation baseline: clamped at 0 and averaged over positions, one value per channel."""
+    clamped = activation.clamp(min=0)
+    return clamped.flatten(2).mean(-1) if clamped.ndim > 2 else clamped
+
+
+def channel_init(neurons: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Initial relevance of real neurons: row j gets ``max(A[j, neurons[j]], 0)`` on that channel only."""
+    def init(target: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(len(target), device=target.device)
+        channels = neurons.to(target.device)
+        grad = torch.zeros_like(target)
+        grad[rows, channels] = target[rows, channels].clamp(min=0)
+        return grad
+    return init
+
+
+@dataclass
+class RelevanceBatch:
+    """The result for P (neuron, image) rows.
+
+    Attributes
+    ----------
+    relevance : dict of str to Tensor
+        Per attribution layer, (P, C_layer) L1-normalised relevance vectors.
+    activation : Tensor
+        (P, C_target) activation baseline.
+    maps : dict of str to Tensor
+        Unreduced relevance maps, only for layers asked for in ``keep_maps``.
+    """
+
+    relevance: dict[str, torch.Tensor]
+    activation: torch.Tensor
+    maps: dict[str, torch.Tensor]
+
+
+class ConditionalRelevance:
+    """Computes conditional relevance for batches of (neuron, image) rows.
+
+    Parameters
+    ----------
+    model : Module
+        The network (its parameters are frozen while the engine is entered).
+    target : dict of str to Module
+        One entry: the target layer's name and module.
+    attribution_layers : dict of str to Module
+        Lower layers to record (``"input"`` for the model input, with any module value).
+    composite : zennit.core.Composite, optional
+        None for the plain gradient.
+    times_activation : bool
+        Multiply the backward signal by the activation (Gradient x Activation); False when the composite
+        already propagates relevance (LRP).
+    precision : {"fp32", "tf32", "bf16"}
+        How the forward and backward passes compute (:mod:`polypure.attribution.precision`); relevance maps are
+        reduced and normalised in float32 at every precision.
+    relevance_init : bool
+        The composite is LRP in the gradient x input framework (AttnLRP): ``init`` gives the initial
+        *relevance* at the target, as zennit-crp's ``init_rel`` under an LRP composite, and the backward
+        starts from that divided by the target's activation, so that gradient x activation at the target is
+        the initial relevance and lower layers conserve it. False: ``init`` is the initial gradient itself
+        (Gradient x Activation as METHOD.md defines it, or zennit's relevance under an LRP composite).
+    """
+
+    def __init__(self, model: nn.Module, target: dict[str, nn.Module], attribution_layers: dict[str, nn.Module],
+                 composite=None, times_activation: bool = True, precision: str = "fp32",
+                 relevance_init: bool = False):
+        if len(target) != 1:
+            raise ValueError("target must name exactly one layer")
+        self.model = model
+        (self.target_name, self.target_module), = target.items()
+        self.layers = dict(attribution_layers)
+        if not self.layers:
+            raise ConfigError(f"target {self.target_name!r}: no attribution layers given")
+        self.composite = composite
+        self.times_activation = times_activation
+        self.precision = check_precision(precision)
+        self.relevance_init = relevance_init
+        self.order: list[str] | None = None
+        self.share_forward = True
+        self._entered = 0
+        self._grad_flags: list[bool] = []
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def __enter__(self) -> ConditionalRelevance:
+        if self._entered == 0:
+            self._grad_flags = [p.requires_grad for p in self.model.parameters()]
+            self.model.requires_grad_(False)
+            if self.composite is not None:
+                self.composite.register(self.model)
+        self._entered += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._entered -= 1
+        if self._entered == 0:
+            if self.composite is not None:
+                self.composite.remove()
+            for param, flag in zip(self.model.parameters(), self._grad_flags):
+                param.requires_grad_(flag)
+
+    def _module_taps(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in self.layers.items() if name != INPUT}
+
+    def prepare(self, sample: torch.Tensor) -> list[str]:
+        """Order the attribution layers by the forward pass and decide how the forward can be shared.
+
+        Checks that every attribution layer lies below the target. Sharing the forward below the
+        lowest attribution layer is only exact when every path from the input to the target passes
+        through that layer (a branch that bypasses it, like a shortcut from the input, would see one
+        row per image while the rest sees one row per pair); this is tested once with autograd.
+        """
+        taps = {**self._module_taps(), _TARGET: self.target_module}
+        _, order = probe_layers(self.model, taps, sample[:1])
+        position = {name: i for i, name in enumerate(order)}
+        above = [n for n in self._module_taps() if position[n] > position[_TARGET]]
+        if above:
+            raise ConfigError(f"attribution layer(s) {', '.join(above)} run after the target layer "
+                              f"{self.target_name!r}; attribution layers must lie below the target")
+        self.order = ([INPUT] if INPUT in self.layers else []) + [n for n in order if n in self.layers]
+        if self.order[0] != INPUT:
+            self.share_forward = self._lowest_layer_dominates(sample[:1])
+        return self.order
+
+    def _lowest_layer_dominates(self, sample: torch.Tensor) -> bool:
+        x = sample.detach().clone().requires_grad_(True)
+        expand = {self.order[0]: lambda out: out.detach()[[0, 0]].requires_grad_(True)}
+        try:
+            with torch.enable_grad(), tap_layers({self.order[0]: self.layers[self.order[0]],
+                                                  _TARGET: self.target_module}, transforms=expand) as outputs:
+                forward_to(self.model, x, outputs)
+                target = outputs[_TARGET]
+                if not target.requires_grad:
+                    return True
+                bypass, = torch.autograd.grad(target.sum(), x, allow_unused=True)
+        except RuntimeError:
+            return False
+        return bypass is None
+
+    # -- computation -------------------------------------------------------------------------------
+
+    def __call__(self, images: torch.Tensor, rows: torch.Tensor,
+                 init: Callable[[torch.Tensor], torch.Tensor],
+                 keep_maps: tuple[str, ...] = ()) -> RelevanceBatch:
+        """Relevance for P rows, row j explaining image ``images[rows[j]]``.
+
+        Parameters
+        ----------
+        images : Tensor, shape (U, C, H, W)
+            Each image once (already on the model's device).
+        rows : Tensor, shape (P,)
+            Image index of every row.
+        init : callable
+            ``init(target_output) -> initial relevance`` for the (P, ...) target output; see
+            :func:`channel_init`.
+        keep_maps : tuple of str
+            Attribution layers whose unreduced relevance maps are returned too.
+
+        Returns
+        -------
+        RelevanceBatch
+        """
+        if self._entered == 0:
+            raise RuntimeError("use the engine inside 'with engine:'")
+        if self.order is None:
+            self.prepare(images)
+        return self._compute(images, rows.to(images.device), init, keep_maps, share=self.share_forward)
+
+    def _compute(self, images, rows, init, keep_maps, share: bool) -> RelevanceBatch:
+        lowest = self.order[0]
+        x = images if share else images[rows]
+
+        def expand(output):
+            # cut the graph here: nothing below the lowest attribution layer is needed for the backward
+            output = output.detach()
+            return (output[rows] if share else output).requires_grad_(True)
+
+        taps = {**self._module_taps(), _TARGET: self.target_module}
+        transforms = {} if lowest == INPUT else {lowest: expand}
+        if lowest == INPUT:
+            x = expand(x)
+        device = images.device
+        with flags(device, self.precision), torch.enable_grad(), tap_layers(taps, transforms=transforms) as outputs:
+            with autocast(device, self.precision):
+                forward_to(self.model, x, outputs)
+            if _TARGET not in outputs:
+                raise PolypureError(f"target layer {self.target_name!r} did not run in the forward pass")
+            target = outputs[_TARGET]
+            if not target.requires_grad:
+                raise PolypureError(f"target layer {self.target_name!r} does not depend on the attribution layers")
+            inputs = {name: (x if name == INPUT else outputs[name]) for name in self.layers}
+            start = init(target.detach())
+            if self.relevance_init:
+                # relevance R at the target is gradient x activation there: the gradient to start from is R / A
+                # (zero where A is: R, a clamped share of A, is zero there too)
+                activation = target.detach()
+                start = torch.where(activation != 0, start / torch.where(activation != 0, activation, 1), 0)
+            grads = torch.autograd.grad(target, list(inputs.values()), start, allow_unused=True)
+        relevance, maps = {}, {}
+        for (name, activation), grad in zip(inputs.items(), grads):
+            if grad is None:
+                raise ConfigError(f"attribution layer {name!r} does not lie on a path to the target "
+                                  f"{self.target_name!r}")
+            # in float32 whatever the passes computed in: the sums over positions are where bf16 would lose most
+            grad = grad.float()
+            rel_map = grad * activation.detach().float() if self.times_activation else grad
+            relevance[name] = normalize_l1(rel_map)
+            if name in keep_maps:
+                maps[name] = rel_map.detach()
+        return RelevanceBatch(relevance, spatial_mean(target.detach().float()), maps)

@@ -1,0 +1,1 @@
+"""The run configuration: :mod:`~polypure.config.settings` validates a YAML file and its overrides."""

@@ -1,0 +1,743 @@
+"""The run configuration: a validated YAML file, overridable key by key.
+
+Every key is checked before any work starts: an unknown key, a wrong type or a missing file stops the
+run with one line that names the key and the problem.
+
+Example
+-------
+>>> from polypure.config.settings import load_config
+>>> cfg = load_config(None, ["topk.k=60", "relevance.n_refs=60"])  # the bundled demo, changed
+>>> cfg.topk.k, cfg.model.name
+(60, 'demo_resnet')
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from polypure.errors import ConfigError
+
+#: Keys that change how fast a run goes but not what it computes; a store made with other values of
+#: these keys is still the same result.
+RUNTIME_KEYS = (
+    "name", "device", "store",
+    "data.batch_size", "data.num_workers",
+    "topk.checkpoint_every",
+    "relevance.batch_size",
+    "report",
+    "executor",
+    "commit_every",
+)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_file(path: Path | None, what: str) -> Path | None:
+    if path is not None and not Path(path).exists():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    return path
+
+
+def _check_python_spec(value: str, what: str) -> str:
+    """``python:MODULE:FACTORY``, where a MODULE ending in .py must be an existing file."""
+    parts = value.split(":")
+    if len(parts) != 3 or not all(parts[1:]):
+        raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
+    if parts[1].endswith(".py"):
+        _check_file(Path(parts[1]), what)
+    return value
+
+
+class LayerSpec(_Section):
+    """A layer alias with the layout of its outputs (``model.layers: {name: {module: PATH, channel_axis: -1}}``).
+
+    ``channel_axis`` says where the channels are in outputs of three or more dimensions: 1 (channels first,
+    a CNN's (B, C, H, W)) or -1 (tokens by channels, a transformer's (B, T, D)). Layers of timm, open_clip and
+    torchvision ViTs are recognised without it.
+    """
+
+    module: str
+    channel_axis: int = 1
+
+
+class ModelSection(_Section):
+    """Which network to explain and where its layers are."""
+
+    name: str = "torchvision:resnet34"
+    weights: str | bool | None = None
+    layers: dict[str, str | LayerSpec] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_file(cls, value: str) -> str:
+        return _check_python_spec(value, "model file") if value.startswith("python:") else value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file(cls, value):
+        if value is True:
+            return "DEFAULT"
+        if value is False:
+            return None
+        if isinstance(value, str) and (value.endswith(_WEIGHT_SUFFIXES) or "/" in value):
+            _check_file(Path(value), "weights file")
+        return value
+
+
+class NormalizeSpec(_Section):
+    """Per-channel mean and std that turn [0, 1] pixels into model inputs."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.mean) != len(self.std):
+            raise ValueError("normalize.mean and normalize.std must have the same length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("normalize.std must be positive")
+        return self
+
+
+class DataSection(_Section):
+    """Which images, and how they are prepared for the model."""
+
+    kind: str = "imagefolder"
+    root: Path | None = None
+    path: Path | None = None
+    images_key: str = "images"
+    labels_key: str | None = "labels"
+    labels: Literal["auto", "none", "prefix"] = "auto"
+    classes: Path | None = None
+    image_size: int | None = Field(224, ge=1)
+    resize: int | None = Field(None, ge=1)
+    normalize: Literal["auto", "imagenet", "none"] | NormalizeSpec = "auto"
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    limit: int | None = Field(None, ge=1)
+    synthetic: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value.startswith("python:"):
+            return _check_python_spec(value, "data file")
+        # imported here rather than at the top: the data kinds bring torch, which the rest of a config does not need
+        from polypure.data.datasets import DATASETS
+
+        if value not in DATASETS:
+            # 'memory' is reserved for a dataset passed from Python, not a kind to choose
+            kinds = ", ".join(name for name in DATASETS.names() if name != "memory")
+            raise ValueError(f"unknown data kind {value!r}; use {kinds} or python:MODULE:FACTORY")
+        return value
+
+    @model_validator(mode="after")
+    def _paths(self):
+        # the keys of the built-in kinds, checked before any work starts; a plugin kind checks its own options
+        # when it builds its dataset
+        if self.kind in ("imagefolder", "images"):
+            if self.root is None:
+                raise ValueError(f"data.root is required for data.kind {self.kind!r}")
+            if not Path(self.root).is_dir():
+                raise ValueError(f"data.root: folder {str(self.root)!r} does not exist")
+        if self.kind == "npz":
+            if self.path is None:
+                raise ValueError("data.path (the .npz file) is required for data.kind 'npz'")
+            if not Path(self.path).is_file():
+                raise ValueError(f"data.path: file {str(self.path)!r} does not exist")
+        if self.labels == "prefix" and self.kind != "images":
+            raise ValueError("data.labels: 'prefix' applies to data.kind 'images' only")
+        if self.classes is not None and not Path(self.classes).is_file():
+            raise ValueError(f"data.classes: file {str(self.classes)!r} does not exist")
+        return self
+
+    @property
+    def resize_to(self) -> int | None:
+        """Side the short edge is resized to before the centre crop (256 for 224, as in METHOD.md)."""
+        if self.image_size is None:
+            return None
+        return self.resize if self.resize is not None else round(self.image_size * 256 / 224)
+
+
+class TopKSection(_Section):
+    """Which channels' most-activating samples to find."""
+
+    layers: list[str] = Field(default_factory=lambda: ["block_3"])
+    k: int = Field(50, ge=1)
+    statistic: Literal["max", "mean", "cls"] = "max"
+    checkpoint_every: int = Field(50, ge=1)
+
+
+NeuronSpec = Literal["all"] | list[int] | str | int
+
+
+def _check_neurons(value):
+    if isinstance(value, str) and value != "all" and not re.fullmatch(r"\s*\d*\s*:\s*\d*\s*", value):
+        raise ValueError(f"neurons must be 'all', a list of channel ids or 'start:stop', not {value!r}")
+    if isinstance(value, int):
+        return [value]
+    return value
+
+
+class TargetSection(_Section):
+    """One target layer, which of its neurons to explain, and at which lower layers."""
+
+    layer: str
+    neurons: NeuronSpec = "all"
+    attribution_layers: list[str]
+
+    _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
+
+
+class PlantedSection(_Section):
+    """Virtual neurons made from pairs of real channels, with a known split (METHOD.md section 6)."""
+
+    pairs: int = Field(16, ge=1)
+    layer: str = "block_3"
+    mode: Literal["sum", "max"] | list[Literal["sum", "max"]] = "sum"
+    seed: int = 0
+    max_overlap: float = Field(0.1, ge=0, le=1)
+    attribution_layers: list[str] | None = None
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes as a list, in the order given."""
+        return [self.mode] if isinstance(self.mode, str) else list(dict.fromkeys(self.mode))
+
+
+class CompositeSpec(BaseModel):
+    """A composite with parameters: its registered ``name`` and the keyword arguments of its class."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The composite's parameters from the mapping form (empty for a plain name)."""
+        return dict(self.model_extra or {})
+
+
+#: ``relevance.composite``: a registered name, or ``{name: ..., <parameter>: <value>, ...}``.
+CompositeField = str | CompositeSpec
+
+
+def _composite_form(value: Any) -> Any:
+    # one message for a wrong form, instead of one per branch of the union
+    if isinstance(value, dict) and "name" not in value:
+        raise ValueError("a composite with parameters needs its name: {name: epsilon_gamma_box, low: ..., ...}")
+    if not isinstance(value, (str, dict, CompositeSpec)):
+        raise ValueError(f"expected a composite name or a mapping {{name: ..., <parameter>: ...}}, not {value!r}")
+    return value
+
+
+#: The id of the variant a config without ``relevance.variants`` computes; its spaces keep plain layer names.
+DEFAULT_VARIANT = "default"
+#: Between a variant id and a layer in the name of a space: ``lrp:block_2``.
+VARIANT_SEPARATOR = ":"
+#: Names a variant id may not take: they are datasets of a relevance target in the store.
+_RESERVED_VARIANT_IDS = ("neurons", "complete", "activation")
+
+
+def space_name(variant: str, layer: str) -> str:
+    """The space of a variant's relevance at a layer: ``<variant>:<layer>``, plain ``<layer>`` for ``default``.
+
+    Examples
+    --------
+    >>> space_name("lrp", "block_2"), space_name("default", "block_2")
+    ('lrp:block_2', 'block_2')
+    """
+    return layer if variant == DEFAULT_VARIANT else f"{variant}{VARIANT_SEPARATOR}{layer}"
+
+
+def split_space(space: str) -> tuple[str, str]:
+    """``(variant, layer)`` of a space name, the inverse of :func:`space_name`."""
+    variant, sep, layer = space.partition(VARIANT_SEPARATOR)
+    return (variant, layer) if sep else (DEFAULT_VARIANT, space)
+
+
+class _NamedComposite:
+    """The name and parameters of a section's ``composite``, whichever form the config used."""
+
+    @property
+    def composite_name(self) -> str:
+        """The composite's registered name, whichever form the config used."""
+        return self.composite if isinstance(self.composite, str) else self.composite.name
+
+    @property
+    def composite_params(self) -> dict[str, Any]:
+        """The composite's parameters from the config (empty for the plain-name form)."""
+        return {} if isinstance(self.composite, str) else self.composite.params
+
+
+class VariantSection(_NamedComposite, _Section):
+    """One attribution rule of ``relevance.variants``: an ``id`` and the rule's composite, canonizers, product.
+
+    Its spaces are named ``<id>:<layer>`` (plain ``<layer>`` for the id ``default``).
+    """
+
+    id: str
+    composite: CompositeField = "gradient"
+    canonizers: list[str] = Field(default_factory=list)
+    times_activation: Literal["auto"] | bool = "auto"
+
+    _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        # the id becomes an HDF5 group name and the prefix of space names, so no '/' or ':' in it
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", value):
+            raise ValueError(f"variant id {value!r}: use letters, digits, '_', '-' and '.', starting with a letter")
+        if value in _RESERVED_VARIANT_IDS:
+            raise ValueError(f"variant id {value!r} is reserved (a dataset of every relevance target)")
+        return value
+
+
+class RelevanceSection(_NamedComposite, _Section):
+    """Conditional relevance of lower layers to target neurons (METHOD.md section 2)."""
+
+    target_layer: str = "block_3"
+    neurons: NeuronSpec = "all"
+    attribution_layers: list[str] = Field(default_factory=lambda: ["block_0", "block_1", "block_2"])
+    targets: list[TargetSection] | None = None
+    n_refs: int = Field(50, ge=1)
+    composite: CompositeField = "gradient"
+    canonizers: list[str] = Field(default_factory=list)
+    times_activation: Literal["auto"] | bool = "auto"
+    variants: list[VariantSection] | None = None
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = 64
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    planted: PlantedSection | list[PlantedSection] | None = None
+
+    _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
+    _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        # a key equal to its default is no conflict (a resolved config lists every key)
+        defaults = RelevanceSection.model_construct()
+        short = {key for key in ("target_layer", "neurons", "attribution_layers")
+                 if key in self.model_fields_set and getattr(self, key) != getattr(defaults, key)}
+        if self.targets is not None and short:
+            raise ValueError(f"give either relevance.targets or relevance.{'/'.join(sorted(short))}, not both")
+        rule = {key for key in ("composite", "canonizers", "times_activation")
+                if key in self.model_fields_set and getattr(self, key) != getattr(defaults, key)}
+        if self.variants is not None and rule:
+            raise ValueError(f"give either relevance.variants or relevance.{'/'.join(sorted(rule))}, not both "
+                             "(each variant names its own)")
+        if self.variants is not None:
+            if not self.variants:
+                raise ValueError("relevance.variants: give at least one variant, or leave the key out")
+            ids = [v.id for v in self.variants]
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                raise ValueError(f"relevance.variants: id {twice[0]!r} is used twice")
+        if self.targets is not None:
+            layers = [t.layer for t in self.targets]
+            twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+            if twice:
+                raise ValueError(f"relevance.targets: layer {twice[0]!r} is listed twice (give one entry per layer)")
+        return self
+
+    @property
+    def rows_per_pass(self) -> int:
+        """``batch_size``, with ``auto`` read as 64: for the passes that are not worth measuring (checks, crops)."""
+        return 64 if self.batch_size == "auto" else self.batch_size
+
+    @property
+    def variant_list(self) -> list[VariantSection]:
+        """The rule variants: ``variants``, or the one ``composite`` / ``canonizers`` / ``times_activation`` give.
+
+        That one has the id ``default``, whose spaces keep plain layer names.
+        """
+        if self.variants is not None:
+            return list(self.variants)
+        return [VariantSection(id=DEFAULT_VARIANT, composite=self.composite, canonizers=self.canonizers,
+                               times_activation=self.times_activation)]
+
+    @property
+    def target_list(self) -> list[TargetSection]:
+        """The real targets, whichever form the config used."""
+        if self.targets is not None:
+            return list(self.targets)
+        return [TargetSection(layer=self.target_layer, neurons=self.neurons,
+                              attribution_layers=self.attribution_layers)]
+
+    @property
+    def planted_list(self) -> list[PlantedSection]:
+        """The planted entries as a list, whichever form the config used."""
+        if self.planted is None:
+            return []
+        return [self.planted] if isinstance(self.planted, PlantedSection) else list(self.planted)
+
+
+class ClusterMethod(BaseModel):
+    """One clusterer: its registered ``name``, an optional storage ``id`` and its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    id: str | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The clusterer's parameters: every key but ``name`` and ``id``."""
+        return dict(self.model_extra or {})
+
+    @property
+    def method_id(self) -> str:
+        """Where the clustering is stored: ``id``, or else ``name``."""
+        return self.id or self.name
+
+
+class ClusterSection(_Section):
+    """How each neuron's references are clustered, per feature space (METHOD.md section 3)."""
+
+    spaces: list[str] | None = None
+    methods: list[ClusterMethod] = Field(
+        default_factory=lambda: [ClusterMethod(name="kmeans", n_clusters=2)])
+
+    @model_validator(mode="after")
+    def _unique_ids(self):
+        seen = set()
+        for i, method in enumerate(self.methods):
+            if method.method_id in seen:
+                raise ValueError(f"cluster.methods[{i}]: two methods would be stored as {method.method_id!r}; "
+                                 "give each an 'id'")
+            seen.add(method.method_id)
+        return self
+
+
+class EvaluateSection(BaseModel):
+    """Reference spaces and metrics (METHOD.md section 4). Extra keys configure evaluators by name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    references: list[str] = Field(default_factory=list)
+    ground_truth: Literal["auto"] | list[str] = "auto"
+    mixture_share: float = Field(0.2, gt=0, le=1)
+    polysemantic_by: str | None = None
+    batch_size: int = Field(32, ge=1)
+
+    def settings(self, name: str) -> dict[str, Any]:
+        """The settings of evaluator ``name`` (``evaluate.<name>``), empty where none are given."""
+        value = (self.model_extra or {}).get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"evaluate.{name}: expected a mapping of settings, got {value!r}")
+        return dict(value)
+
+
+class CompareSection(_Section):
+    """Which per-neuron metrics the evaluate stage compares between spaces, and how (:mod:`polypure.evaluation.comparisons`)."""
+
+    baseline: str | None = None
+    baseline_method: str | None = None
+    metrics: list[str] | None = None
+    pairs: list[tuple[str, str]] | None = None
+    n_resamples: int = Field(2000, ge=1000)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    top: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _leaderboard(self):
+        if self.baseline_method is not None and self.pairs is not None:
+            raise ValueError("compare.baseline_method ranks every space and method against the baseline; it does "
+                             "not combine with compare.pairs")
+        return self
+
+
+class ReportSection(_Section):
+    """The browsable HTML report written at the end of ``polypure run``."""
+
+    enabled: bool = True
+    out: Path | None = None
+    neurons: int | None = Field(None, ge=1)
+    view: Literal["auto", "full", "crop"] = "auto"
+
+
+class ExecutorSection(_Section):
+    """Where the top-K, relevance and embedding work runs: this process, or a Ray cluster.
+
+    Results do not depend on it (a Ray run writes the same store as a local one), so it is a runtime key.
+    """
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0, le=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    shard_size: int = Field(1024, ge=1)
+    neurons_per_task: int = Field(16, ge=1)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not (value == "auto" or re.fullmatch(r"(ray://)?[\w.\-]+:\d+", value)):
+            raise ValueError(f"executor.address must be null, auto, HOST:PORT or ray://HOST:PORT, not {value!r}")
+        return value
+
+
+class Config(_Section):
+    """A whole run. See the README's config reference for every key."""
+
+    name: str = "run"
+    store: Path | None = None
+    device: str = "auto"
+    seed: int = 0
+    commit_every: float = Field(30.0, ge=0)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection | None = None
+    topk: TopKSection = Field(default_factory=TopKSection)
+    relevance: RelevanceSection = Field(default_factory=RelevanceSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    compare: CompareSection = Field(default_factory=CompareSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _refs_within_k(self):
+        if self.relevance.n_refs > self.topk.k:
+            raise ValueError(f"relevance.n_refs ({self.relevance.n_refs}) must be at most topk.k ({self.topk.k})")
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        """Where the HDF5 store goes: ``store``, or ``storage/<name>.h5``."""
+        return Path(self.store) if self.store is not None else Path("storage") / f"{self.name}.h5"
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def stored_yaml(self) -> str:
+        """What the store keeps as its ``config`` attribute: the resolved config without ``executor``.
+
+        Where the work ran is no part of the result: a store written on a Ray cluster is the same file,
+        config included, as one written in one process.
+        """
+        return yaml.safe_dump(self.model_dump(mode="json", exclude={"executor"}), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def bundled_config_dir() -> Path:
+    """The folder holding the configs that ship with polypure (``configs/`` of the source tree)."""
+    package = Path(__file__).resolve().parents[1]
+    # an installed wheel carries them inside the package; a source checkout has them beside src/
+    for candidate in (package / "configs", package.parents[1] / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("the bundled configs are missing from this installation of polypure")
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """Find a config: a file path, the name of a bundled config (``demo``), or None for the demo."""
+    if path is None:
+        path = "demo"
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix == "" and "/" not in str(path):
+        bundled = bundled_config_dir() / f"{path}.yaml"
+        if bundled.is_file():
+            return bundled
+    raise ConfigError(f"config file {str(path)!r} does not exist")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. topk.k=20")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values are parsed as YAML) to a raw config mapping."""
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def validation_problems(exc: ValidationError, model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    """``(key, problem)`` for each error of a validation, each distinct problem once.
+
+    Parameters
+    ----------
+    exc : pydantic.ValidationError
+    model : pydantic model class, optional
+        What was validated (default :class:`Config`); an unknown key names the closest key of its section.
+    """
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "literal")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            close = _close_key([part for part in err["loc"] if not isinstance(part, int)], model or Config)
+            msg = "unknown key" + (f" (did you mean {close!r}?)" if close else "")
+        elif err["type"] == "missing":
+            msg = "missing required key"
+        elif "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append((loc, msg))
+    # a Union reports one error per branch; keep each message once
+    return list(dict.fromkeys(problems))
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The config section class inside a field's annotation (``X``, ``X | None``, ``list[X]``), if any."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _close_key(loc: list, model: type[BaseModel]) -> str | None:
+    """The known key nearest to a misspelled one at ``loc`` (``relevance.n_ref`` -> ``n_refs``), if one is close.
+
+    ``loc`` is the key's location inside ``model`` (:class:`Config`, an evaluator's settings, ...).
+    """
+    import difflib
+
+    section: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part)) if section is not None else None
+        section = _section_model(field.annotation) if field is not None else None
+    if section is None or not loc:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _join(problems: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems)
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line naming each bad key and its problem (``model``: what was validated, see :func:`validation_problems`)."""
+    return _join(validation_problems(exc, model))
+
+
+def _override_for(loc: str, overrides: list[str]) -> str | None:
+    """The ``--set`` item that set the key at ``loc`` (or a key inside it), if any."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")):
+            return item
+    return None
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Validate a raw mapping into a :class:`Config`.
+
+    Raises
+    ------
+    ConfigError
+        With one line naming every bad key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config.
+
+    Parameters
+    ----------
+    path : str or Path or None
+        A YAML file, the name of a bundled config (``demo``, ...), or None for the bundled demo.
+    overrides : list of str, optional
+        ``KEY=VALUE`` items such as ``relevance.neurons=[1,2]``; values are read as YAML.
+
+    Returns
+    -------
+    Config
+    """
+    file = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of keys at the top level")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        # a bad value given with --set is reported as such, not as if it were in the file
+        by_source: dict[str, list[tuple[str, str]]] = {}
+        for loc, msg in validation_problems(exc):
+            item = _override_for(loc, overrides or [])
+            by_source.setdefault(f"--set {item}" if item else str(file), []).append((loc, msg))
+        raise ConfigError("; ".join(f"{source}: {_join(problems)}" for source, problems in by_source.items())) from None
+
+
+def config_differences(old: dict, new: dict, ignore=RUNTIME_KEYS) -> list[str]:
+    """Keys whose values differ between two resolved configs, skipping runtime-only keys.
+
+    Returns
+    -------
+    list of str
+        ``"key: old -> new"`` items, in key order.
+    """
+    out = []
+
+    def walk(a, b, prefix):
+        if prefix and any(prefix == key or prefix.startswith(key + ".") for key in ignore):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            out.append(f"{prefix}: {a!r} -> {b!r}")
+
+    walk(old, new, "")
+    return out

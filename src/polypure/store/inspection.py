@@ -1,0 +1,108 @@
+"""A readable summary of a store: what it holds, how complete it is, and the config that made it.
+
+Example
+-------
+>>> from polypure.store.inspection import describe  # doctest: +SKIP
+>>> print(describe("storage/demo.h5"))     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import yaml
+
+from polypure.config.settings import space_name
+from polypure.store.hdf5_store import ACTIVATION, Store, read_attr
+
+#: The data settings shown for a dataset passed from Python: its kind and the ones that apply to it
+#: (``polypure.data.datasets.MEMORY_DATA_KEYS``, not imported from there so that inspecting a store needs no torch).
+MEMORY_DATA_SHOWN = ("kind", "batch_size", "num_workers")
+
+
+def _memory_data(config_yaml: str) -> dict | None:
+    """The parsed config if its data is a dataset passed from Python (``data.kind: memory``), else None."""
+    try:
+        config = yaml.safe_load(config_yaml)
+    except yaml.YAMLError:
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    return config if isinstance(data, dict) and data.get("kind") == "memory" else None
+
+
+def _shape(ds: h5py.Dataset) -> str:
+    return "x".join(str(s) for s in ds.shape) or "scalar"
+
+
+def shown_config(config_yaml: str) -> str:
+    """The stored config as shown: for a dataset passed from Python, only the data settings that applied.
+
+    The store keeps the whole resolved config (with every default) to tell stale results apart; of its
+    ``data`` section only the loader settings applied to an in-memory dataset, so the others (image size,
+    normalisation, ...) are left out here rather than shown as if they had.
+    """
+    config = _memory_data(config_yaml)
+    if config is None:
+        return config_yaml
+    config["data"] = {key: value for key, value in config["data"].items() if key in MEMORY_DATA_SHOWN}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def describe(path: str | Path, show_config: bool = True) -> str:
+    """Describe the store at ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+    show_config : bool
+        Append the resolved config the store was made with.
+
+    Returns
+    -------
+    str
+    """
+    lines = []
+    with Store(path, "r") as store:
+        f = store.file
+        attrs = store.attributes()
+        lines.append(f"store {path}  (format {attrs.get('format')} v{attrs.get('format_version')}, "
+                     f"polypure {attrs.get('polypure_version')}, created {attrs.get('created')})")
+        if store.has_samples():
+            labels = store.labels()
+            factors = list(store.factors())
+            lines.append(f"samples: {len(labels)}, labelled {int((labels >= 0).sum())}"
+                         + (f", factors: {', '.join(factors)}" if factors else "")
+                         + (", from a dataset passed from Python (given to the model as it yields them)"
+                            if _memory_data(store.config_yaml) is not None else ""))
+        if "topk" in f:
+            lines.append("top-K:")
+            for name, group in f["topk"].items():
+                done = int(group.attrs.get("samples_done", 0))
+                state = "complete" if group.attrs.get("complete") else f"partial ({done} samples seen)"
+                lines.append(f"  {name:<24} {_shape(group['indices']):>10}  {read_attr(group.attrs['statistic'])}  "
+                             f"{state}")
+        if "relevance" in f:
+            lines.append("relevance:")
+            for name in store.relevance_targets():
+                a = store.target_attrs(name)
+                lines.append(f"  {name}: {len(store.neurons(name))} neurons, n_refs {a.get('n_refs')}, "
+                             f"attribution layers {', '.join(store.attribution_layers(name)) or '-'}")
+                for variant in store.variants(name):
+                    rule = store.variant_attrs(name, variant)
+                    complete = store.complete(name, variant)
+                    lines.append(f"    variant {variant}: {int(complete.sum())}/{len(complete)} neurons complete, "
+                                 f"composite {rule.get('composite')}, canonizers {rule.get('canonizers') or '[]'}")
+                    for space in [*store.variant_spaces(name, variant), space_name(variant, ACTIVATION)]:
+                        if store.has_space(name, space):
+                            lines.append(f"      {space:<22} {'x'.join(map(str, store.space_shape(name, space)))}")
+        for section in ("planted", "clusters", "embeddings", "metrics"):
+            if section in f:
+                lines.append(f"{section}:")
+                f[section].visititems(lambda name, obj, s=section: lines.append(
+                    f"  {name:<40} {_shape(obj)} {obj.dtype}") if isinstance(obj, h5py.Dataset) else None)
+        if show_config:
+            lines.append("config:")
+            lines += ["  " + line for line in shown_config(store.config_yaml).rstrip().splitlines()]
+    return "\n".join(lines)
+
