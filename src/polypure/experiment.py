@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polypure.attribution.precision import resolve_device
 from polypure.config.settings import Config, config_from_dict, load_config
 from polypure.data.datasets import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset
 from polypure.errors import ConfigError
@@ -43,15 +44,6 @@ log = logging.getLogger("polypure")
 
 #: Stage names in the order ``run`` executes them.
 STAGES = NAMES
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device")
-    return torch.device(name)
 
 
 class Experiment:

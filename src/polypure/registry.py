@@ -18,9 +18,12 @@ Example
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
 from importlib import import_module
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from polypure.errors import ConfigError
@@ -128,6 +131,34 @@ class Registry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_factory(spec: str, key: str) -> Callable[..., Any]:
+    """Import ``MODULE:FACTORY`` where MODULE is a dotted module name or a ``.py`` file path."""
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            name = f"polypure_user_{path.stem}_{abs(hash(str(path)))}"
+            if name in sys.modules:
+                module = sys.modules[name]
+            else:
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise ImportError(f"cannot load {path}")
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module
+                loader_spec.loader.exec_module(module)
+        else:
+            module = import_module(module_name)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file {module_name!r} does not exist") from None
+    except ImportError as exc:
+        raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{key}: {module_name!r} has no class or function {attr!r}")
+    return factory
 
 
 class _BrokenPlugin:

@@ -9,10 +9,13 @@
 
 On CUDA the computation also runs with cuDNN autotuning on (``torch.backends.cudnn.benchmark``): the
 shapes of a run repeat from batch to batch, so the fastest algorithm is picked once per shape.
+:func:`resolve_device` turns the config's ``device`` (``auto``, ``cpu``, ``cuda:1``) into a torch device.
 
 Example
 -------
 >>> import torch
+
+from polypure.errors import ConfigError
 >>> from polypure.attribution.precision import computing
 >>> with computing(torch.device("cpu"), "bf16"):
 ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
@@ -25,8 +28,19 @@ import contextlib
 
 import torch
 
+from polypure.errors import ConfigError
+
 #: The values ``relevance.precision`` takes.
 PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device")
+    return torch.device(name)
 
 
 @contextlib.contextmanager

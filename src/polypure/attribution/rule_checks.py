@@ -44,9 +44,9 @@ from torch import nn
 
 from polypure.attribution.composites import CANONIZERS, GRADIENT_COMPOSITES, GRADIENT_LRP_COMPOSITES, warn_uncanonized
 from polypure.attribution.hooks import probe_layers, tap_layers
+from polypure.attribution.precision import resolve_device
 from polypure.attribution.relevance_plan import Rule, TargetPlan, rules_from_config, select_neurons
 from polypure.config.settings import Config
-from polypure.experiment import resolve_device
 from polypure.models.factory import ExplainedModel
 from polypure.pipeline.work_units import build_data, build_model
 

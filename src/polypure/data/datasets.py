@@ -540,7 +540,7 @@ def build_dataset(cfg, model=None) -> PolypureDataset:
     """
     geometry = {"image_size": cfg.image_size, "resize": cfg.resize_to}
     if cfg.kind.startswith("python:"):
-        from polypure.models.factory import import_factory
+        from polypure.registry import import_factory
         made = import_factory(cfg.kind.split(":", 1)[1], "data.kind")(**cfg.kwargs)
     else:
         made = DATASETS.get(cfg.kind)(cfg, **geometry)

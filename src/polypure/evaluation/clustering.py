@@ -68,7 +68,7 @@ def hdbscan_clusterer(min_cluster_size: int = 5, **params):
 
 def _import_clusterer(name: str) -> Callable[..., Any]:
     """The object that ``MODULE:ATTRIBUTE`` names, as an entry point would load it."""
-    from polypure.models.factory import import_factory
+    from polypure.registry import import_factory
 
     if name.partition(":")[0].endswith(".py"):
         # the name is also the method id, a store path component: a file path would add folders to it

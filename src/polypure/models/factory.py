@@ -34,10 +34,6 @@ Example
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +45,7 @@ from torch import nn
 from polypure.attribution.hooks import TOKENS, channel_axis, set_channel_axis
 from polypure.errors import ConfigError
 from polypure.models.hub import download_error, fetch, host_reachable
-from polypure.registry import Registry
+from polypure.registry import Registry, import_factory
 
 #: Registered model factories: ``factory(weights=None, **kwargs) -> nn.Module | ExplainedModel``.
 MODELS = Registry("model", group="polypure.models")
@@ -329,34 +325,6 @@ def _timm(arch: str, weights: str | None, **kwargs) -> ExplainedModel:
         preprocessing = {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "image_size": size,
                          "resize": round(size / cfg.get("crop_pct", 0.875))}
     return ExplainedModel(module, name=f"timm:{arch}", preprocessing=preprocessing)
-
-
-def import_factory(spec: str, key: str) -> Callable[..., Any]:
-    """Import ``MODULE:FACTORY`` where MODULE is a dotted module name or a ``.py`` file path."""
-    module_name, _, attr = spec.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name).resolve()
-            name = f"polypure_user_{path.stem}_{abs(hash(str(path)))}"
-            if name in sys.modules:
-                module = sys.modules[name]
-            else:
-                loader_spec = importlib.util.spec_from_file_location(name, path)
-                if loader_spec is None or loader_spec.loader is None:
-                    raise ImportError(f"cannot load {path}")
-                module = importlib.util.module_from_spec(loader_spec)
-                sys.modules[name] = module
-                loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except FileNotFoundError:
-        raise ConfigError(f"{key}: file {module_name!r} does not exist") from None
-    except ImportError as exc:
-        raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{key}: {module_name!r} has no class or function {attr!r}")
-    return factory
 
 
 def _as_explained(obj: Any, name: str) -> ExplainedModel:
