@@ -1,33 +1,45 @@
-"""Shared fixtures: small in-memory datasets, the read-only real data folder, temporary stores."""
+"""Shared fixtures: stores built once per test session, temporary store paths, torch's thread count.
+
+Plain helpers (paths, datasets, store builders, a browser) live in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from polypure.data.datasets import ArrayDataset
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("POLYPURE_SHARED", REPO.parent / "shared")) / "data"
+from .helpers import build_figure_store, build_purity_store, figure_dataset
 
 
-def shared_data(name: str) -> Path:
-    """A folder of ../shared/data, or skip the test where it is absent."""
-    path = SHARED / name
-    if not path.is_dir():
-        pytest.skip(f"real data folder {path} is absent")
-    return path
+@pytest.fixture(scope="session")
+def store_factory(tmp_path_factory) -> Callable[[str, Callable[[Path], Path]], Path]:
+    """``store_factory(name, build)``: the store ``build(path)`` makes, built once per test session.
+
+    Tests that read a shared store must not change it; a test that changes one copies it first.
+    """
+    built: dict[str, Path] = {}
+
+    def get(name: str, build: Callable[[Path], Path]) -> Path:
+        if name not in built:
+            built[name] = build(tmp_path_factory.mktemp(name) / f"{name}.h5")
+        return built[name]
+
+    return get
 
 
-def random_images(n: int, size: int, channels: int = 3, seed: int = 0) -> ArrayDataset:
-    """N random uint8 images as a dataset normalised like ImageNet."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
-    return ArrayDataset(pixels, labels=np.arange(n) % 3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+@pytest.fixture(scope="session")
+def figure_store(store_factory) -> tuple[Path, object]:
+    """The store every figure and report test reads, with the dataset its thumbnails come from."""
+    return store_factory("figures", build_figure_store), figure_dataset()
+
+
+@pytest.fixture(scope="session")
+def purity_store(store_factory) -> Path:
+    """The store of the purity, summary and comparison tests (k-means and HDBSCAN, planted neurons)."""
+    return store_factory("purity", build_purity_store)
 
 
 @pytest.fixture

@@ -32,3 +32,12 @@ def tiny(seed: int = 0, bypass: bool = False) -> ExplainedModel:
     torch.manual_seed(seed)
     return ExplainedModel(TinyNet(bypass).eval(), layers={"c1": "act1", "c2": "act2", "c3": "act3",
                                                           "logits": "fc"})
+
+
+def small_vit(seed: int = 0, depth: int = 3, classes: int = 5) -> nn.Module:
+    """A random timm ViT for 32 px inputs: 4 patches of 8 px and a class token, width 32, 2 heads."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2,
+                             num_classes=classes).eval()

@@ -14,7 +14,7 @@ from polypure.attribution.composites import make_composite, times_activation
 from polypure.attribution.engine import ConditionalRelevance, channel_init
 from polypure.models.factory import ExplainedModel, attach_layers, create_model
 
-from .test_vit import small_vit
+from .nets import small_vit
 
 pytest.importorskip("lxt.efficient", reason="lxt (the polypure[lxt] extra) is not installed")
 

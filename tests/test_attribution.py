@@ -16,7 +16,7 @@ from zennit.core import Composite
 from polypure import Experiment
 from polypure.attribution.engine import ConditionalRelevance, channel_init
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 

@@ -1,4 +1,4 @@
-"""Issue 13: bad input ends in one line naming the problem, exit status 2, and a store present before unchanged.
+"""Bad input ends in one line naming the problem, exit status 2, and a store present before unchanged.
 
 A store is compared byte for byte where the run is refused before it opens the store; where a later stage
 fails after others finished (a clusterer that raises, an evaluator of the wrong shape), everything the store
@@ -27,8 +27,9 @@ from polypure.cli import main
 from polypure.data.datasets import to_rgb
 from polypure.evaluation.clustering import CLUSTERERS
 from polypure.evaluation.evaluators import EVALUATORS, Evaluator
-from tests.conftest import REPO
-from tests.nets import tiny
+
+from .helpers import REPO
+from .nets import tiny
 
 SMALL = ["data.synthetic.n=40", "topk.k=5", "topk.layers=[block_3]", "relevance.n_refs=5", "relevance.planted=null",
          "relevance.targets=[{layer: block_3, neurons: '0:3', attribution_layers: [block_2]}]"]

@@ -16,7 +16,7 @@ from polypure.evaluation import clustering
 from polypure.evaluation.clustering import make_clusterer
 from polypure.registry import Registry
 
-from .conftest import REPO, random_images
+from .helpers import REPO, random_images
 from .nets import tiny
 
 PLUGIN_MODULE = REPO / "plugins" / "polypure-gmm" / "src" / "polypure_gmm" / "__init__.py"

@@ -19,7 +19,7 @@ from polypure.errors import ConfigError
 from polypure.evaluation import statistics as stats
 from polypure.evaluation.store_comparison import COMPARISON_COLUMNS, PAIRED, UNPAIRED, compare_stores, write_comparison
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 NEURONS = [0, 2, 4, 6, 8, 10, 12, 14]

@@ -21,14 +21,15 @@ from polypure.evaluation import statistics as stats
 from polypure.store.hdf5_store import Store
 from polypure.store.results import COMPARISON_COLUMNS, open_results
 
-from .test_evaluate_purity import SEED, built_store, experiment
+from .helpers import PURITY_SEED as SEED
+from .helpers import purity_experiment as experiment
 
 READ_BACK = {"keep_default_na": False, "na_values": ["NaN"]}
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return built_store(tmp_path_factory)
+def path(purity_store):
+    return purity_store
 
 
 def test_stored_comparisons_equal_results_compare_with_the_same_settings(path):

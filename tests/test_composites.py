@@ -27,7 +27,7 @@ from polypure.data.datasets import ArrayDataset
 from polypure.errors import ConfigError
 from polypure.models.factory import ExplainedModel
 
-from .conftest import random_images
+from .helpers import random_images
 
 #: The demo model's normalisation: its pixel range [0, 1] becomes [-1.2, 2.8] in every channel.
 DEMO_LOW, DEMO_HIGH = -1.2, 2.8

@@ -1,4 +1,4 @@
-"""Issue 13: nothing lost (kill -9 at any moment, Ctrl-C, SIGTERM, a full disk) and one writer per store."""
+"""Nothing lost (kill -9 at any moment, Ctrl-C, SIGTERM, a full disk) and one writer per store."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from polypure.cli import main
 from polypure.config.settings import load_config
 from polypure.store.inspection import describe
 from polypure.store.write_session import StoreLockedError, WriteSession, whole_write, work_path
-from tests.crash_harness import differences, run_harness
+
+from .crash_harness import differences, run_harness
 
 SMALL = ["data.synthetic.n=48", "topk.k=6", "topk.layers=[block_3]", "relevance.n_refs=6", "relevance.planted=null",
          "relevance.targets=[{layer: block_3, neurons: '0:4', attribution_layers: [block_2]}]"]

@@ -13,7 +13,7 @@ from polypure.config.settings import DataSection, config_from_dict
 from polypure.data.datasets import DATASETS, ArrayDataset, FactoryDataset, build_dataset
 from polypure.errors import ConfigError
 
-from .conftest import REPO
+from .helpers import REPO
 from .nets import tiny
 
 README = (REPO / "README.md").read_text()

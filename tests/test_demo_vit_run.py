@@ -10,8 +10,7 @@ import pytest
 
 from polypure.cli import main
 
-from .conftest import REPO
-from .test_report import chromium, screenshot
+from .helpers import REPO, chromium, screenshot
 
 pytest.importorskip("lxt.efficient", reason="lxt (the polypure[lxt] extra) is not installed")
 

@@ -11,47 +11,19 @@ import h5py
 import numpy as np
 import pytest
 
-from polypure import Experiment
 from polypure.evaluation import purity, summary
 from polypure.store.results import open_results
 
-from .conftest import random_images
-from .nets import tiny
+from .helpers import PURITY_NEURONS, PURITY_SEED, purity_experiment
 
-NEURONS = [0, 2, 4, 6, 8, 10, 12, 14]
-SEED = 3
-_BUILT: dict = {}
-
-
-def settings() -> dict:
-    """The sections of the store of these tests (also used by test_comparisons.py to evaluate it again)."""
-    return {"topk": {"layers": ["c3"], "k": 10},
-            "relevance": {"targets": [{"layer": "c3", "neurons": NEURONS, "attribution_layers": ["c1", "c2"]}],
-                          "n_refs": 10, "planted": {"pairs": 2, "layer": "c3", "mode": ["sum", "max"],
-                                                    "max_overlap": 1.0}},
-            "cluster": {"methods": [{"name": "kmeans", "n_clusters": 2}, {"name": "hdbscan", "min_cluster_size": 6}]},
-            "evaluate": {"references": ["labels"], "ground_truth": ["planted", "class"], "polysemantic_by": "class"},
-            "compare": {"n_resamples": 1000}}
-
-
-def experiment(path, **changes) -> Experiment:
-    """The tests' experiment on ``path``, with sections replaced by ``changes``."""
-    return Experiment(model=tiny(seed=2), dataset=random_images(40, 32, seed=3), store=path, progress=False,
-                      seed=SEED, **{**settings(), **changes})
-
-
-def built_store(tmp_path_factory):
-    """Eight c3 channels and planted neurons, k-means and HDBSCAN (all noise), a labels reference space."""
-    if "path" not in _BUILT:
-        path = tmp_path_factory.mktemp("purity") / "p.h5"
-        experiment(path).run(["topk", "relevance", "embed", "cluster", "evaluate"])
-        _BUILT["path"] = path
-    return _BUILT["path"]
+NEURONS = PURITY_NEURONS
+SEED = PURITY_SEED
+experiment = purity_experiment
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return built_store(tmp_path_factory)
+def path(purity_store):
+    return purity_store
 
 
 def unit(x):

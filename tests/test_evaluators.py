@@ -18,7 +18,7 @@ from polypure.evaluation.evaluators import make_evaluator, prepare
 from polypure.evaluation.metrics import cluster_distances, distance_correlation
 from polypure.models.hub import HF_HUB, host_reachable
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 SMALL_DINO = {"evaluator": "dinov2", "model": "vit_small_patch14_dinov2.lvd142m", "pretrained": False}

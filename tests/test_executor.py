@@ -1,4 +1,4 @@
-"""Issue 12: a Ray run writes the store a local run writes, also when workers die; Ray missing is one line."""
+"""A Ray run writes the store a local run writes, also when workers die; Ray missing is one line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from polypure.config.settings import load_config
 from polypure.errors import ConfigError
 from polypure.pipeline.executor import aligned
 from polypure.pipeline.work_units import KILL_ONCE_ENV
-from tests.crash_harness import differences
+
+from .crash_harness import differences
 
 # two targets' worth of work in every unit kind: top-K shards of two layers and a planted pass, two rule
 # variants over real and planted neurons, image embeddings; units small enough that each kind has several
@@ -124,7 +125,7 @@ def test_executor_keys_are_checked_and_are_no_part_of_the_stored_config():
 def test_in_memory_model_and_item_labels_travel_to_the_workers(ray_cluster, tmp_path):
     import torch
 
-    from tests.nets import tiny
+    from .nets import tiny
 
     generator = torch.Generator().manual_seed(3)
     items = torch.utils.data.TensorDataset(torch.rand(40, 3, 16, 16, generator=generator), torch.arange(40) % 3)

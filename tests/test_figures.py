@@ -10,44 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypure import Experiment
 from polypure.evaluation import comparisons
 from polypure.store.hdf5_store import Store
 from polypure.viz import figures
 
-from .conftest import random_images
-from .nets import tiny
+from .helpers import FIGURE_K
 
-K = 12
-_BUILT: dict = {}
-
-
-def small_store(tmp_path_factory):
-    """A store with every section a report reads, built once per test session (shared with test_report).
-
-    Two relevance targets and planted neurons (``c3@planted``), k-means clusters, two reference spaces
-    (``labels`` and a second labels space, ``classes``: no CLIP download, and fast), ground truth
-    against the planted split and the class.
-    """
-    if "path" not in _BUILT:
-        path = tmp_path_factory.mktemp("figstore") / "small.h5"
-        dataset = random_images(40, 32, seed=3)
-        Experiment(model=tiny(seed=2), dataset=dataset, store=path, progress=False,
-                   topk={"layers": ["c3"], "k": K},
-                   relevance={"targets": [{"layer": "c3", "neurons": [0, 2, 4, 6, 8],
-                                           "attribution_layers": ["c1", "c2"]},
-                                          {"layer": "logits", "neurons": "all", "attribution_layers": ["c1", "c2"]}],
-                              "n_refs": K, "planted": {"pairs": 2, "layer": "c3", "mode": "max", "max_overlap": 1.0}},
-                   evaluate={"references": ["labels", "classes"], "classes": {"evaluator": "labels"},
-                             "ground_truth": ["planted", "class"]},
-                   ).run(["topk", "relevance", "embed", "cluster", "evaluate"])
-        _BUILT.update(path=path, dataset=dataset)
-    return _BUILT["path"], _BUILT["dataset"]
+K = FIGURE_K
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return small_store(tmp_path_factory)
+def built(figure_store):
+    return figure_store
 
 
 def panels(svg_path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Issue 9.5: a study grows; only a change that invalidates finished work is refused (exit 2)."""
+"""A study grows; only a change that invalidates finished work is refused (exit 2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from polypure import Experiment
 from polypure.cli import main
 from polypure.errors import ConfigError, StaleResultError
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 

@@ -1,4 +1,4 @@
-"""Issue 10: no two modules of polypure import each other, directly or through others.
+"""No two modules of polypure import each other, directly or through others.
 
 Every import counts, at module level or inside a function: a lazy import only hides a cycle from the
 interpreter, not from a reader who has to understand both modules together.

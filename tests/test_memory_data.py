@@ -15,7 +15,7 @@ from polypure.evaluation.evaluators import EVALUATORS, Evaluator
 from polypure.store.hdf5_store import Store
 from polypure.store.inspection import MEMORY_DATA_SHOWN, describe, shown_config
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

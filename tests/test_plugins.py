@@ -15,7 +15,7 @@ from polypure import Experiment
 from polypure.errors import ConfigError
 from polypure.evaluation.clustering import CLUSTERERS, make_clusterer
 
-from .conftest import REPO, random_images
+from .helpers import REPO, random_images
 from .nets import tiny
 
 PLUGIN = REPO / "plugins" / "polypure-gmm"

@@ -1,4 +1,4 @@
-"""Issue 12: relevance.precision — tf32 is fp32 on a CPU, bf16 stays close to fp32, a changed precision is stale."""
+"""Relevance.precision — tf32 is fp32 on a CPU, bf16 stays close to fp32, a changed precision is stale."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from polypure import Experiment
 from polypure.attribution.precision import auto_batch_size, computing
 from polypure.errors import StaleResultError
 
-from .conftest import random_images
+from .helpers import random_images
 
 LAYERS = ["block_0", "block_1", "block_2"]
 

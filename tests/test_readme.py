@@ -7,7 +7,7 @@ import re
 import h5py
 import torch
 
-from .conftest import REPO
+from .helpers import REPO
 
 README = (REPO / "README.md").read_text()
 

@@ -15,7 +15,7 @@ from polypure.config.settings import load_config
 from polypure.data.datasets import build_dataset
 from polypure.models.factory import create_model
 
-from .conftest import REPO, shared_data
+from .helpers import REPO, shared_data
 
 
 @pytest.fixture

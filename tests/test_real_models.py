@@ -29,7 +29,7 @@ from polypure.models.efficientnet_lite import map_by_position
 from polypure.models.factory import create_model
 from polypure.models.hub import host_reachable
 
-from .conftest import REPO, random_images, shared_data
+from .helpers import REPO, random_images, shared_data
 
 
 def top1(model, dataset, batch=50):

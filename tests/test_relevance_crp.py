@@ -17,7 +17,7 @@ from zennit.torchvision import ResNetCanonizer
 
 from polypure import Experiment
 
-from .conftest import random_images
+from .helpers import random_images
 
 LAYERS = {"block_0": "layer1", "block_1": "layer2", "block_2": "layer3"}
 NEURONS = [3, 17, 100, 511]

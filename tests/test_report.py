@@ -6,10 +6,8 @@ Also: neuron pages for the chosen neurons, crops, and grace with missing data an
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -24,9 +22,7 @@ from polypure.store.hdf5_store import Store
 from polypure.viz import figures, imaging
 from polypure.viz.report import THUMB_SIZE, write_report
 
-from .test_figures import small_store
-
-CHROMIUM = Path("/usr/bin/chromium")
+from .helpers import chromium, screenshot
 
 
 class _Links(HTMLParser):
@@ -68,8 +64,8 @@ def check_links(folder: Path) -> dict[Path, _Links]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return small_store(tmp_path_factory)
+def built(figure_store):
+    return figure_store
 
 
 @pytest.fixture(scope="module")
@@ -173,30 +169,6 @@ def test_crop_view_shows_the_stored_crops(built, tmp_path):
 
 
 # -- a real browser ------------------------------------------------------------------------------------
-
-
-def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is absent (Debian package 'chromium')")
-    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-               f"--user-data-dir={profile}", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HOME": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def screenshot(tmp_path: Path, page: Path, name: str) -> Image.Image:
-    shot = tmp_path / name
-    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars", page.as_uri())
-    shots = os.environ.get("POLYPURE_REPORT_SHOTS")
-    if shots:
-        Path(shots).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(shots) / name)
-    with Image.open(shot) as img:
-        return img.convert("RGB")
 
 
 def test_report_renders_in_headless_chromium(report, tmp_path):

@@ -24,7 +24,7 @@ from polypure.evaluation import summary
 from polypure.store.hdf5_store import Store
 from polypure.store.results import COMPARISON_COLUMNS, METRIC_COLUMNS, Results, export, open_results
 
-from .conftest import REPO, random_images
+from .helpers import REPO, random_images
 from .nets import tiny
 
 NEURONS = [0, 2, 4, 6, 8, 10, 12, 14]

@@ -9,7 +9,7 @@ import pytest
 from polypure import Experiment
 from polypure.store.hdf5_store import Store
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 SETTINGS = dict(

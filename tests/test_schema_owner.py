@@ -1,4 +1,4 @@
-"""Issue 10: the store schema has one owner; no other module spells a store path."""
+"""The store schema has one owner; no other module spells a store path."""
 
 from __future__ import annotations
 

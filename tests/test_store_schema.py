@@ -11,7 +11,7 @@ import yaml
 
 from polypure import Experiment
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 

@@ -14,7 +14,7 @@ import pytest
 from polypure import Experiment
 from polypure.viz.report import write_report
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 NEURONS = [0, 3, 5]

@@ -10,7 +10,7 @@ from polypure import Experiment
 from polypure.attribution.topk import TopK, channel_scorer, channel_statistic, collect_topk
 from polypure.data.datasets import ArrayDataset
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 

@@ -1,4 +1,4 @@
-"""Issue 9.3 and 9.7: every name is checked before the first stage runs, with one line naming the key."""
+"""Every name is checked before the first stage runs, with one line naming the key."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from polypure.config.settings import load_config
 from polypure.errors import ConfigError
 from polypure.models.factory import ExplainedModel
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 BASE = dict(

@@ -1,4 +1,4 @@
-"""Issue 11.1: several attribution rules (variants) in one store, sharing the top-K and the references."""
+"""Several attribution rules (variants) in one store, sharing the top-K and the references."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from polypure.config.settings import load_config, space_name, split_space
 from polypure.errors import ConfigError, StaleResultError
 from polypure.store.hdf5_store import Store
 
-from .conftest import random_images
+from .helpers import random_images
 from .nets import tiny
 
 GRADIENT = {"id": "gxa", "composite": "gradient"}

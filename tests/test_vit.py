@@ -6,7 +6,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from polypure import Experiment
@@ -16,13 +15,8 @@ from polypure.attribution.topk import channel_statistic
 from polypure.errors import ConfigError, PolypureError
 from polypure.models.factory import ExplainedModel, attach_layers, create_model
 
-from .conftest import random_images
-
-
-def small_vit(seed: int = 0, depth: int = 3, classes: int = 5) -> nn.Module:
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2,
-                             num_classes=classes).eval()
+from .helpers import random_images
+from .nets import small_vit
 
 
 def test_timm_vit_gets_block_mlp_and_logits_aliases_and_token_layers_are_read_channels_first():

@@ -1,4 +1,4 @@
-"""Issue 10.3: a top-K shard and a range of neurons run in a spawn worker from the config alone."""
+"""A top-K shard and a range of neurons run in a spawn worker from the config alone."""
 
 from __future__ import annotations
 
