@@ -25,11 +25,17 @@ SMALL = ["data.synthetic.n=48", "topk.k=6", "topk.layers=[block_3]", "relevance.
          "relevance.targets=[{layer: block_3, neurons: '0:4', attribution_layers: [block_2]}]"]
 
 
-@pytest.mark.slow
+#: Kills of the long harness's test: three of each kind by default; ``python tests/crash_harness.py --kills 27``
+#: runs the full harness.
+KILLS = int(os.environ.get("POLYPURE_CRASH_KILLS", "9"))
+
+
+@pytest.mark.long
 def test_kill_9_at_any_moment_loses_nothing(tmp_path):
-    # one kill of each kind: at a random moment, inside a store write, inside a commit (the script runs 25+)
-    tally = run_harness(tmp_path, kills=3, seed=1, log=lambda line: None)
-    assert tally.kills == 3 and tally.by_kind == {"time": 1, "write": 1, "commit": 1}
+    # kills of each kind in turn: at a random moment, inside a store write, inside a commit
+    tally = run_harness(tmp_path, kills=KILLS, seed=1, log=lambda line: None)
+    per_kind = KILLS // 3
+    assert tally.kills == KILLS and min(tally.by_kind.values()) >= per_kind
     assert tally.reruns_identical == tally.chains >= 1
 
 
