@@ -24,7 +24,7 @@ NEURONS = [3, 17, 100, 511]
 
 
 def crp_vectors(model, images, neuron, composite, multiply):
-    """METHOD.md section 2 with crp: one CondAttribution call per neuron, all lower layers recorded."""
+    """The conditional relevance of docs/method.md computed with crp: one CondAttribution call per neuron, all lower layers recorded."""
     attribution = CondAttribution(model)
     x = images.clone().requires_grad_(True)
     attr = attribution(x, [{"layer4": [neuron]}], composite, record_layer=list(LAYERS.values()),

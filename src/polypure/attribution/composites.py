@@ -273,7 +273,7 @@ def times_activation(composite: str, setting="auto") -> bool:
     """Whether layer relevance is the backward signal times the activation.
 
     The backward signal of the plain gradient (and of guided backprop or deconvnet) is a gradient, and
-    relevance is gradient x activation (METHOD.md section 2). Under an LRP composite zennit already
+    relevance is gradient x activation (docs/method.md, Conditional relevance). Under an LRP composite zennit already
     returns relevance at every layer output, so multiplying again by the activation would not be LRP.
     """
     if setting != "auto":

@@ -1,6 +1,6 @@
 """Conditional relevance of lower layers to target neurons, many (neuron, image) pairs per backward pass.
 
-For target channel k of layer L and a lower layer l (METHOD.md section 2)::
+For target channel k of layer L and a lower layer l (docs/method.md, Conditional relevance)::
 
     R_i^l = sum over positions of  A_i^l * G_i^l,   G^l = VJP of A^L w.r.t. A^l with max(A_k^L, 0) on channel k
 
@@ -114,7 +114,7 @@ class ConditionalRelevance:
         *relevance* at the target, as zennit-crp's ``init_rel`` under an LRP composite, and the backward
         starts from that divided by the target's activation, so that gradient x activation at the target is
         the initial relevance and lower layers conserve it. False: ``init`` is the initial gradient itself
-        (Gradient x Activation as METHOD.md defines it, or zennit's relevance under an LRP composite).
+        (Gradient x Activation as docs/method.md defines it, or zennit's relevance under an LRP composite).
     """
 
     def __init__(self, model: nn.Module, target: dict[str, nn.Module], attribution_layers: dict[str, nn.Module],

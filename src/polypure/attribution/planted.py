@@ -1,7 +1,7 @@
 """Planted polysemanticity: virtual neurons made from two real channels, with a known split.
 
 Two channels a, b of one layer whose top-K sets overlap by at most ``max_overlap`` are scaled by
-s_a, s_b (the mean of each channel's top-K values) and combined (METHOD.md section 6):
+s_a, s_b (the mean of each channel's top-K values) and combined (docs/method.md, Planted neurons):
 
 * ``sum``: v = A_a / s_a + A_b / s_b; the backward pass starts with max(v, 0) / s_a on channel a and
   max(v, 0) / s_b on channel b;

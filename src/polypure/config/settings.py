@@ -164,7 +164,7 @@ class DataSection(_Section):
 
     @property
     def resize_to(self) -> int | None:
-        """Side the short edge is resized to before the centre crop (256 for 224, as in METHOD.md)."""
+        """Side the short edge is resized to before the centre crop (256 for 224, as in docs/method.md)."""
         if self.image_size is None:
             return None
         return self.resize if self.resize is not None else round(self.image_size * 256 / 224)
@@ -201,7 +201,7 @@ class TargetSection(_Section):
 
 
 class PlantedSection(_Section):
-    """Virtual neurons made from pairs of real channels, with a known split (METHOD.md section 6)."""
+    """Virtual neurons made from pairs of real channels, with a known split (docs/method.md, Planted neurons)."""
 
     pairs: int = Field(16, ge=1)
     layer: str = "block_3"
@@ -306,7 +306,7 @@ class VariantSection(_NamedComposite, _Section):
 
 
 class RelevanceSection(_NamedComposite, _Section):
-    """Conditional relevance of lower layers to target neurons (METHOD.md section 2)."""
+    """Conditional relevance of lower layers to target neurons (docs/method.md, Conditional relevance)."""
 
     target_layer: str = "block_3"
     neurons: NeuronSpec = "all"
@@ -403,7 +403,7 @@ class ClusterMethod(BaseModel):
 
 
 class ClusterSection(_Section):
-    """How each neuron's references are clustered, per feature space (METHOD.md section 3)."""
+    """How each neuron's references are clustered, per feature space (docs/method.md, Spaces and clustering)."""
 
     spaces: list[str] | None = None
     methods: list[ClusterMethod] = Field(
@@ -421,7 +421,7 @@ class ClusterSection(_Section):
 
 
 class EvaluateSection(BaseModel):
-    """Reference spaces and metrics (METHOD.md section 4). Extra keys configure evaluators by name."""
+    """Reference spaces and metrics (docs/method.md, Evaluation). Extra keys configure evaluators by name."""
 
     model_config = ConfigDict(extra="allow")
 

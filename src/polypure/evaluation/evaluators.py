@@ -13,7 +13,7 @@ distances, and spaces to cluster in. Built in:
 
 Images are the dataset's views (resized and cropped, in [0, 1], before the explained model's
 normalisation); each evaluator applies its own preprocessing, and grey images become RGB. With
-``view: crop`` each reference is first cropped to where the neuron's CRP heatmap is (METHOD.md section 4).
+``view: crop`` each reference is first cropped to where the neuron's CRP heatmap is (docs/method.md, Crops).
 
 Write your own by subclassing :class:`Evaluator` and registering it under the entry-point group
 ``polypure.evaluators``.

@@ -1,4 +1,4 @@
-"""Metrics of disentanglement, one neuron at a time (METHOD.md section 4).
+"""Metrics of disentanglement, one neuron at a time (docs/method.md, Evaluation).
 
 * :func:`distance_correlation` -- the seed paper's metric: Pearson correlation between the strictly
   lower triangles of two Euclidean distance matrices of the same references (reference space, e.g.
