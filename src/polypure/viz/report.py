@@ -26,7 +26,7 @@ Layout of the folder::
     manifest.json                   what was drawn from what (see below)
 
 Writing again is incremental. Every drawn file (figure or thumbnail) is keyed in ``manifest.json`` by a
-hash of everything it is drawn from: the store data its figure function reads (:func:`polypure.viz.figures.inputs`),
+hash of everything it is drawn from: the store data its figure function reads (:func:`polypure.viz.figure_data.inputs`),
 the settings, the data's identity (its config and sample ids) and the drawing code itself. A file whose
 key is unchanged is kept, so a report of an unchanged store draws nothing, and a change redraws only the
 figures it affects; pages are rewritten only where their text changes. ``write_report`` owns
@@ -54,7 +54,7 @@ from polypure import __version__
 from polypure.errors import PolypureError
 from polypure.evaluation import comparisons, summary
 from polypure.store.hdf5_store import Store
-from polypure.viz import figures, imaging
+from polypure.viz import figure_data, figures, imaging
 
 log = logging.getLogger("polypure")
 
@@ -114,8 +114,8 @@ def _label_order(records: list[dict]) -> list[str]:
 
 
 def _read_target(store: Store, name: str, view: str, labels: list[str]) -> _Target:
-    layers = figures.attribution_layers(store, name)
-    methods = figures.cluster_methods(store, name)
+    layers = store.relevance_spaces(name)
+    methods = store.cluster_methods(name)
     method = methods[0] if methods else None
     ari: dict[str, dict[str, np.ndarray]] = {}
     if method is not None:
@@ -140,9 +140,9 @@ def _read_target(store: Store, name: str, view: str, labels: list[str]) -> _Targ
             gain.setdefault(of, {})[space] = values
     return _Target(name=name, slug=figures.safe_name(name), neurons=store.neurons(name),
                    refs=store.reference_indices(name), layers=layers, complete=store.complete(name),
-                   methods=methods, corr={ref: figures.correlations(store, name, ref)
-                                          for ref in figures.references(store, name)},
-                   ari=ari, mixture=mixture, boxes=figures.crop_boxes(store, name, view), purity=purity, gain=gain)
+                   methods=methods, corr={ref: figure_data.correlations(store, name, ref)
+                                          for ref in figure_data.references(store, name)},
+                   ari=ari, mixture=mixture, boxes=figure_data.crop_boxes(store, name, view), purity=purity, gain=gain)
 
 
 def _ranked(values: np.ndarray, descending: bool = True) -> np.ndarray:
@@ -263,7 +263,8 @@ def _digest(*parts) -> str:
 
 def _code_key() -> str:
     """The drawing code and version: a new polypure, or edited figure or image code, redraws every figure."""
-    return _digest(__version__, Path(figures.__file__).read_bytes(), Path(imaging.__file__).read_bytes(), THUMB_SIZE)
+    return _digest(__version__, Path(figures.__file__).read_bytes(), Path(figure_data.__file__).read_bytes(),
+                   Path(imaging.__file__).read_bytes(), THUMB_SIZE)
 
 
 class _Outputs:
@@ -564,7 +565,7 @@ def _grids(store: Store, target: _Target, row: int, thumbs: _Thumbs) -> list[dic
     for method in target.methods:
         clustered = dict.fromkeys(space for space, _ in store.clusterings(target.name))
         for space in [*target.spaces, *(s for s in clustered if s not in target.spaces)]:
-            labels = figures.cluster_labels(store, target.name, space, method, row)
+            labels = store.cluster_labels(target.name, space, method, row)
             if labels is None:
                 continue
             blocks = []
@@ -674,10 +675,10 @@ class _Drawer:
     def key(self, figure, *args, settings=(), **kwargs) -> str:
         """A figure's key: its drawing code, the data it reads and its settings.
 
-        The data is what :func:`polypure.viz.figures.inputs` says the figure reads for these arguments;
+        The data is what :func:`polypure.viz.figure_data.inputs` says the figure reads for these arguments;
         ``settings`` are whatever else it depends on.
         """
-        return _digest(self.code, figure.__name__, figures.inputs(figure, self.store, *args, **kwargs), kwargs,
+        return _digest(self.code, figure.__name__, figure_data.inputs(figure, self.store, *args, **kwargs), kwargs,
                        settings)
 
     def __call__(self, page_dir: Path, caption: str, files: list[Path], key: str,
@@ -812,7 +813,7 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
             for row in target.pages:
                 outputs.write_text(out / target.page(row), _neuron_page(target, row, parts[target.name, row], notes))
         compared = {"rows": _comparison_rows(compared_rows), "figures": compared_figs,
-                    "confidence": compared_attrs.get("confidence", 0.95), "forest_lines": figures.FOREST_LINES}
+                    "confidence": compared_attrs.get("confidence", 0.95), "forest_lines": figure_data.FOREST_LINES}
         index = _index_html(store, store_path, targets, records, truth, target_figs, notes, compared)
     path = out / "index.html"
     outputs.write_text(path, index)
