@@ -12,7 +12,7 @@ from PIL import Image
 
 from polypure.evaluation import comparisons
 from polypure.store.hdf5_store import Store
-from polypure.viz import figures
+from polypure.viz import figure_data, figures
 
 from .helpers import FIGURE_K
 
@@ -143,3 +143,17 @@ def test_comparison_figures_show_the_stored_comparisons_of_one_metric(built, tmp
     assert panels(paired[1]) == [figures.safe_name(f"{r['space_b']}-{r['space_a']}") for r in shown]
     with pytest.raises(ValueError, match="no stored comparisons of 'ARI shape'"):
         figures.comparison_forest(path, "ARI shape", tmp_path)
+
+
+def test_inputs_are_what_a_figure_reads_named_by_the_function_or_its_name(built):
+    path, _ = built
+    by_function = figure_data.inputs(figures.space_bars, path, "logits", "labels")
+    by_name = figure_data.inputs("space_bars", path, "logits", "labels")
+    with Store(path) as store:
+        assert by_function["layers"] == by_name["layers"] == store.relevance_spaces("logits") == ["c1", "c2"]
+        np.testing.assert_array_equal(by_name["corr"]["c2"],
+                                      store.metric("logits", "distance_correlation", "labels", "c2"))
+    umap = figure_data.inputs(figures.neuron_umap, path, "c3", 1, method="kmeans", spaces=["c2"])
+    assert list(umap["features"]) == list(umap["labels"]) == ["c2"] and umap["boxes"] is None
+    with pytest.raises(ValueError, match="'umap_embedding' is not a figure"):
+        figure_data.inputs(figures.umap_embedding, path)

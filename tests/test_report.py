@@ -5,6 +5,7 @@ Also: neuron pages for the chosen neurons, crops, and grace with missing data an
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
 import shutil
@@ -19,8 +20,10 @@ from PIL import Image
 
 from polypure.evaluation import comparisons
 from polypure.store.hdf5_store import Store
-from polypure.viz import figures, imaging
-from polypure.viz.report import THUMB_SIZE, write_report
+from polypure.viz import figure_data, figures, imaging, report_cache
+from polypure.viz.report import FIGURES as SPECS
+from polypure.viz.report import write_report
+from polypure.viz.thumbnails import THUMB_SIZE
 
 from .helpers import chromium, screenshot
 
@@ -364,3 +367,37 @@ def test_text_from_the_store_is_shown_as_text_never_as_markup(built, tmp_path):
     assert "polypure report: &lt;b&gt;&amp;" in index.read_text()
     page = next((index.parent / "neurons" / "c3").glob("*.html")).read_text()
     assert "&lt;script&gt;alert(" in page and ("class &lt;i&gt;zero&lt;/i&gt;" in page or "one &amp; &lt;b&gt;" in page)
+
+
+def test_every_figure_of_the_report_has_a_reader_and_a_drawing_function():
+    assert sorted(spec.figure for spec in SPECS) == sorted(figure_data.READERS) == sorted(FIGURES)
+    assert all(callable(getattr(figures, spec.figure)) for spec in SPECS)
+    assert {spec.scope for spec in SPECS} == {"store", "metric", "reference", "neuron"}
+
+
+def test_the_code_key_covers_every_module_that_draws_and_changes_with_any_of_them(tmp_path, monkeypatch):
+    viz = Path(report_cache.__file__).parent
+    drawing = set()
+    for path in viz.glob("*.py"):
+        modules = {alias.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Import)
+                   for alias in node.names}
+        modules |= {node.module or "" for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom)}
+        modules |= {f"polypure.viz.{alias.name}" for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module == "polypure.viz" for alias in node.names}
+        # matplotlib and PIL draw; the image helpers draw the thumbnails
+        if any(m.split(".")[0] in ("matplotlib", "PIL") or m == "polypure.viz.imaging" for m in modules):
+            drawing.add(path.stem)
+    assert {"figures", "imaging", "thumbnails"} <= drawing
+    assert drawing <= set(report_cache.DRAWING_MODULES)
+    # the key is of the files' text: an edit to any of them gives another key
+    copied = tmp_path / "viz"
+    shutil.copytree(viz, copied)
+    monkeypatch.setattr(report_cache, "__file__", str(copied / "report_cache.py"))
+    before = report_cache.code_key()
+    for name in report_cache.DRAWING_MODULES:
+        path = copied / f"{name}.py"
+        path.write_text(path.read_text() + "\n# edited\n")
+        after = report_cache.code_key()
+        assert after != before, name
+        before = after

@@ -249,7 +249,7 @@ def write_comparison(result: StoreComparison, out: str | Path) -> list[Path]:
     CSV files write NaN as ``NaN`` (``pandas.read_csv(path, keep_default_na=False, na_values=["NaN"])``
     reads them back). Returns the files written.
     """
-    from polypure.viz.report import _render
+    from polypure.viz.report_render import render
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,11 +258,11 @@ def write_comparison(result: StoreComparison, out: str | Path) -> list[Path]:
     result.summaries.to_csv(paths[1], index=False, na_rep="NaN")
     comparison = result.comparison.astype(object).where(result.comparison.notna(), None)
     summaries = result.summaries.astype(object).where(result.summaries.notna(), None)
-    html = _render("compare.html", title=f"polypure compare: {', '.join(result.stores)}", root="", sortable=True,
-                   stores=[{"name": n, "path": str(p)} for n, p in zip(result.stores, result.paths, strict=True)],
-                   comparisons=comparison.to_dict("records"), summary_columns=list(summaries.columns),
-                   summaries=summaries.to_dict("records"), numeric=set(_numeric(result.summaries)),
-                   compare_version=__version__)
+    html = render("compare.html", title=f"polypure compare: {', '.join(result.stores)}", root="", sortable=True,
+                  stores=[{"name": n, "path": str(p)} for n, p in zip(result.stores, result.paths, strict=True)],
+                  comparisons=comparison.to_dict("records"), summary_columns=list(summaries.columns),
+                  summaries=summaries.to_dict("records"), numeric=set(_numeric(result.summaries)),
+                  compare_version=__version__)
     paths[2].write_text(html, encoding="utf-8")
     return paths
 

@@ -10,10 +10,11 @@ Example
 >>> space_bars("storage/demo.h5", "block_3", "clip", "figures")          # doctest: +SKIP
 [PosixPath('figures/bars_block_3_clip.png'), PosixPath('figures/bars_block_3_clip.svg')]
 
-Every function takes a :class:`~polypure.store.hdf5_store.Store` or the path of one, reads only documented store
-paths, and draws on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot state and no
-display, so figures can be made from worker processes and servers. The images inside figures (thumbnails,
-grids, UMAP canvases) come from :mod:`polypure.viz.imaging`.
+Every function takes a :class:`~polypure.store.hdf5_store.Store` or the path of one, draws from what its
+reader in :mod:`polypure.viz.figure_data` returns and nothing else (so that a hash of that tells whether a
+figure is up to date), and draws on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot
+state and no display, so figures can be made from worker processes and servers. The images inside figures
+(thumbnails, grids, UMAP canvases) come from :mod:`polypure.viz.imaging`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import yaml
 from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from polypure.evaluation.metrics import pairwise_distances
-from polypure.store.hdf5_store import Store
+from polypure.viz import figure_data
 from polypure.viz.imaging import mosaic, shrink, thumbnail, umap_canvas
 
 #: Formats every figure function writes.
@@ -46,208 +46,12 @@ _CLUSTER_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c5
 
 
 # ---------------------------------------------------------------------------------------------------
-# reading the store
-
-
-@contextlib.contextmanager
-def opened(store):
-    """A :class:`Store` for ``store`` (a Store, used as is, or a path, opened read-only and closed after)."""
-    if isinstance(store, Store):
-        yield store
-        return
-    with Store(store, "r") as st:
-        yield st
+# names
 
 
 def safe_name(text: str) -> str:
     """``text`` made safe as a file name (``block_3@planted`` -> ``block_3-planted``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-.") or "_"
-
-
-def attribution_layers(store: Store, target: str) -> list[str]:
-    """The relevance spaces of a target: each rule variant's attribution layers, lowest first."""
-    return store.relevance_spaces(target)
-
-
-def feature_spaces(store: Store, target: str) -> list[str]:
-    """The relevance spaces of a target: its attribution layers, then ``activation``."""
-    return store.spaces(target)
-
-
-def neuron_ids(store: Store, target: str) -> np.ndarray:
-    """Channel (or virtual-neuron) id of every row of a target."""
-    return store.neurons(target)
-
-
-def references(store: Store, target: str) -> list[str]:
-    """Reference spaces with distance correlations stored for a target, in the config's order.
-
-    ``clip``, ``dinov2``, ... in the order of the store config's ``evaluate.references``, then any others.
-    """
-    found = store.metric_keys(target, "distance_correlation")
-    if not found:
-        return []
-    try:
-        listed = (store.config().get("evaluate") or {}).get("references") or []
-    except (yaml.YAMLError, AttributeError):
-        listed = []
-    # the config's order (the first reference is the main one), then any others the store holds
-    return [r for r in listed if r in found] + [r for r in found if r not in listed]
-
-
-def correlations(store: Store, target: str, reference: str) -> dict[str, np.ndarray]:
-    """Per-neuron distance correlation with ``reference`` of every stored space.
-
-    Returns
-    -------
-    dict of str to ndarray
-        Space -> (M,) float64, in the order attribution layers, ``activation``, other spaces (such as
-        another reference, DINOv2).
-    """
-    stored = store.metric_keys(target, "distance_correlation", reference)
-    order = [s for s in feature_spaces(store, target) if s in stored]
-    order += sorted(s for s in stored if s not in order)
-    return {space: store.metric(target, "distance_correlation", reference, space) for space in order}
-
-
-def cluster_methods(store: Store, target: str) -> list[str]:
-    """Method ids with stored clusterings for a target, in the order first found."""
-    return store.cluster_methods(target)
-
-
-def cluster_labels(store: Store, target: str, space: str, method: str, row: int) -> np.ndarray | None:
-    """One neuron's cluster labels in one space, or None where that clustering is not stored."""
-    return store.cluster_labels(target, space, method, row)
-
-
-def crop_boxes(store: Store, target: str, view: str = "auto") -> np.ndarray | None:
-    """The crop boxes of a target's references (M, n_refs, 4) for the chosen view, or None for full images.
-
-    ``view`` is ``auto`` (crops where the store has them), ``crop`` or ``full``.
-    """
-    if view not in ("auto", "crop", "full"):
-        raise ValueError(f"view must be auto, crop or full, not {view!r}")
-    return None if view == "full" else store.crop_boxes(target)
-
-
-def _features(store: Store, target: str, space: str, row: int) -> np.ndarray:
-    return np.asarray(store.features(target, space, row), np.float64)
-
-
-# ---------------------------------------------------------------------------------------------------
-# what each figure reads: every figure is drawn from its reader's result alone, so that a hash of that
-# result tells whether a figure drawn before is still up to date (the report redraws only what changed)
-
-
-def _distance_inputs(store: Store, target: str, neuron_row: int, reference: str) -> dict:
-    corr = correlations(store, target, reference)
-    spaces = feature_spaces(store, target)
-    return {"neuron": int(neuron_ids(store, target)[neuron_row]),
-            "reference": _features(store, target, reference, neuron_row),
-            "features": {space: _features(store, target, space, neuron_row) for space in spaces},
-            "corr": {space: float(corr[space][neuron_row]) if space in corr else float("nan") for space in spaces}}
-
-
-def _scatter_inputs(store: Store, target: str, reference: str) -> dict:
-    return {"layers": attribution_layers(store, target), "corr": correlations(store, target, reference),
-            "neurons": neuron_ids(store, target)}
-
-
-def _bars_inputs(store: Store, target: str, reference: str) -> dict:
-    return {"corr": correlations(store, target, reference), "layers": attribution_layers(store, target)}
-
-
-def _umap_inputs(store: Store, target: str, neuron_row: int, method: str, spaces: Sequence[str] | None,
-                 view: str) -> dict:
-    spaces = list(spaces) if spaces is not None else feature_spaces(store, target)
-    boxes = crop_boxes(store, target, view)
-    return {"neuron": int(neuron_ids(store, target)[neuron_row]),
-            "refs": store.reference_indices(target)[neuron_row],
-            "features": {space: _features(store, target, space, neuron_row) for space in spaces},
-            "labels": {space: cluster_labels(store, target, space, method, neuron_row) for space in spaces},
-            "boxes": boxes[neuron_row] if boxes is not None else None}
-
-
-def _truth_inputs(store: Store) -> dict:
-    from polypure.evaluation import summary
-
-    targets = store.relevance_targets()
-    return {"records": [r for r in summary.read(store) if str(r["metric"]).startswith("ARI")], "targets": targets,
-            "layers": {target: attribution_layers(store, target) for target in targets}}
-
-
-def _forest_inputs(store: Store, metric: str) -> dict:
-    from polypure.evaluation import comparisons
-
-    rows, attrs = comparisons.read(store)
-    rows = [r for r in rows if r["metric"] == metric]
-    total = len(rows)
-    if total > FOREST_LINES:
-        # a leaderboard has hundreds of lines: each group keeps its largest differences, so the plot stays legible
-        groups = list(dict.fromkeys((r["target"], r["group"]) for r in rows))
-        each = max(1, FOREST_LINES // len(groups))
-        rows = [r for g in groups for r in sorted(
-            (r for r in rows if (r["target"], r["group"]) == g),
-            key=lambda r: -r["mean_diff"] if np.isfinite(r["mean_diff"]) else np.inf)[:each]]
-    return {"rows": rows, "confidence": attrs.get("confidence", 0.95), "total": total}
-
-
-def _paired_inputs(store: Store, metric: str) -> dict:
-    """The per-neuron values behind the stored comparisons of a metric in its first target, group and method."""
-    from polypure.evaluation import summary
-
-    rows = _forest_inputs(store, metric)["rows"]
-    if not rows:
-        return {"rows": []}
-    first = rows[0]
-    rows = [r for r in rows if (r["target"], r["group"], r["method"]) == (first["target"], first["group"],
-                                                                           first["method"])]
-    try:
-        polysemantic_by = (store.config().get("evaluate") or {}).get("polysemantic_by")
-    except (yaml.YAMLError, AttributeError):
-        polysemantic_by = None
-    mask = dict(summary.groups(store, first["target"], polysemantic_by)).get(first["group"])
-    values = {}
-    for kind, of, space, method, array, _ in summary.metric_entries(store, first["target"]):
-        if f"{kind} {of}" == metric and method == first["method"] and mask is not None:
-            values[space] = np.asarray(array, np.float64)[mask]
-    return {"rows": rows, "values": values, "group": first["group"], "method": first["method"]}
-
-
-def inputs(figure, store, *args, **kwargs) -> dict:
-    """The store data a figure function draws from, for the same arguments (less the output folder).
-
-    Parameters
-    ----------
-    figure : callable
-        :func:`distance_matrices`, :func:`correlation_scatter`, :func:`space_bars`, :func:`neuron_umap`
-        (without its ``dataset`` argument), :func:`ground_truth_table`, :func:`comparison_forest` or
-        :func:`paired_scatter`.
-    store : Store or str or Path
-    *args, **kwargs
-        The figure's arguments between ``store`` and ``out_dir`` (``neuron_umap``: also ``method``,
-        ``spaces`` and ``view``; ``ground_truth_table``: none).
-
-    Returns
-    -------
-    dict
-        Everything the figure reads, as numbers, strings and arrays: a hash of it changes whenever the
-        figure would.
-
-    Examples
-    --------
-    >>> inputs(space_bars, "storage/demo.h5", "block_3", "clip")["layers"]     # doctest: +SKIP
-    ['block_0', 'block_1', 'block_2']
-    """
-    readers = {distance_matrices: _distance_inputs, correlation_scatter: _scatter_inputs, space_bars: _bars_inputs,
-               neuron_umap: _umap_inputs, ground_truth_table: _truth_inputs, comparison_forest: _forest_inputs,
-               paired_scatter: _paired_inputs}
-    if figure not in readers:
-        raise ValueError(f"{getattr(figure, '__name__', figure)!r} is not a figure of polypure.viz.figures")
-    if figure is neuron_umap:
-        kwargs = {"method": "kmeans", "spaces": None, "view": "auto", **kwargs}
-    with opened(store) as st:
-        return readers[figure](st, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,8 +136,8 @@ def distance_matrices(store, target: str, neuron_row: int, reference: str, out_d
     list of Path
         The written files, one per format.
     """
-    with opened(store) as st:
-        data = _distance_inputs(st, target, neuron_row, reference)
+    with figure_data.opened(store) as st:
+        data = figure_data.distance_inputs(st, target, neuron_row, reference)
     neuron = data["neuron"]
     panels = [(f"{reference} (reference)", reference, data["reference"])]
     for space, features in data["features"].items():
@@ -386,8 +190,8 @@ def correlation_scatter(store, target: str, reference: str, out_dir, *, n_labels
     ValueError
         If the target has fewer than two attribution layers or no correlations with ``reference``.
     """
-    with opened(store) as st:
-        data = _scatter_inputs(st, target, reference)
+    with figure_data.opened(store) as st:
+        data = figure_data.scatter_inputs(st, target, reference)
     layers, corr, neurons = data["layers"], data["corr"], data["neurons"]
     if len(layers) < 2 or not all(layer in corr for layer in layers):
         raise ValueError(f"{target}: a scatter needs correlations with {reference!r} at two or more attribution "
@@ -453,8 +257,8 @@ def space_bars(store, target: str, reference: str, out_dir, *, formats: Iterable
     ValueError
         If the store has no correlations of ``target`` with ``reference``.
     """
-    with opened(store) as st:
-        data = _bars_inputs(st, target, reference)
+    with figure_data.opened(store) as st:
+        data = figure_data.bars_inputs(st, target, reference)
     corr, layers = data["corr"], data["layers"]
     if not corr:
         raise ValueError(f"{target}: no distance correlations with {reference!r} in the store")
@@ -577,8 +381,8 @@ def neuron_umap(store, dataset, target: str, neuron_row: int, out_dir, method: s
     -------
     list of Path
     """
-    with opened(store) as st:
-        data = _umap_inputs(st, target, neuron_row, method, spaces, view)
+    with figure_data.opened(store) as st:
+        data = figure_data.umap_inputs(st, target, neuron_row, method, spaces, view)
     neuron, refs, features, labels = data["neuron"], data["refs"], data["features"], data["labels"]
     spaces = list(features)
     n_refs = len(refs)
@@ -666,8 +470,8 @@ def ground_truth_table(store, out_dir, method: str | None = None, *, formats: It
     ValueError
         If ``/metrics/summary`` has no ARI rows.
     """
-    with opened(store) as st:
-        data = _truth_inputs(st)
+    with figure_data.opened(store) as st:
+        data = figure_data.truth_inputs(st)
     records, targets, layer_order = data["records"], data["targets"], data["layers"]
     if not records:
         raise ValueError("the store's summary table has no ground-truth (ARI) rows")
@@ -717,10 +521,6 @@ def ground_truth_table(store, out_dir, method: str | None = None, *, formats: It
     return _save(fig, out_dir, stem, formats)
 
 
-#: Lines of a forest plot at the most; a longer table shows each group's largest differences.
-FOREST_LINES = 48
-
-
 def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = FORMATS,
                       stem: str | None = None) -> list[Path]:
     """The stored comparisons of one metric as a forest plot: difference and interval per comparison.
@@ -748,8 +548,8 @@ def comparison_forest(store, metric: str, out_dir, *, formats: Iterable[str] = F
     ValueError
         If the store has no comparisons of ``metric``.
     """
-    with opened(store) as st:
-        data = _forest_inputs(st, metric)
+    with figure_data.opened(store) as st:
+        data = figure_data.forest_inputs(st, metric)
     rows = data["rows"]
     if not rows:
         raise ValueError(f"the store has no stored comparisons of {metric!r}")
@@ -803,8 +603,8 @@ def paired_scatter(store, metric: str, out_dir, *, formats: Iterable[str] = FORM
     ValueError
         If the store has no comparisons of ``metric``.
     """
-    with opened(store) as st:
-        data = _paired_inputs(st, metric)
+    with figure_data.opened(store) as st:
+        data = figure_data.paired_inputs(st, metric)
     rows = data["rows"]
     if not rows:
         raise ValueError(f"the store has no stored comparisons of {metric!r}")
