@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--neurons", type=int, default=None, help="at most this many neuron pages per target")
     report.add_argument("--view", choices=["auto", "full", "crop"], default="auto",
                         help="thumbnails of whole images or of the crop view's crops")
-    report.add_argument("-q", "--quiet", action="store_true")
+    report.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
 
     export = sub.add_parser("export", help="write a store's metrics, summary and comparisons as tables",
                             description="Write metrics (every per-neuron metric in long form), summary (the "
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training epochs (default: the model's own, 12 for demo_resnet, 8 for demo_vit)")
     train.add_argument("--per-epoch", type=int, default=None,
                        help="fresh training images per epoch (default: the model's own, 8000 for demo_resnet)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("-q", "--quiet", action="store_true")
+    train.add_argument("--seed", type=int, default=0, help="seed of the images and the initial weights (default 0)")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
 
     rules = sub.add_parser("check-rules", help="check the relevance rule's composite and canonizers on a few samples",
                            description="On the first samples of the data and the first neurons of each target: "
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list registered names", description="List registered models, "
                             "composites, canonizers, clusterers and evaluators (plugins included).")
     lister.add_argument("kind", nargs="?", default=None,
-                        choices=["models", "composites", "canonizers", "clusterers", "evaluators", "datasets"])
+                        choices=["models", "composites", "canonizers", "clusterers", "evaluators", "datasets"],
+                        help="only this kind of name (default: every kind)")
     return parser
 
 

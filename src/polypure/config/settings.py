@@ -66,16 +66,38 @@ class LayerSpec(_Section):
     """
 
     module: str
+    """Path of the module inside the model (``blocks.3.mlp.act``), or an alias followed by a path."""
     channel_axis: int = 1
+    """Where the channels are in outputs of three or more dimensions: 1 (channels first, a CNN's (B, C, H, W)) or -1
+    (tokens by channels, a transformer's (B, T, D)).
+    """
 
 
 class ModelSection(_Section):
     """Which network to explain and where its layers are."""
 
     name: str = "torchvision:resnet34"
+    """The network: ``torchvision:NAME``, ``timm:NAME`` (ViTs and DINOv2 included: ``timm:vit_small_patch14_dinov2``),
+    ``open_clip:NAME`` (the image tower of an open_clip model: ``open_clip:ViT-B-32``), ``python:MODULE:FACTORY``
+    (MODULE may be a ``.py`` file path), or a registered name (``demo_resnet``, ``demo_vit``,
+    ``efficientnet_lite0``; ``polypure list models``).
+    """
     weights: str | bool | None = None
+    """``null`` = random initialisation; a library tag (``DEFAULT``, ``IMAGENET1K_V1``; for timm ``DEFAULT`` loads the
+    tag in the name; for open_clip a pretrained tag such as ``openai``); or a local file (``.safetensors``, or a
+    state dict read with ``torch.load(weights_only=True)``; for open_clip the whole CLIP model's or the tower's).
+    ``true`` means ``DEFAULT``, ``false`` means ``null``.
+    """
     layers: dict[str, str | LayerSpec] = Field(default_factory=dict)
+    """Layer aliases: alias -> module path, or ``{module: PATH, channel_axis: -1}`` for a layer whose outputs are
+    tokens by channels (B, T, D) that polypure does not recognise by itself; merged over the model's defaults.
+    ResNets get ``block_0..block_3`` (``layer1..layer4``) and ``logits`` (``fc``); vision transformers (timm,
+    open_clip, torchvision) get ``block_i`` (block i's output, the residual stream), ``mlp_i`` (its MLP's hidden
+    neurons after the activation) and ``logits`` where there is a classification head. A layer may also be an alias
+    followed by a path: ``block_3.attn``.
+    """
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the model builder (``num_classes: 10``)."""
 
     @field_validator("name")
     @classmethod
@@ -98,7 +120,9 @@ class NormalizeSpec(_Section):
     """Per-channel mean and std that turn [0, 1] pixels into model inputs."""
 
     mean: list[float]
+    """Per-channel mean subtracted from pixels in [0, 1]."""
     std: list[float]
+    """Per-channel standard deviation (positive) the pixels are divided by after the mean is subtracted."""
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -113,20 +137,48 @@ class DataSection(_Section):
     """Which images, and how they are prepared for the model."""
 
     kind: str = "imagefolder"
+    """``imagefolder`` (one subfolder per class), ``images`` (one flat folder), ``npz``, ``synthetic`` (the demo's
+    concept images), ``python:MODULE:FACTORY``, or a kind a package registers under the entry-point group
+    ``polypure.datasets``.
+    """
     root: Path | None = None
+    """Folder of the images, for ``imagefolder`` and ``images`` (required there)."""
     path: Path | None = None
+    """The ``.npz`` file, for ``npz`` (required there): images ``(N, H, W)`` or ``(N, H, W, C)`` uint8."""
     images_key: str = "images"
+    """``npz``: the array holding the images."""
     labels_key: str | None = "labels"
+    """``npz``: the array holding the labels; ``null`` for none."""
     labels: Literal["auto", "none", "prefix"] = "auto"
+    """``auto`` (folder names, npz labels, none for flat folders), ``none``, or ``prefix``: the class of a file in a
+    flat folder is the position of its file-name prefix before ``_`` in the sorted list of prefixes (with all 1000
+    ImageNet wnids present: the usual ImageNet order), or in the order of ``data.classes``.
+    """
     classes: Path | None = None
+    """A file listing the class prefixes in order, one per line (for ``labels: prefix``)."""
     image_size: int | None = Field(224, ge=1)
+    """Side of the centre crop after the short side is resized to ``round(image_size * 256 / 224)`` (Resize(256) +
+    CenterCrop(224)); ``null`` keeps the native size.
+    """
     resize: int | None = Field(None, ge=1)
+    """Side the short edge is resized to, instead of the one derived from ``image_size``."""
     normalize: Literal["auto", "imagenet", "none"] | NormalizeSpec = "auto"
+    """``auto`` (the model's own mean and std if it has them, else ImageNet's for RGB), ``imagenet``, ``{mean: [...],
+    std: [...]}``, or ``none`` (pixels in [0, 1]).
+    """
     batch_size: int = Field(32, ge=1)
+    """Images per batch of the data loader."""
     num_workers: int = Field(2, ge=0)
+    """Worker processes of the data loader (0: load in the main process)."""
     limit: int | None = Field(None, ge=1)
+    """Keep only the first N samples."""
     synthetic: dict[str, Any] = Field(default_factory=dict)
+    """Options of the ``synthetic`` kind (see ``data.synthetic.*``)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Options of a registered data kind (its factory reads them); passed to a ``python:`` data factory, which returns
+    a polypure dataset or a torch dataset of ``image`` or ``(image, label)`` items with images in [0, 1] (float
+    tensors or PIL images), resized and normalised like image files.
+    """
 
     @field_validator("kind")
     @classmethod
@@ -174,9 +226,16 @@ class TopKSection(_Section):
     """Which channels' most-activating samples to find."""
 
     layers: list[str] = Field(default_factory=lambda: ["block_3"])
+    """Layers whose channels get top-K references; the relevance targets and planted layers are added to them."""
     k: int = Field(50, ge=1)
+    """References kept per channel."""
     statistic: Literal["max", "mean", "cls"] = "max"
+    """How a sample's value of a channel is computed: ``max`` or ``mean`` over spatial positions (the tokens of a
+    transformer layer), or ``cls``: the class token's value (token layers only). A non-spatial output such as a
+    logit is its own value.
+    """
     checkpoint_every: int = Field(50, ge=1)
+    """Batches between checkpoints of the streaming top-K pass."""
 
 
 NeuronSpec = Literal["all"] | list[int] | str | int
@@ -194,8 +253,11 @@ class TargetSection(_Section):
     """One target layer, which of its neurons to explain, and at which lower layers."""
 
     layer: str
+    """The layer whose neurons are explained."""
     neurons: NeuronSpec = "all"
+    """``all``, a list of channel ids, or ``"start:stop"``."""
     attribution_layers: list[str]
+    """Lower layers whose relevance is recorded, all in one backward pass."""
 
     _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
 
@@ -204,11 +266,21 @@ class PlantedSection(_Section):
     """Virtual neurons made from pairs of real channels, with a known split (docs/method.md, Planted neurons)."""
 
     pairs: int = Field(16, ge=1)
+    """How many pairs of real channels become virtual neurons."""
     layer: str = "block_3"
+    """The layer whose channels are paired."""
     mode: Literal["sum", "max"] | list[Literal["sum", "max"]] = "sum"
+    """How a pair is combined: ``sum`` (superposed) or ``max`` (gated); a list (``[sum, max]``) makes a virtual neuron
+    of each mode per pair.
+    """
     seed: int = 0
+    """Seeds the choice of the pairs."""
     max_overlap: float = Field(0.1, ge=0, le=1)
+    """The largest share of top-K references two channels of a pair may have in common."""
     attribution_layers: list[str] | None = None
+    """Lower layers whose relevance is recorded for the virtual neurons; ``null`` = those of the real target on the
+    same layer.
+    """
 
     @property
     def modes(self) -> list[str]:
@@ -222,6 +294,7 @@ class CompositeSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
+    """The composite's registered name (``epsilon_gamma_box``); every other key is a keyword argument of its class."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -288,9 +361,15 @@ class VariantSection(_NamedComposite, _Section):
     """
 
     id: str
+    """Names the variant and its spaces (``<id>:<layer>``; ``default`` keeps plain layer names): letters, digits, ``_ -
+    .``, starting with a letter, not ``neurons``, ``complete`` or ``activation``.
+    """
     composite: CompositeField = "gradient"
+    """The variant's composite, as ``relevance.composite``."""
     canonizers: list[str] = Field(default_factory=list)
+    """The variant's canonizers, as ``relevance.canonizers``."""
     times_activation: Literal["auto"] | bool = "auto"
+    """Whether the variant multiplies by the activation, as ``relevance.times_activation``."""
 
     _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
 
@@ -309,17 +388,51 @@ class RelevanceSection(_NamedComposite, _Section):
     """Conditional relevance of lower layers to target neurons (docs/method.md, Conditional relevance)."""
 
     target_layer: str = "block_3"
+    """The layer whose neurons are explained (one target; see ``relevance.targets`` for several)."""
     neurons: NeuronSpec = "all"
+    """Neurons of ``target_layer`` to explain: ``all``, a list of channel ids, or ``"start:stop"``."""
     attribution_layers: list[str] = Field(default_factory=lambda: ["block_0", "block_1", "block_2"])
+    """Lower layers whose relevance is recorded for ``target_layer``, all in one backward pass."""
     targets: list[TargetSection] | None = None
+    """Several targets instead of ``target_layer``, ``neurons`` and ``attribution_layers``: a list of ``{layer,
+    neurons, attribution_layers}``.
+    """
     n_refs: int = Field(50, ge=1)
+    """References per neuron (at most ``topk.k``)."""
     composite: CompositeField = "gradient"
+    """The relevance rule: ``gradient`` (Gradient x Activation), any name in ``zennit.composites.COMPOSITES``
+    (``epsilon_plus_flat``, ...; ``polypure list composites``), ``attnlrp`` (AttnLRP for vision transformers through
+    lxt, extra ``polypure[lxt]``; ``{name: attnlrp, attention: cp}`` for CP-LRP inside attention), or a composite
+    with parameters: ``{name: epsilon_gamma_box, low: -2.1, high: [2.2, 2.4, 2.6]}``. The parameters are the keyword
+    arguments of the composite's class (unknown ones are errors); the input bounds ``low`` / ``high`` (a number, or
+    one per channel) default to the data's normalised pixel range.
+    """
     canonizers: list[str] = Field(default_factory=list)
+    """zennit canonizers (``resnet``, ``merge_bn``, ``vgg``); with an LRP composite and none given, the model's own
+    (ResNets: ``resnet``, torchvision and timm alike).
+    """
     times_activation: Literal["auto"] | bool = "auto"
+    """Multiply the backward signal by the activation; ``auto`` = only for gradient-type composites (``gradient``,
+    ``guided_backprop``, ``deconvnet``, ``attnlrp``), whose signal is a gradient rather than a relevance.
+    """
     variants: list[VariantSection] | None = None
+    """Several rules in one store instead of ``composite``, ``canonizers`` and ``times_activation``: a list of ``{id,
+    composite, canonizers, times_activation}``. They share the top-K, the references and the rows; a variant's
+    spaces are named ``<id>:<layer>`` (``lrp:block_2``), except the id ``default``, which keeps plain layer names.
+    """
     batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = 64
+    """(neuron, reference) rows per backward pass; ``auto``: on a GPU, measured from one small pass's peak memory and
+    60 % of the free memory, else 64. Resolved once per target by the driver, so Ray workers cut the same chunks.
+    """
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """``fp32``, ``tf32`` (TensorFloat-32 products on Ampere+ GPUs; the same as ``fp32`` on a CPU) or ``bf16`` (the
+    forward under bfloat16 autocast, on CPU and GPU); relevance is reduced and normalised in float32 at every
+    precision. Recorded with each variant's rule: a store made at another precision is stale.
+    """
     planted: PlantedSection | list[PlantedSection] | None = None
+    """Virtual neurons with a known split, made from pairs of real channels: ``{pairs: 16, layer: block_3, mode: sum,
+    seed: 0, max_overlap: 0.1, attribution_layers: null}``; a list of such entries plants on several layers.
+    """
 
     _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
     _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
@@ -389,7 +502,12 @@ class ClusterMethod(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
+    """A registered clusterer (``kmeans``, ``hdbscan``, plugins: ``polypure list clusterers``) or ``MODULE:CLASS``
+    (``sklearn.cluster:AgglomerativeClustering``); every other key is a parameter of it, checked against its
+    signature. The run's ``seed`` becomes ``random_state`` (or ``seed``) where the clusterer takes it.
+    """
     id: str | None = None
+    """Names the result in the store (``/clusters/<target>/<space>/<id>``); default: the name."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -406,8 +524,12 @@ class ClusterSection(_Section):
     """How each neuron's references are clustered, per feature space (docs/method.md, Spaces and clustering)."""
 
     spaces: list[str] | None = None
+    """Spaces to cluster in (attribution layers, ``activation``, or evaluator embeddings); ``null`` = every attribution
+    layer, then ``activation``.
+    """
     methods: list[ClusterMethod] = Field(
         default_factory=lambda: [ClusterMethod(name="kmeans", n_clusters=2)])
+    """Clusterers with their parameters, each ``{name, id, <parameter>: <value>, ...}``."""
 
     @model_validator(mode="after")
     def _unique_ids(self):
@@ -426,10 +548,22 @@ class EvaluateSection(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     references: list[str] = Field(default_factory=list)
+    """Evaluators whose embeddings are reference spaces for the distance correlation and PURE's cluster distances
+    (``clip``, ``dinov2``, ``labels``, plugins, or a name configured with ``evaluator:``). Every other key of the
+    section, ``evaluate.<name>``, holds the settings of evaluator ``<name>``.
+    """
     ground_truth: Literal["auto"] | list[str] = "auto"
+    """Label sets to score clusterings against: ``planted``, a factor (``shape``, ``colour``, ``texture``) or
+    ``class``; ``auto`` = all the data has.
+    """
     mixture_share: float = Field(0.2, gt=0, le=1)
+    """A neuron is polysemantic by a label when two or more of its values each make up at least this share of its top-K
+    references.
+    """
     polysemantic_by: str | None = None
+    """Report the neurons polysemantic by this label as a group of their own."""
     batch_size: int = Field(32, ge=1)
+    """Images per evaluator batch."""
 
     def settings(self, name: str) -> dict[str, Any]:
         """The settings of evaluator ``name`` (``evaluate.<name>``), empty where none are given."""
@@ -443,12 +577,27 @@ class CompareSection(_Section):
     """Which per-neuron metrics the evaluate stage compares between spaces, and how (:mod:`polypure.evaluation.comparisons`)."""
 
     baseline: str | None = None
+    """The space every other space is compared with (a layer, ``activation``, an evaluator); ``null`` = each target's
+    last attribution layer.
+    """
     baseline_method: str | None = None
+    """A leaderboard: every (space, cluster method) is compared with the baseline space clustered by this method id,
+    and the run prints ranked tables instead of the summary (saved all the same). Without it, each method's spaces
+    are compared with the baseline space of that method. Not with ``pairs``.
+    """
     metrics: list[str] | None = None
+    """Metric labels to compare, as the summary shows them (``ARI shape``, ``corr clip``, ``gain clip``); ``null`` =
+    every metric the store has. A label no run can give stops the run before the first stage; one the store lacks,
+    or a space no target has, stops the evaluate stage (exit status 2).
+    """
     pairs: list[tuple[str, str]] | None = None
+    """Explicit ``[space_a, space_b]`` pairs instead of every space against the baseline."""
     n_resamples: int = Field(2000, ge=1000)
+    """Bootstrap resamples of each interval (at least 1000), seeded with ``seed``."""
     confidence: float = Field(0.95, gt=0, lt=1)
+    """Coverage of the bootstrap intervals."""
     top: int | None = Field(None, ge=1)
+    """Lines per leaderboard on screen (the baseline's always); ``null`` = all. The CSV has every line."""
 
     @model_validator(mode="after")
     def _leaderboard(self):
@@ -462,9 +611,15 @@ class ReportSection(_Section):
     """The browsable HTML report written at the end of ``polypure run``."""
 
     enabled: bool = True
+    """Write the report at the end of ``polypure run``."""
     out: Path | None = None
+    """The report folder; ``null`` = ``storage/<name>_report``."""
     neurons: int | None = Field(None, ge=1)
+    """Neuron pages per target (every neuron is listed on the index); ``null`` = 8."""
     view: Literal["auto", "full", "crop"] = "auto"
+    """Thumbnails of whole images (``full``) or of the crop view's crops (``crop``); ``auto``: crops where they are
+    stored.
+    """
 
 
 class ExecutorSection(_Section):
@@ -474,12 +629,30 @@ class ExecutorSection(_Section):
     """
 
     kind: Literal["local", "ray"] = "local"
+    """``local`` (this process) or ``ray`` (a Ray cluster; extra ``polypure[ray]``); ``--executor`` on the command
+    line.
+    """
     address: str | None = None
+    """``null`` (a Ray already initialised in this process, else a local one started for the run), ``auto`` (the
+    cluster this machine belongs to), ``HOST:PORT`` or ``ray://HOST:PORT``.
+    """
     workers: int = Field(2, ge=1)
+    """Relevance and embedding actors; top-K tasks in flight at once are twice this. ``--workers`` on the command line.
+    """
     gpus_per_worker: float = Field(0.0, ge=0, le=1)
+    """GPUs of each task and actor (a fraction shares a GPU); with GPUs a worker computes on ``cuda`` unless ``device:
+    cpu``.
+    """
     cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs of each task and actor."""
     shard_size: int = Field(1024, ge=1)
+    """Samples per top-K task, at most a fair share per worker (rounded up to a whole number of ``data.batch_size``
+    batches).
+    """
     neurons_per_task: int = Field(16, ge=1)
+    """Neurons per relevance task, at most a fair share per worker (rounded up to a whole number of the stage's
+    chunks).
+    """
 
     @field_validator("address")
     @classmethod
@@ -493,19 +666,37 @@ class Config(_Section):
     """A whole run. See the README's config reference for every key."""
 
     name: str = "run"
+    """Run name; the default store is ``storage/<name>.h5`` and the default report ``storage/<name>_report``."""
     store: Path | None = None
+    """The HDF5 store; ``null`` = ``storage/<name>.h5``. Paths are relative to the working directory."""
     device: str = "auto"
+    """``auto`` (the first CUDA device if any, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     seed: int = 0
+    """Seeds random initialisation, clustering and the bootstrap intervals of comparisons."""
     commit_every: float = Field(30.0, ge=0)
+    """Seconds between commits of the store on the stages' checkpoints (at least ten times a commit's duration): what a
+    ``kill -9`` can cost at most.
+    """
     model: ModelSection = Field(default_factory=ModelSection)
+    """Which network to explain and where its layers are."""
     data: DataSection | None = None
+    """Which images, and how they are prepared for the model; required unless a dataset is passed to
+    ``Experiment(dataset=...)``.
+    """
     topk: TopKSection = Field(default_factory=TopKSection)
+    """Which channels' most-activating samples (references) to find."""
     relevance: RelevanceSection = Field(default_factory=RelevanceSection)
+    """Conditional relevance of lower layers to target neurons."""
     cluster: ClusterSection = Field(default_factory=ClusterSection)
+    """How each neuron's references are clustered, per space."""
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    """Reference spaces, ground truth and metrics."""
     compare: CompareSection = Field(default_factory=CompareSection)
+    """Which per-neuron metrics are compared between spaces, and how."""
     report: ReportSection = Field(default_factory=ReportSection)
+    """The browsable HTML report written at the end of ``polypure run``."""
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    """Where the top-K, relevance and embedding work runs (a runtime key: it never makes a store stale)."""
 
     @field_validator("device")
     @classmethod

@@ -41,9 +41,13 @@ class SyntheticSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n: int = Field(3000, ge=1)
+    """Number of images."""
     size: int = Field(64, ge=16)
+    """Side of the images in pixels."""
     seed: int = 0
+    """Seeds the factors, placements and noise of the images."""
     noise: float = Field(0.04, ge=0)
+    """Standard deviation of the pixel noise."""
 
 
 def class_of_shape() -> np.ndarray:

@@ -47,13 +47,20 @@ EVALUATORS = Registry("evaluator", group="polypure.evaluators")
 
 
 class EvaluatorSettings(BaseModel):
-    """Settings every evaluator takes."""
+    """Settings every evaluator takes.
+
+    A second space from the same evaluator takes a name of its own and names the implementation with
+    ``evaluator:`` (``clip_crop: {evaluator: clip, view: crop}``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     view: Literal["full", "crop"] = "full"
+    """``full`` (whole images) or ``crop`` (each reference cropped to where the neuron's heatmap is, as PURE does)."""
     crop_composite: str = "epsilon_plus_flat"
+    """The composite of the input heatmaps that the ``crop`` view crops to."""
     device: str | None = None
+    """Where the evaluator runs (``cpu``, ``cuda:1``); ``null`` = the run's ``device``."""
 
 
 class Evaluator:
@@ -155,8 +162,13 @@ class ClipSettings(EvaluatorSettings):
     """Settings of the CLIP evaluator (``evaluate.clip``)."""
 
     model: str = "ViT-B-32"
+    """The open_clip architecture (``ViT-B-32``; ``ViT-B-32-quickgelu`` for the OpenAI weights from a file)."""
     pretrained: str | None = "openai"
+    """An open_clip pretrained tag (``openai``), a local weights file, or ``null`` = random weights."""
     pooling: Literal["auto", "tokens", "embed"] = "auto"
+    """``tokens`` (the mean of the last hidden states over all tokens, ViTs only), ``embed`` (the projected image
+    embedding), or ``auto``: ``tokens`` for a ViT tower, else ``embed``.
+    """
 
 
 @EVALUATORS.register("clip")
@@ -220,9 +232,13 @@ class Dinov2Settings(EvaluatorSettings):
     """Settings of the DINOv2 evaluator (``evaluate.dinov2``)."""
 
     model: str = "vit_base_patch14_dinov2.lvd142m"
+    """The timm DINOv2 model."""
     pretrained: bool | str | None = True
+    """``true`` = the hub weights, a local weights file, or ``false`` / ``null`` = random weights."""
     image_size: int = 224
+    """Side of the centre crop the model sees."""
     resize: int = 256
+    """Side the short edge is resized to before the crop."""
 
 
 @EVALUATORS.register("dinov2")
@@ -270,6 +286,7 @@ class LabelsSettings(EvaluatorSettings):
     """Settings of the labels evaluator (``evaluate.labels``)."""
 
     of: str = "class"
+    """The label set: ``class`` (the dataset's labels) or a generative factor (``shape``)."""
 
 
 @EVALUATORS.register("labels")
