@@ -92,7 +92,8 @@ def test_every_command_and_option_has_help(reference):
 
 def test_the_command_walk_covers_every_command_and_its_options(reference):
     commands = {command.name: command for command in reference.cli_reference()}
-    assert {"run", "topk", "report", "export", "compare", "check-rules", "inspect", "list", "demo-train"} <= set(commands)
+    expected = {"run", "topk", "report", "export", "compare", "check-rules", "inspect", "list", "demo-train"}
+    assert expected <= set(commands)
     run = {name for arg in commands["run"].arguments for name in arg.names}
     assert {"config", "--set", "--overwrite", "--stages", "--executor", "--workers"} <= run
     assert commands["run"].usage.startswith("usage: polypure run")

@@ -35,7 +35,7 @@ def _identifier(obj: griffe.Object, target: str) -> str:
 
 
 def rewrite(obj: griffe.Object, text: str) -> str:
-    """Docstring text with its roles as optional cross-references, ``::`` marks as ``:``, ``Example`` as ``Examples``."""
+    """Docstring text with roles as optional cross-references, ``::`` marks as ``:``, ``Example`` as ``Examples``."""
 
     def role(match: re.Match) -> str:
         target = match["target"].strip()

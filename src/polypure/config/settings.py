@@ -663,7 +663,7 @@ class ExecutorSection(_Section):
 
 
 class Config(_Section):
-    """A whole run. See the README's config reference for every key."""
+    """A whole run. Every key, with its type, default and meaning, is listed in the documentation's config reference."""
 
     name: str = "run"
     """Run name; the default store is ``storage/<name>.h5`` and the default report ``storage/<name>_report``."""
