@@ -93,8 +93,9 @@ class ModelSection(_Section):
     tokens by channels (B, T, D) that polypure does not recognise by itself; merged over the model's defaults.
     ResNets get ``block_0..block_3`` (``layer1..layer4``) and ``logits`` (``fc``); vision transformers (timm,
     open_clip, torchvision) get ``block_i`` (block i's output, the residual stream), ``mlp_i`` (its MLP's hidden
-    neurons after the activation) and ``logits`` where there is a classification head. A layer may also be an alias
-    followed by a path: ``block_3.attn``.
+    neurons after the activation: ``blocks.i.mlp.act``, ``transformer.resblocks.i.mlp.gelu``,
+    ``encoder.layers.encoder_layer_i.mlp.1``) and ``logits`` where there is a classification head. A layer may also
+    be an alias followed by a path: ``block_3.attn``.
     """
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the model builder (``num_classes: 10``)."""
