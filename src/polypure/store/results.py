@@ -33,7 +33,8 @@ import pandas as pd
 from polypure.errors import ConfigError
 from polypure.evaluation import comparisons, summary
 from polypure.evaluation.metrics import REASONS
-from polypure.store.hdf5_store import Store, planted_layer
+from polypure.store.hdf5_store import Store
+from polypure.store.schema import planted_layer
 
 #: Columns of :meth:`Results.metrics`.
 METRIC_COLUMNS = ("target", "neuron", "row", "mode", "space", "method", "of", "metric", "value", "skipped")
