@@ -522,8 +522,16 @@ class Store:
         return [space for variant in self.variants(target) for space in self.variant_spaces(target, variant)]
 
     def spaces(self, target: str) -> list[str]:
-        """A target's own feature spaces: every variant's attribution layers, then ``activation``."""
+        """A target's own feature spaces: its relevance spaces (:meth:`relevance_spaces`), then ``activation``.
+
+        Evaluators' embeddings of the target are spaces too (:meth:`features` reads them): they are listed
+        apart, by :meth:`embedding_spaces`.
+        """
         return [*self.relevance_spaces(target), ACTIVATION]
+
+    def embedding_spaces(self, target: str) -> list[str]:
+        """The evaluators with embeddings of a target: spaces of :meth:`features` beside :meth:`spaces`."""
+        return [evaluator for evaluator in self.embedding_names() if self.has_embeddings(evaluator, target)]
 
     def baseline_space(self, target: str) -> str:
         """The space comparisons are made against by default: the last attribution layer of the first variant.
