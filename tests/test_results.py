@@ -200,13 +200,33 @@ def test_arrays_by_target_and_space(results, path):
         np.testing.assert_array_equal(results.features("c3", "labels"), f["embeddings/labels/c3"][()])
         np.testing.assert_array_equal(results.neurons("c3"), NEURONS)
     assert results.targets == ["c3", "c3@planted"]
-    assert results.spaces("c3") == ["c1", "c2", "activation", "labels"]
+    assert results.attribution_layers("c3") == ["c1", "c2"]
+    assert results.spaces("c3") == ["c1", "c2", "activation"]
+    assert results.embedding_spaces("c3") == ["labels"]
+    with pytest.raises(ConfigError, match="has no space 'clip'; its spaces: c1, c2, activation, labels"):
+        results.features("c3", "clip")
     with pytest.raises(ConfigError, match="no relevance at 'labels'; its spaces: c1, c2, activation"):
         results.relevance("c3", "labels")
     with pytest.raises(ConfigError, match="no 'clip' embeddings of target 'c3'.*: labels"):
         results.embeddings("clip", "c3")
     with pytest.raises(ConfigError, match="no target 'logits'"):
         results.neurons("logits")
+
+
+def test_results_and_store_name_the_same_things_alike(results):
+    """A read method of Results gives what the Store method of the same name gives (the target checked first)."""
+    store = results.store
+    assert results.targets == store.relevance_targets() == ["c3", "c3@planted"]
+    for target in results.targets:
+        for name in ("neurons", "attribution_layers", "spaces", "embedding_spaces"):
+            np.testing.assert_array_equal(getattr(results, name)(target), getattr(store, name)(target))
+        assert [entry[:4] for entry in results.metric_values(target)] == [
+            tuple(row) for row in results.metrics(target)[["metric", "of", "space", "method"]]
+            .drop_duplicates().itertuples(index=False)]
+    stored, _ = store.comparisons("c3")
+    assert stored.dtype.names == COMPARISON_COLUMNS == tuple(results.comparisons().columns)
+    with pytest.raises(ConfigError, match="no target 'logits'"):
+        results.attribution_layers("logits")
 
 
 def test_open_results_is_exported_and_closes(path):

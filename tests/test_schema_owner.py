@@ -1,4 +1,4 @@
-"""The store schema has one owner; no other module spells a store path."""
+"""The store's layout has one owner, polypure.store.schema: no other module spells a store path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import polypure
 
 PACKAGE = Path(polypure.__file__).resolve().parent
-OWNER = PACKAGE / "store.py"
+OWNER = PACKAGE / "store" / "schema.py"
 #: A string literal (or f-string) naming a path under one of the store's groups.
 PATH = re.compile(r"""["'](?:/)?(?:samples|topk|relevance|planted|clusters|embeddings|metrics|crops|comparisons)/""")
 #: How a planted target is spelled.
@@ -34,5 +34,14 @@ def test_the_pattern_finds_store_paths():
     assert not PATH.search("'a layer of the metrics table'")
 
 
-def test_no_store_path_outside_the_store_module():
+def test_the_owner_is_the_schema_module():
+    """The owner exists and names the groups and the planted suffix, so that a moved owner fails here."""
+    text = OWNER.read_text()
+    assert '"@planted"' in text
+    for group in ("samples", "topk", "relevance", "planted", "clusters", "embeddings", "metrics", "crops",
+                  "comparisons"):
+        assert f'_GROUP = "{group}"' in text
+
+
+def test_no_store_path_outside_the_schema_module():
     assert offenders() == []

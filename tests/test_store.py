@@ -15,16 +15,8 @@ import yaml
 
 import polypure
 from polypure.errors import ConfigError, StaleResultError, StoreError
-from polypure.store.hdf5_store import (
-    ACTIVATION,
-    CLASS,
-    FORMAT_VERSION,
-    PLANTED,
-    STR,
-    Store,
-    planted_layer,
-    planted_target,
-)
+from polypure.store.hdf5_store import Store
+from polypure.store.schema import ACTIVATION, CLASS, FORMAT_VERSION, PLANTED, STR, planted_layer, planted_target
 
 CONFIG = {"model": {"name": "torchvision:resnet18"}, "data": {"kind": "images", "root": "/data/a"}, "seed": 0,
           "topk": {"layers": ["c3"], "k": 4}}

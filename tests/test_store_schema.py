@@ -1,4 +1,4 @@
-"""Must-show 4: the store opens with plain h5py, matches schema v1, and `polypure inspect` shows it."""
+"""Must-show 4: the store opens with plain h5py, has the documented layout (version 2), `polypure inspect` shows it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import yaml
 
 from polypure import Experiment
+from polypure.store import schema
 
 from .helpers import random_images
 from .nets import tiny
@@ -22,7 +23,29 @@ def build(path):
                           "n_refs": 4}).run(["topk", "relevance"])
 
 
-def test_schema_v1(tmp_path):
+def test_the_schema_module_builds_the_documented_paths():
+    """The one owner of the layout gives the paths of the README's table (renaming one changes the format)."""
+    assert schema.FORMAT_VERSION == 2
+    assert (schema.SAMPLE_IDS, schema.SAMPLE_LABELS, schema.FACTORS) == ("samples/ids", "samples/labels",
+                                                                          "samples/factors")
+    assert schema.join(schema.topk_path("c3"), schema.INDICES) == "topk/c3/indices"
+    assert schema.join(schema.relevance_path("c3"), schema.NEURONS) == "relevance/c3/neurons"
+    assert schema.variant_path("c3", "default") == "relevance/c3"
+    assert schema.space_path("c3", "c2") == "relevance/c3/c2"
+    assert schema.space_path("c3", "lrp:c2") == "relevance/c3/lrp/c2"
+    assert schema.space_path("c3", "activation", "lrp") == "relevance/c3/lrp/activation"
+    assert schema.join(schema.planted_path("c3"), schema.TRUTH) == "planted/c3/truth"
+    assert schema.clusters_path("c3", "lrp:c2", "kmeans") == "clusters/c3/lrp:c2/kmeans"
+    assert schema.embeddings_path("clip", "c3") == "embeddings/clip/c3"
+    assert schema.metrics_path("c3", "ari", "class", "c2", "kmeans") == "metrics/c3/ari/class/c2/kmeans"
+    assert (schema.SUMMARY, schema.comparisons_path("c3"), schema.crops_path("c3")) == (
+        "metrics/summary", "comparisons/c3", "crops/c3")
+    assert schema.derived_paths("c3") == ("clusters/c3", "crops/c3", "metrics/c3", "comparisons/c3")
+    assert schema.planted_target("c3") == "c3@planted" and schema.planted_layer("c3@planted") == "c3"
+    assert schema.planted_layer("c3") is None
+
+
+def test_schema_v2(tmp_path):
     path = tmp_path / "schema.h5"
     build(path)
     with h5py.File(path, "r") as f:

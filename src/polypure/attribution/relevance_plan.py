@@ -33,7 +33,7 @@ from polypure.attribution.engine import ConditionalRelevance, channel_init
 from polypure.attribution.planted import VirtualNeurons
 from polypure.attribution.precision import auto_batch_size, to_device
 from polypure.errors import ConfigError
-from polypure.store.hdf5_store import planted_target
+from polypure.store.schema import planted_target
 
 INIT_REL = "clamp(min=0)"
 

@@ -34,7 +34,7 @@ import numpy as np
 from polypure.errors import ConfigError
 from polypure.evaluation import statistics as stats
 from polypure.evaluation import summary
-from polypure.store.hdf5_store import STR
+from polypure.store.schema import STR
 
 #: Columns of a comparison table (stored, printed, exported), in order.
 COLUMNS = ("target", "group", "metric", "method", "space_a", "space_b", "method_a", "n", "dropped", "zeros",

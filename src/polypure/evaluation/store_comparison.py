@@ -164,7 +164,7 @@ def _load(results: Results, metric: str | None) -> dict:
     for target in results.targets:
         neurons = np.asarray(results.neurons(target))
         groups = summary.groups(store, target, polysemantic_by)
-        for kind, of, space, method, vals, _ in results._entries(target):
+        for kind, of, space, method, vals, _ in results.metric_values(target):
             label = f"{kind} {of}"
             labels[label] = None
             if metric is not None and label != metric:

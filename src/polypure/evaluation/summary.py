@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from polypure.evaluation.metrics import ALL_NOISE, CONSTANT, ONE_CLUSTER, ONE_HOT, ONE_LABEL, REASONS
-from polypure.store.hdf5_store import STR, planted_layer
+from polypure.store.schema import STR, planted_layer
 
 FIELDS = ("target", "group", "space", "method", "metric", "mean", "std", "n", "neurons", "skipped")
 #: The reason given for a missing value that no check explains (all distances equal, for instance).

@@ -73,7 +73,7 @@ def wanted_labels(ctx: StageContext, store) -> list[str]:
 
 def _strings(values) -> np.ndarray:
     """A str array as h5py writes it: variable-length UTF-8."""
-    from polypure.store.hdf5_store import STR
+    from polypure.store.schema import STR
     return np.array([str(v) for v in values], dtype=STR)
 
 

@@ -201,7 +201,7 @@ def check_samples(config, count: int) -> None:
 
 def available_label_sets(config, dataset) -> list[str]:
     """Label sets the evaluate stage can score against with this config and data."""
-    from polypure.store.hdf5_store import CLASS, PLANTED
+    from polypure.store.schema import CLASS, PLANTED
 
     # planted truth belongs to planted targets; a config without them simply has nothing to score with it
     names = [PLANTED]

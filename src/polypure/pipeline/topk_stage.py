@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from polypure.errors import ConfigError, StaleResultError
-from polypure.store.hdf5_store import planted_target
+from polypure.store.schema import planted_target
 
 if TYPE_CHECKING:
     from polypure.attribution.topk import Scorer, TopK

@@ -1,34 +1,18 @@
-"""The HDF5 store: everything a run produced, in one file with a documented schema (version 2).
+"""The HDF5 store: everything a run produced, in one file, behind typed accessors.
 
-Schema (paths other tools rely on; the README has the full table)::
+:class:`Store` reads and writes the layout that :mod:`polypure.store.schema` owns (every path and
+attribute name, the format version); how a store grows with its config (more neurons, another rule
+variant) and when what it holds is stale are plain functions of :mod:`polypure.store.growth`.
 
-    /                      attrs: format="polypure", format_version=2, config, created, polypure_version
-    /samples/ids           (N,) UTF-8      stable ids (path relative to the data root, or index:<i>)
-    /samples/labels        (N,) int64      -1 where unknown
-    /samples/factors/<f>   (N,) int64      generative factors; attr ``values`` names the codes
-    /topk/<layer>/indices  (C, K) int64    sample indices by decreasing value
-    /topk/<layer>/values   (C, K) float32  attrs: statistic, samples_done, complete
-    /relevance/<target>/neurons      (M,) int64      rows shared by every rule variant; attr ``variants``
-    /relevance/<target>/<layer>      (M, n_refs, C_layer) float32   the ``default`` variant
-    /relevance/<target>/activation   (M, n_refs, C_target) float32
-    /relevance/<target>/complete     (M,) bool
-    /relevance/<target>/<variant>/<layer>, activation, complete     any other variant (its rule as attrs)
-    /planted/<layer>/pairs, truth, modes, scales
-    /clusters/<target>/<space>/<method id>       (M, n_refs) int64   -1: noise; attr ``not_clustered``: dead rows
-    /embeddings/<evaluator>/<target>             (M, n_refs, D) float32
-    /metrics/...
-    /comparisons/<target>                        table: paired comparisons of metrics between spaces
-
-A space is named ``<layer>`` for the ``default`` variant and ``<variant>:<layer>`` for any other
-(:func:`polypure.config.settings.space_name`). A version 1 store is a version 2 store with the ``default`` variant alone.
-
-Only one process writes a store at a time (the stage runner); readers open it read-only.
+Every method that changes the file is marked :func:`writes`: it is one whole write that Ctrl-C and SIGTERM
+do not cut in half, and the run's session learns of it. Only one process writes a store at a time (the
+stage runner, :mod:`polypure.store.write_session`); readers open it read-only.
 
 Example
 -------
->>> import h5py                                     # doctest: +SKIP
->>> with h5py.File("storage/demo.h5", "r") as f:    # doctest: +SKIP
-...     print(f["relevance/block_3/block_2"].shape)
+>>> from polypure.store.hdf5_store import Store         # doctest: +SKIP
+>>> with Store("storage/demo.h5") as store:             # doctest: +SKIP
+...     print(store.space_shape("block_3", "block_2"))
 """
 
 from __future__ import annotations
@@ -43,64 +27,30 @@ import h5py
 import numpy as np
 import yaml
 
-from polypure import __version__
-from polypure.config.settings import DEFAULT_VARIANT, space_name, split_space
+from polypure.config.settings import DEFAULT_VARIANT, space_name
 from polypure.errors import ConfigError, StaleResultError, StoreError
+from polypure.store import growth, schema
+from polypure.store.schema import ACTIVATION, STR, attr_value, decode, read_attr
 from polypure.store.write_session import kill_inside_write_for_test, whole_write
 
-FORMAT = "polypure"
-#: A planted target is named after its layer: ``block_3@planted``.
-PLANTED_SUFFIX = "@planted"
-#: The space of a target's own activations (beside its attribution layers).
-ACTIVATION = "activation"
-#: Label sets of references: the planted split, and the samples' classes (factors go by their own names).
-PLANTED = "planted"
-CLASS = "class"
-#: Version 2 added rule variants (``/relevance/<target>/<variant>/``); version 1 stores read as one ``default``.
-FORMAT_VERSION = 2
-STR = h5py.string_dtype("utf-8")
 
-#: Config sections every result depends on: a store made with other values holds nothing reusable.
-#: Other settings (top-K, relevance rules, planted pairs) are checked result by result, so that a study can
-#: grow (more neurons, another target) without redoing what is finished.
-GLOBAL_SECTIONS = ("model", "data", "seed")
+def writes(method: Callable) -> Callable:
+    """Mark a :class:`Store` method that changes the file: it runs as one whole write.
 
-#: Attributes of a relevance variant that make its rule; the others belong to the target.
-RULE_KEYS = ("composite", "canonizers", "times_activation", "composite_params", "precision")
-
-#: Datasets of a relevance target that are bookkeeping of its rows, not a feature space.
-_ROW_BOOKKEEPING = ("neurons", "complete")
-
-#: Where the results derived from one relevance target live (recomputed when its rows change).
-_DERIVED = ("clusters/{t}", "crops/{t}", "metrics/{t}", "comparisons/{t}")
-
-
-def _decode(value):
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def attr_value(value):
-    """An attribute value h5py can store: lists of strings become UTF-8 string arrays."""
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return np.array(list(value), dtype=object).astype(STR)
-    return value
-
-
-def read_attr(value):
-    """An attribute as Python data: string arrays become lists of str."""
-    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
-        return [_decode(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return _decode(value)
-
-
-def _check_version(path: Path, attrs) -> None:
-    """Refuse a store written by a newer polypure, whose layout this one cannot know."""
-    version = int(attrs.get("format_version", 0))
-    if version > FORMAT_VERSION:
-        raise StoreError(f"store {str(path)!r} has format version {version}; this polypure ({__version__}) reads up "
-                         f"to {FORMAT_VERSION}: upgrade polypure or set another store path")
+    Ctrl-C and SIGTERM wait until the method has returned (:func:`polypure.store.write_session.whole_write`),
+    the store's ``on_write`` tells the run's session that there is something to commit, and the crash
+    harness may kill the process right after the write (``POLYPURE_TEST_KILL_AT=write:N``). Every method
+    that writes the file carries this mark, private helpers included; ``tests/test_store_writes.py`` fails
+    for one that writes without it.
+    """
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        with whole_write():
+            result = method(self, *args, **kwargs)
+            self._wrote()
+            kill_inside_write_for_test()
+            return result
+    return write
 
 
 class Store:
@@ -138,19 +88,19 @@ class Store:
 
     def _check_format(self) -> None:
         attrs = self.file.attrs
-        if "format" not in attrs and len(self.file.keys()) == 0:
+        if schema.FORMAT_ATTR not in attrs and len(self.file.keys()) == 0:
             return
-        if _decode(attrs.get("format")) != FORMAT:
+        if decode(attrs.get(schema.FORMAT_ATTR)) != schema.FORMAT:
             raise StoreError(f"{str(self.path)!r} is an HDF5 file but not a polypure store")
-        _check_version(self.path, attrs)
+        schema.check_version(self.path, attrs)
 
     @classmethod
     def open_for_run(cls, path: str | Path, config_yaml: str, overwrite: bool = False, **options) -> Store:
         """Open (or create) the store a run writes, checking it was made for the same model and data.
 
-        Only the sections every result depends on (:data:`GLOBAL_SECTIONS`) are compared here; the
-        stages check their own results (a top-K's k and statistic, a relevance target's rule) and grow
-        the store where the config asks for more.
+        Only the sections every result depends on (:data:`polypure.store.growth.GLOBAL_SECTIONS`) are
+        compared here; the stages check their own results (a top-K's k and statistic, a relevance target's
+        rule) and grow the store where the config asks for more.
 
         Parameters
         ----------
@@ -171,28 +121,23 @@ class Store:
             If the file exists and is not a polypure store, or is one of a newer format version (refused
             with ``overwrite`` too: it is never deleted by a polypure that cannot read it).
         """
-        from polypure.config.settings import config_differences
-
         path = Path(path)
         file = Path(options.get("file") or path)
         if file.exists():
             try:
                 with h5py.File(file, "r") as probe:
-                    fmt = _decode(probe.attrs.get("format"))
-                    old_yaml = _decode(probe.attrs.get("config", ""))
-                    if fmt == FORMAT:
+                    fmt = decode(probe.attrs.get(schema.FORMAT_ATTR))
+                    old_yaml = decode(probe.attrs.get(schema.CONFIG_ATTR, ""))
+                    if fmt == schema.FORMAT:
                         # read only, before --overwrite below could delete a store this polypure cannot read
-                        _check_version(path, probe.attrs)
+                        schema.check_version(path, probe.attrs)
             except OSError:
                 raise StoreError(f"{str(path)!r} exists and is not an HDF5 file; remove it or set another store "
                                  "path") from None
-            if fmt != FORMAT:
+            if fmt != schema.FORMAT:
                 raise StoreError(f"{str(path)!r} exists and is not a polypure store; remove it or set another "
                                  "store path")
-            old = yaml.safe_load(old_yaml) or {}
-            new = yaml.safe_load(config_yaml) or {}
-            changed = [c for c in config_differences(old, new)
-                       if c.split(".", 1)[0].split(":", 1)[0] in GLOBAL_SECTIONS]
+            changed = growth.global_changes(old_yaml, config_yaml)
             if changed and not overwrite:
                 shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
                 raise StaleResultError(f"store {str(path)!r} was made with a different config ({shown}); rerun "
@@ -202,19 +147,23 @@ class Store:
         if file.exists():
             store = cls(path, "a", **options)
             if store.config_yaml != config_yaml:
-                store.file.attrs["config"] = config_yaml
-                store._wrote()
+                store.write_config(config_yaml)
             return store
         path.parent.mkdir(parents=True, exist_ok=True)
         store = cls(path, "a", **options)
-        attrs = store.file.attrs
-        attrs["format"] = FORMAT
-        attrs["format_version"] = FORMAT_VERSION
-        attrs["config"] = config_yaml
-        attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        attrs["polypure_version"] = __version__
-        store._wrote()
+        store._write_header(config_yaml)
         return store
+
+    @writes
+    def _write_header(self, config_yaml: str) -> None:
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        for key, value in schema.header(config_yaml, created).items():
+            self.file.attrs[key] = value
+
+    @writes
+    def write_config(self, config_yaml: str) -> None:
+        """Record the resolved config the store is now written with (YAML text, :attr:`config_yaml`)."""
+        self.file.attrs[schema.CONFIG_ATTR] = config_yaml
 
     def _wrote(self) -> None:
         if self.on_write is not None:
@@ -240,7 +189,7 @@ class Store:
     @property
     def config_yaml(self) -> str:
         """The resolved config the store was last written with, as YAML text."""
-        return _decode(self.file.attrs.get("config", ""))
+        return decode(self.file.attrs.get(schema.CONFIG_ATTR, ""))
 
     def _group(self, path: str) -> h5py.Group:
         return self.file.require_group(path)
@@ -250,28 +199,33 @@ class Store:
             del group[name]
         return group.create_dataset(name, data=data, **kwargs)
 
+    def _children(self, path: str) -> list[str]:
+        """The names in a group, in store order (none where it is absent)."""
+        return list(self.file[path].keys()) if path in self.file else []
+
     # -- samples -----------------------------------------------------------------------------------
 
     def has_samples(self) -> bool:
         """Whether the sample ids and labels were written."""
-        return "samples/ids" in self.file
+        return schema.SAMPLE_IDS in self.file
 
+    @writes
     def write_samples(self, ids: list[str], labels: np.ndarray,
                       factors: dict[str, tuple[np.ndarray, list[str]]] | None = None,
                       class_names: list[str] | None = None) -> None:
         """Write ids, labels and factors of every sample (once, before any per-sample result)."""
-        group = self._group("samples")
-        self._replace(group, "ids", np.array(ids, dtype=object), dtype=STR)
-        self._replace(group, "labels", np.asarray(labels, np.int64))
+        group = self._group(schema.SAMPLES_GROUP)
+        self._replace(group, schema.IDS, np.array(ids, dtype=object), dtype=STR)
+        self._replace(group, schema.LABELS, np.asarray(labels, np.int64))
         if class_names is not None:
-            group["labels"].attrs["classes"] = attr_value(list(class_names))
+            group[schema.LABELS].attrs[schema.CLASSES_ATTR] = attr_value(list(class_names))
         for name, (codes, values) in (factors or {}).items():
-            ds = self._replace(self._group("samples/factors"), name, np.asarray(codes, np.int64))
-            ds.attrs["values"] = attr_value(list(values))
+            ds = self._replace(self._group(schema.FACTORS), name, np.asarray(codes, np.int64))
+            ds.attrs[schema.FACTOR_VALUES_ATTR] = attr_value(list(values))
 
     def sample_ids(self) -> list[str]:
         """The stable id of every sample."""
-        return [_decode(s) for s in self.file["samples/ids"][()]]
+        return [decode(s) for s in self.file[schema.SAMPLE_IDS][()]]
 
     def check_samples(self, ids: list[str]) -> None:
         """Refuse to mix results of different datasets in one store."""
@@ -282,51 +236,53 @@ class Store:
 
     def class_names(self) -> list[str] | None:
         """Names of the classes the labels index, where known."""
-        classes = self.file["samples/labels"].attrs.get("classes")
+        classes = self.file[schema.SAMPLE_LABELS].attrs.get(schema.CLASSES_ATTR)
         return read_attr(classes) if classes is not None else None
 
     def labels(self) -> np.ndarray:
         """Class of every sample, -1 where unknown."""
-        return self.file["samples/labels"][()]
+        return self.file[schema.SAMPLE_LABELS][()]
 
+    @writes
     def update_labels(self, labels: np.ndarray) -> None:
         """Replace the class of every sample (labels collected from the items as the top-K pass reads them)."""
-        self.file["samples/labels"][:] = np.asarray(labels, np.int64)
+        self.file[schema.SAMPLE_LABELS][:] = np.asarray(labels, np.int64)
 
     def factors(self) -> dict[str, tuple[np.ndarray, list[str]]]:
         """Generative factors: name -> (code per sample, value names)."""
         out = {}
-        if "samples/factors" in self.file:
-            for name, ds in self.file["samples/factors"].items():
-                out[name] = (ds[()], [_decode(v) for v in ds.attrs.get("values", [])])
+        if schema.FACTORS in self.file:
+            for name, ds in self.file[schema.FACTORS].items():
+                out[name] = (ds[()], [decode(v) for v in ds.attrs.get(schema.FACTOR_VALUES_ATTR, [])])
         return out
 
     # -- top-k -------------------------------------------------------------------------------------
 
     def topk_progress(self, layer: str) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
         """``(values, indices, samples_done, complete)`` of a layer's top-K, or None if not started."""
-        key = f"topk/{layer}"
+        key = schema.topk_path(layer)
         if key not in self.file:
             return None
         group = self.file[key]
-        return (group["values"][()], group["indices"][()], int(group.attrs["samples_done"]),
-                bool(group.attrs["complete"]))
+        return (group[schema.VALUES][()], group[schema.INDICES][()], int(group.attrs[schema.SAMPLES_DONE_ATTR]),
+                bool(group.attrs[schema.COMPLETE_ATTR]))
 
+    @writes
     def write_topk(self, layer: str, values: np.ndarray, indices: np.ndarray, statistic: str,
                    samples_done: int, complete: bool, extra: dict[str, np.ndarray] | None = None) -> None:
         """Write (or checkpoint) a layer's top-K."""
-        group = self._group(f"topk/{layer}")
-        self._replace(group, "indices", np.asarray(indices, np.int64))
-        self._replace(group, "values", np.asarray(values, np.float32))
+        group = self._group(schema.topk_path(layer))
+        self._replace(group, schema.INDICES, np.asarray(indices, np.int64))
+        self._replace(group, schema.VALUES, np.asarray(values, np.float32))
         for name, data in (extra or {}).items():
             self._replace(group, name, data)
-        group.attrs["statistic"] = statistic
-        group.attrs["samples_done"] = int(samples_done)
-        group.attrs["complete"] = bool(complete)
+        group.attrs[schema.STATISTIC_ATTR] = statistic
+        group.attrs[schema.SAMPLES_DONE_ATTR] = int(samples_done)
+        group.attrs[schema.COMPLETE_ATTR] = bool(complete)
 
     def topk_statistic(self, name: str) -> str:
         """The statistic (``max`` or ``mean``) a stored top-K ranks by."""
-        return read_attr(self.file[f"topk/{name}"].attrs["statistic"])
+        return read_attr(self.file[schema.topk_path(name)].attrs[schema.STATISTIC_ATTR])
 
     def read_topk(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """``(values, indices)`` of a complete top-K.
@@ -344,6 +300,7 @@ class Store:
 
     # -- relevance ---------------------------------------------------------------------------------
 
+    @writes
     def prepare_relevance(self, target: str, neurons: np.ndarray, n_refs: int, layer_channels: dict[str, int],
                           target_channels: int, attrs: dict[str, Any], overwrite: bool = False,
                           variant: str = DEFAULT_VARIANT) -> h5py.Group:
@@ -365,9 +322,9 @@ class Store:
             Channels of every attribution layer.
         target_channels : int
         attrs : dict
-            What computes the target: the variant's rule (:data:`RULE_KEYS`: composite, canonizers, ...) and
-            the target's own settings (n_refs, layers, ...). A target made with other settings, or a
-            variant made with another rule, is stale.
+            What computes the target: the variant's rule (:data:`~polypure.store.schema.RULE_KEYS`:
+            composite, canonizers, ...) and the target's own settings (n_refs, layers, ...). A target made
+            with other settings, or a variant made with another rule, is stale.
         overwrite : bool
             Replace a stale target or variant, and drop stored neurons the config no longer asks for.
         variant : str
@@ -384,13 +341,12 @@ class Store:
         StaleResultError
             If the target or the variant was made with other settings and ``overwrite`` is False.
         """
-        path = f"relevance/{target}"
+        path = schema.relevance_path(target)
         neurons = np.asarray(neurons, np.int64)
-        rule = {key: value for key, value in attrs.items() if key in RULE_KEYS}
-        settings = {key: value for key, value in attrs.items() if key not in RULE_KEYS}
+        rule, settings = growth.split_rule(attrs)
         if path in self.file:
             group = self.file[path]
-            stale = _rule_differences(group, settings, layer_channels)
+            stale = growth.rule_differences(group, settings, layer_channels)
             if stale and not overwrite:
                 raise StaleResultError(f"store {str(self.path)!r}: relevance of target {target!r} was made with a "
                                        f"different config ({'; '.join(stale)}); rerun with --overwrite to "
@@ -399,29 +355,22 @@ class Store:
                 self.drop(path)
                 self.drop_derived(target)
             else:
-                stored = group["neurons"][()]
-                new = neurons[~np.isin(neurons, stored)]
-                keep = np.flatnonzero(np.isin(stored, neurons)) if overwrite else None
-                if keep is not None and len(keep) == len(stored):
-                    keep = None
+                keep, new = growth.fit_rows(group[schema.NEURONS][()], neurons, overwrite)
                 if len(new) or keep is not None:
-                    _resize_rows(group, keep, new)
+                    growth.resize_rows(group, keep, new)
                     self.drop_derived(target)
         if path not in self.file:
-            group = self._group(path)
-            group.create_dataset("neurons", data=neurons, maxshape=(None,), chunks=True)
-            for key, value in settings.items():
-                group.attrs[key] = attr_value(value)
+            growth.create_target(self._group(path), neurons, settings)
         group = self.file[path]
         self._prepare_variant(target, variant, rule, layer_channels, target_channels, n_refs, overwrite)
         return group
 
     def _prepare_variant(self, target: str, variant: str, rule: dict[str, Any], layer_channels: dict[str, int],
                          target_channels: int, n_refs: int, overwrite: bool) -> None:
-        group = self.file[f"relevance/{target}"]
-        vgroup = group if variant == DEFAULT_VARIANT else group.require_group(variant)
-        if "complete" in vgroup:
-            stale = _rule_differences(vgroup, rule, layer_channels)
+        group = self.file[schema.relevance_path(target)]
+        vgroup = self._group(schema.variant_path(target, variant))
+        if schema.COMPLETE in vgroup:
+            stale = growth.rule_differences(vgroup, rule, layer_channels)
             if stale and not overwrite:
                 which = f"target {target!r}" + (f", variant {variant!r}," if variant != DEFAULT_VARIANT else "")
                 raise StaleResultError(f"store {str(self.path)!r}: relevance of {which} was made with a different "
@@ -430,113 +379,114 @@ class Store:
                                                                    else ""))
             if stale:
                 self.drop_variant(target, variant, forget=False)
-                vgroup = group if variant == DEFAULT_VARIANT else group.require_group(variant)
-        if "complete" not in vgroup:
-            m = len(group["neurons"])
-            for name, channels in {**layer_channels, ACTIVATION: target_channels}.items():
-                vgroup.create_dataset(name, shape=(m, n_refs, channels), dtype=np.float32,
-                                      maxshape=(None, n_refs, channels), chunks=(1, n_refs, channels),
-                                      fillvalue=np.nan)
-            vgroup.create_dataset("complete", shape=(m,), dtype=bool, maxshape=(None,), chunks=True, fillvalue=False)
-            for key, value in rule.items():
-                vgroup.attrs[key] = attr_value(value)
+                vgroup = self._group(schema.variant_path(target, variant))
+        if schema.COMPLETE not in vgroup:
+            growth.create_variant(vgroup, len(group[schema.NEURONS]), n_refs,
+                                  {**layer_channels, ACTIVATION: target_channels}, rule)
         known = self.variants(target)
         if variant not in known:
-            group.attrs["variants"] = attr_value([*known, variant])
+            group.attrs[schema.VARIANTS_ATTR] = attr_value([*known, variant])
             if variant != DEFAULT_VARIANT:
                 # a version 1 reader would not see this variant: the store now has the layout of version 2
-                self.file.attrs["format_version"] = FORMAT_VERSION
-            self.drop("metrics/summary")
+                self.file.attrs[schema.VERSION_ATTR] = schema.FORMAT_VERSION
+            self.drop(schema.SUMMARY)
 
+    @writes
     def drop_variant(self, target: str, variant: str, forget: bool = True) -> None:
         """Delete one variant's relevance and what was derived from its spaces.
 
         With ``forget`` False the variant keeps its place in the target's list (it is about to be recomputed).
         """
-        group = self.file[f"relevance/{target}"]
+        group = self.file[schema.relevance_path(target)]
         spaces = self.variant_spaces(target, variant)
         if self.variants(target)[:1] == [variant]:
             # the first variant's activations are the target's 'activation' space
             spaces.append(ACTIVATION)
         if variant == DEFAULT_VARIANT:
-            for name in [*self.attribution_layers(target), ACTIVATION, "complete"]:
+            for name in [*self.attribution_layers(target), ACTIVATION, schema.COMPLETE]:
                 if name in group:
                     del group[name]
-            for key in RULE_KEYS:
+            for key in schema.RULE_KEYS:
                 if key in group.attrs:
                     del group.attrs[key]
         else:
-            self.drop(f"relevance/{target}/{variant}")
+            self.drop(schema.variant_path(target, variant))
         if forget:
-            group.attrs["variants"] = attr_value([v for v in self.variants(target) if v != variant])
+            group.attrs[schema.VARIANTS_ATTR] = attr_value([v for v in self.variants(target) if v != variant])
         for space in spaces:
-            self.drop(f"clusters/{target}/{space}")
-        if f"clusters/{target}" in self.file and not len(self.file[f"clusters/{target}"]):
-            self.drop(f"clusters/{target}")
-        self.drop(f"metrics/{target}")
-        self.drop(f"comparisons/{target}")
-        self.drop("metrics/summary")
+            self.drop(schema.clusters_path(target, space))
+        clusters = schema.clusters_path(target)
+        if clusters in self.file and not len(self.file[clusters]):
+            self.drop(clusters)
+        self.drop(schema.metrics_path(target))
+        self.drop(schema.comparisons_path(target))
+        self.drop(schema.SUMMARY)
 
+    @writes
     def write_relevance_rows(self, target: str, rows: np.ndarray, arrays: dict[str, np.ndarray],
                              variant: str = DEFAULT_VARIANT) -> None:
         """Write whole neurons (rows of the target) of one variant and mark them complete, in one flush."""
-        group = self.file[self._variant_path(target, variant)]
+        group = self.file[schema.variant_path(target, variant)]
         rows = np.asarray(rows)
         order = np.argsort(rows)
-        for start, stop in _runs(rows[order]):
+        for start, stop in growth.runs(rows[order]):
             sel = order[start:stop]
             lo, hi = int(rows[sel[0]]), int(rows[sel[-1]]) + 1
             for name, data in arrays.items():
                 group[name][lo:hi] = data[sel]
             kill_inside_write_for_test()
-            group["complete"][lo:hi] = True
+            group[schema.COMPLETE][lo:hi] = True
         self.flush()
 
     def relevance_targets(self) -> list[str]:
         """Names of the relevance targets in the store."""
-        return list(self.file["relevance"].keys()) if "relevance" in self.file else []
+        return self._children(schema.RELEVANCE_GROUP)
 
     # -- invalidation ------------------------------------------------------------------------------
 
+    @writes
     def drop(self, path: str) -> None:
         """Delete a group or dataset if present."""
         if path in self.file:
             del self.file[path]
 
+    @writes
     def drop_derived(self, target: str) -> None:
         """Delete what was computed from a target's relevance rows: clusters, embeddings, crops, metrics."""
-        for template in _DERIVED:
-            self.drop(template.format(t=target))
-        for evaluator in list(self.file["embeddings"].keys()) if "embeddings" in self.file else []:
-            self.drop(f"embeddings/{evaluator}/{target}")
-        self.drop("metrics/summary")
+        for path in schema.derived_paths(target):
+            self.drop(path)
+        for evaluator in self._children(schema.EMBEDDINGS_GROUP):
+            self.drop(schema.embeddings_path(evaluator, target))
+        self.drop(schema.SUMMARY)
 
+    @writes
     def drop_planted(self, layer: str) -> None:
         """Delete a layer's planted pairs and what was computed from them (the real layer's top-K stays)."""
-        target = planted_target(layer)
-        for path in (f"planted/{layer}", f"topk/{target}", f"relevance/{target}"):
+        target = schema.planted_target(layer)
+        for path in (schema.planted_path(layer), schema.topk_path(target), schema.relevance_path(target)):
             self.drop(path)
         self.drop_derived(target)
 
+    @writes
     def drop_topk(self, layer: str) -> None:
         """Delete a layer's top-K and everything chosen from it.
 
         That is the layer's planted pairs and their top-K, and every relevance target on the layer (real
         or planted) with its derived results: their references came from this top-K.
         """
-        planted = planted_target(layer)
-        for path in (f"topk/{layer}", f"topk/{planted}", f"planted/{layer}"):
+        planted = schema.planted_target(layer)
+        for path in (schema.topk_path(layer), schema.topk_path(planted), schema.planted_path(layer)):
             self.drop(path)
         for target in self.relevance_targets():
             if target in (layer, planted):
-                self.drop(f"relevance/{target}")
+                self.drop(schema.relevance_path(target))
                 self.drop_derived(target)
 
     # -- targets and their spaces ------------------------------------------------------------------
 
     def attributes(self) -> dict[str, Any]:
         """The store's own attributes (format, version, creation time, ...) without its config."""
-        return {k: read_attr(v) for k, v in self.file.attrs.items() if k != "config"}
+        return {k: read_attr(v) for k, v in self.file.attrs.items() if k != schema.CONFIG_ATTR}
 
     def config(self) -> dict:
         """The resolved config the store was last written with, as a mapping (empty if none)."""
@@ -544,23 +494,24 @@ class Store:
 
     def target_attrs(self, target: str) -> dict[str, Any]:
         """The attributes of a relevance target (its layer and attribution layers; the ``default`` variant's rule)."""
-        return {key: read_attr(value) for key, value in self.file[f"relevance/{target}"].attrs.items()}
+        return {key: read_attr(value) for key, value in self.file[schema.relevance_path(target)].attrs.items()}
 
     def variant_attrs(self, target: str, variant: str) -> dict[str, Any]:
-        """The rule of one variant of a target (:data:`RULE_KEYS`)."""
-        attrs = self.file[self._variant_path(target, variant)].attrs
-        return {key: read_attr(attrs[key]) for key in RULE_KEYS if key in attrs}
+        """The rule of one variant of a target (:data:`~polypure.store.schema.RULE_KEYS`)."""
+        attrs = self.file[schema.variant_path(target, variant)].attrs
+        return {key: read_attr(attrs[key]) for key in schema.RULE_KEYS if key in attrs}
 
     def attribution_layers(self, target: str) -> list[str]:
         """A target's attribution layers, from the lowest as configured."""
-        return list(read_attr(self.file[f"relevance/{target}"].attrs.get("attribution_layers", [])))
+        attrs = self.file[schema.relevance_path(target)].attrs
+        return list(read_attr(attrs.get(schema.ATTRIBUTION_LAYERS_ATTR, [])))
 
     def variants(self, target: str) -> list[str]:
         """Ids of the rule variants a target has, in the order they were added (``default`` alone in version 1)."""
-        group = self.file[f"relevance/{target}"]
-        if "variants" in group.attrs:
-            return list(read_attr(group.attrs["variants"]))
-        return [DEFAULT_VARIANT] if "complete" in group else []
+        group = self.file[schema.relevance_path(target)]
+        if schema.VARIANTS_ATTR in group.attrs:
+            return list(read_attr(group.attrs[schema.VARIANTS_ATTR]))
+        return [DEFAULT_VARIANT] if schema.COMPLETE in group else []
 
     def variant_spaces(self, target: str, variant: str) -> list[str]:
         """The relevance spaces of one variant: ``<variant>:<layer>`` per attribution layer (plain for ``default``)."""
@@ -571,8 +522,16 @@ class Store:
         return [space for variant in self.variants(target) for space in self.variant_spaces(target, variant)]
 
     def spaces(self, target: str) -> list[str]:
-        """A target's own feature spaces: every variant's attribution layers, then ``activation``."""
+        """A target's own feature spaces: its relevance spaces (:meth:`relevance_spaces`), then ``activation``.
+
+        Evaluators' embeddings of the target are spaces too (:meth:`features` reads them): they are listed
+        apart, by :meth:`embedding_spaces`.
+        """
         return [*self.relevance_spaces(target), ACTIVATION]
+
+    def embedding_spaces(self, target: str) -> list[str]:
+        """The evaluators with embeddings of a target: spaces of :meth:`features` beside :meth:`spaces`."""
+        return [evaluator for evaluator in self.embedding_names() if self.has_embeddings(evaluator, target)]
 
     def baseline_space(self, target: str) -> str:
         """The space comparisons are made against by default: the last attribution layer of the first variant.
@@ -585,14 +544,14 @@ class Store:
 
     def neurons(self, target: str) -> np.ndarray:
         """Neuron (or virtual-neuron) id of every row of a target."""
-        return self.file[f"relevance/{target}/neurons"][()]
+        return self.file[schema.join(schema.relevance_path(target), schema.NEURONS)][()]
 
     def complete(self, target: str, variant: str | None = None) -> np.ndarray:
         """Which rows of a target are finished: for one variant, or (None) for every variant it has."""
         variants = self.variants(target) if variant is None else [variant]
         done = np.ones(len(self.neurons(target)), bool)
         for name in variants:
-            done &= self.file[f"{self._variant_path(target, name)}/complete"][()]
+            done &= self.file[schema.join(schema.variant_path(target, name), schema.COMPLETE)][()]
         return done
 
     def n_refs(self, target: str) -> int:
@@ -601,7 +560,7 @@ class Store:
 
     def reference_indices(self, target: str) -> np.ndarray:
         """Sample index of every reference of every stored neuron of a target: (M, n_refs)."""
-        return self.read(f"topk/{target}/indices")[self.neurons(target), :self.n_refs(target)]
+        return self._topk_indices(target)[self.neurons(target), :self.n_refs(target)]
 
     def relevance(self, target: str, space: str) -> np.ndarray:
         """A target's relevance in one space (``lrp:block_2``), or its ``activation`` baseline: (M, n_refs, C)."""
@@ -609,17 +568,17 @@ class Store:
 
     def space_shape(self, target: str, space: str) -> tuple[int, ...]:
         """The shape (M, n_refs, D) of a space's features, without reading them."""
-        for path in (self._space_path(target, space), f"embeddings/{space}/{target}"):
+        for path in self._space_paths(target, space):
             if path in self.file and isinstance(self.file[path], h5py.Dataset):
                 return tuple(self.file[path].shape)
         raise StoreError(f"store {str(self.path)!r} has no space {space!r} for target {target!r}")
 
     def has_space(self, target: str, space: str) -> bool:
         """Whether the store has features of ``space`` for ``target`` (a layer, activation or an embedding)."""
-        if space in _ROW_BOOKKEEPING:
+        if space in schema.ROW_BOOKKEEPING:
             return False
         return any(path in self.file and isinstance(self.file[path], h5py.Dataset)
-                   for path in (self._space_path(target, space), f"embeddings/{space}/{target}"))
+                   for path in self._space_paths(target, space))
 
     def features(self, target: str, space: str, row: int | None = None) -> np.ndarray:
         """The features of a space for a target: relevance, activation or an evaluator's embedding.
@@ -635,22 +594,23 @@ class Store:
         StoreError
             If the store has no such space for the target.
         """
-        for path in (self._space_path(target, space), f"embeddings/{space}/{target}"):
-            if path in self.file and space not in _ROW_BOOKKEEPING and isinstance(self.file[path], h5py.Dataset):
+        for path in self._space_paths(target, space):
+            if path in self.file and space not in schema.ROW_BOOKKEEPING and isinstance(self.file[path], h5py.Dataset):
                 return self.file[path][()] if row is None else self.file[path][row]
         raise StoreError(f"store {str(self.path)!r} has no space {space!r} for target {target!r} (attribution "
                          "layers, 'activation', or evaluator embeddings)")
 
-    def _variant_path(self, target: str, variant: str) -> str:
-        return f"relevance/{target}" if variant == DEFAULT_VARIANT else f"relevance/{target}/{variant}"
-
     def _space_path(self, target: str, space: str) -> str:
         """Where a relevance space lives; ``activation`` is the first variant's (the variants agree on it)."""
-        if space == ACTIVATION:
-            variants = self.variants(target) if f"relevance/{target}" in self.file else []
-            return f"{self._variant_path(target, variants[0] if variants else DEFAULT_VARIANT)}/{ACTIVATION}"
-        variant, layer = split_space(space)
-        return f"{self._variant_path(target, variant)}/{layer}"
+        variants = self.variants(target) if space == ACTIVATION and schema.relevance_path(target) in self.file else []
+        return schema.space_path(target, space, variants[0] if variants else DEFAULT_VARIANT)
+
+    def _space_paths(self, target: str, space: str) -> tuple[str, str]:
+        """Where a space's features may live: a relevance space (or activation), or an evaluator's embedding."""
+        return self._space_path(target, space), schema.embeddings_path(space, target)
+
+    def _topk_indices(self, name: str) -> np.ndarray:
+        return self.read(schema.join(schema.topk_path(name), schema.INDICES))
 
     def target_spaces(self, configured: list[str] | None = None) -> dict[str, list[str]]:
         """The spaces of every target: ``configured`` ones (``cluster.spaces``) where it has them, else its own.
@@ -672,121 +632,129 @@ class Store:
 
     def planted_targets(self) -> list[str]:
         """The relevance targets made of planted virtual neurons."""
-        return [t for t in self.relevance_targets() if planted_layer(t) is not None]
+        return [t for t in self.relevance_targets() if schema.planted_layer(t) is not None]
 
     # -- planted -----------------------------------------------------------------------------------
 
     def has_planted_pairs(self, layer: str) -> bool:
         """Whether pairs were chosen for a layer's planted neurons."""
-        return f"planted/{layer}/pairs" in self.file
+        return self._planted(layer, schema.PAIRS) in self.file
 
+    @writes
     def write_planted_pairs(self, layer: str, pairs: np.ndarray, scales: np.ndarray, settings: dict[str, Any]) -> None:
         """Keep a layer's planted channel pairs, their scales and the settings they were chosen with."""
-        self.write_array(f"planted/{layer}/pairs", pairs)
-        self.write_array(f"planted/{layer}/scales", scales)
+        self.write_array(self._planted(layer, schema.PAIRS), pairs)
+        self.write_array(self._planted(layer, schema.SCALES), scales)
         for key, value in settings.items():
-            self.file[f"planted/{layer}"].attrs[key] = value
+            self.file[schema.planted_path(layer)].attrs[key] = value
 
     def planted_pairs(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """``(pairs, scales)`` of a layer's planted neurons."""
-        return self.read(f"planted/{layer}/pairs"), self.read(f"planted/{layer}/scales")
+        return self.read(self._planted(layer, schema.PAIRS)), self.read(self._planted(layer, schema.SCALES))
 
     def planted_settings(self, layer: str) -> dict[str, Any]:
         """The settings a layer's pairs were chosen with (empty for stores written before they were kept)."""
-        group = f"planted/{layer}"
+        group = schema.planted_path(layer)
         return {k: read_attr(v) for k, v in self.file[group].attrs.items()} if group in self.file else {}
 
+    @writes
     def write_planted_truth(self, layer: str, truth: np.ndarray, modes: list[str]) -> None:
         """The true split of each planted neuron's references and the mode of each virtual neuron."""
-        self.write_array(f"planted/{layer}/truth", np.asarray(truth, np.int64))
-        self.write_array(f"planted/{layer}/modes", list(modes))
+        self.write_array(self._planted(layer, schema.TRUTH), np.asarray(truth, np.int64))
+        self.write_array(self._planted(layer, schema.MODES), list(modes))
 
     def planted_modes(self, layer: str) -> list[str] | None:
         """The mode of each virtual neuron of a layer, or None before they were stored."""
-        path = f"planted/{layer}/modes"
+        path = self._planted(layer, schema.MODES)
         return list(read_attr(self.read(path))) if path in self.file else None
 
     def topk_payload(self, name: str, payload: str) -> np.ndarray:
         """A per-entry payload kept with a top-K (``truth`` of planted neurons)."""
-        return self.read(f"topk/{name}/{payload}")
+        return self.read(schema.join(schema.topk_path(name), payload))
+
+    def _planted(self, layer: str, dataset: str) -> str:
+        return schema.join(schema.planted_path(layer), dataset)
 
     # -- labels of references ----------------------------------------------------------------------
 
     def label_sets(self) -> list[str]:
         """Names of the label sets known for the samples: ``planted``, the factors, then ``class``."""
-        return [PLANTED, *self.factors()] + ([CLASS] if self.has_samples() and (self.labels() >= 0).any() else [])
+        labelled = self.has_samples() and (self.labels() >= 0).any()
+        return [schema.PLANTED, *self.factors()] + ([schema.CLASS] if labelled else [])
 
     def known_labels(self, target: str, full_topk: bool = False) -> dict[str, np.ndarray]:
         """Every label set known for a target's references, each (M, n_refs), or (M, K) with ``full_topk``."""
         neurons = self.neurons(target)
-        indices = self.read(f"topk/{target}/indices")[neurons]
+        indices = self._topk_indices(target)[neurons]
         refs = indices if full_topk else indices[:, :self.n_refs(target)]
         out = {}
-        if planted_layer(target) is not None:
+        if schema.planted_layer(target) is not None:
             # the truth of every top-K entry, in the target's row order: /planted/<layer>/truth has the n_refs of
             # the run that chose the pairs and one row per virtual neuron, which a later run may not share
-            out[PLANTED] = self.topk_payload(target, "truth")[neurons][:, :refs.shape[1]]
+            out[schema.PLANTED] = self.topk_payload(target, schema.TRUTH)[neurons][:, :refs.shape[1]]
         for name, (codes, _) in self.factors().items():
             out[name] = codes[refs]
         labels = self.labels()
         if (labels >= 0).any():
-            out[CLASS] = labels[refs]
+            out[schema.CLASS] = labels[refs]
         return out
 
     # -- embeddings and crops ----------------------------------------------------------------------
 
     def embedding_names(self) -> list[str]:
         """Evaluators with stored embeddings."""
-        return list(self.file["embeddings"].keys()) if "embeddings" in self.file else []
+        return self._children(schema.EMBEDDINGS_GROUP)
 
     def has_embeddings(self, evaluator: str, target: str, signature: str | None = None) -> bool:
         """Whether embeddings of a target by an evaluator are stored (with this signature, if given)."""
-        return self._current(f"embeddings/{evaluator}/{target}", signature)
+        return self._current(schema.embeddings_path(evaluator, target), signature)
 
     def embedding_attrs(self, evaluator: str, target: str) -> dict[str, Any]:
         """The attributes of an evaluator's embeddings of a target (its signature, view); empty if none."""
-        path = f"embeddings/{evaluator}/{target}"
+        path = schema.embeddings_path(evaluator, target)
         return {key: read_attr(value) for key, value in self.file[path].attrs.items()} if path in self.file else {}
 
     def embeddings(self, evaluator: str, target: str) -> np.ndarray:
         """An evaluator's embedding of every reference of a target: (M, n_refs, D)."""
-        return self.read(f"embeddings/{evaluator}/{target}")
+        return self.read(schema.embeddings_path(evaluator, target))
 
+    @writes
     def write_embeddings(self, evaluator: str, target: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
         """Store an evaluator's embeddings of a target's references (rows aligned with its relevance)."""
-        self.write_array(f"embeddings/{evaluator}/{target}", np.asarray(data, np.float32), attrs=attrs)
+        self.write_array(schema.embeddings_path(evaluator, target), np.asarray(data, np.float32), attrs=attrs)
 
+    @writes
     def write_crops(self, target: str, boxes: np.ndarray, composite: str) -> None:
         """Crop boxes of a target's references (row start, row stop, column start, column stop; -1: whole image)."""
-        self.write_array(f"crops/{target}", np.asarray(boxes, np.int64),
-                         attrs={"composite": composite, "columns": ["row_start", "row_stop", "col_start", "col_stop"]})
+        self.write_array(schema.crops_path(target), np.asarray(boxes, np.int64), attrs=schema.crop_attrs(composite))
 
     def crop_boxes(self, target: str) -> np.ndarray | None:
         """The crop boxes of a target, or None where the crop view was not used."""
-        path = f"crops/{target}"
+        path = schema.crops_path(target)
         return self.read(path) if path in self.file else None
 
     # -- clusters ----------------------------------------------------------------------------------
 
     def has_clusters(self, target: str, space: str, method: str, signature: str | None = None) -> bool:
         """Whether a clustering is stored (made with this signature, if given)."""
-        return self._current(f"clusters/{target}/{space}/{method}", signature)
+        return self._current(schema.clusters_path(target, space, method), signature)
 
+    @writes
     def write_clusters(self, target: str, space: str, method: str, labels: np.ndarray, attrs: dict[str, Any]) -> None:
         """Store cluster labels (M, n_refs) of a target in a space by a method id."""
-        self.write_array(f"clusters/{target}/{space}/{method}", np.asarray(labels, np.int64),
-                         attrs={**attrs, "space": space})
+        self.write_array(schema.clusters_path(target, space, method), np.asarray(labels, np.int64),
+                         attrs={**attrs, schema.SPACE_ATTR: space})
 
     def cluster_labels(self, target: str, space: str, method: str, row: int | None = None) -> np.ndarray | None:
         """Cluster labels of a target in a space by a method (one row, or all), None where not clustered."""
-        path = f"clusters/{target}/{space}/{method}"
+        path = schema.clusters_path(target, space, method)
         if path not in self.file:
             return None
         return self.file[path][()] if row is None else self.file[path][row]
 
     def clusterings(self, target: str) -> list[tuple[str, str]]:
         """``(space, method id)`` of every stored clustering of a target."""
-        path = f"clusters/{target}"
+        path = schema.clusters_path(target)
         if path not in self.file:
             return []
         return [(space, method) for space, methods in self.file[path].items() for method in methods]
@@ -798,10 +766,11 @@ class Store:
     def _current(self, path: str, signature: str | None) -> bool:
         if path not in self.file:
             return False
-        return signature is None or self.file[path].attrs.get("signature") == signature
+        return signature is None or self.file[path].attrs.get(schema.SIGNATURE_ATTR) == signature
 
     # -- metrics -----------------------------------------------------------------------------------
 
+    @writes
     def write_metric(self, target: str, kind: str, key: Iterable[str], values, attrs: dict[str, Any] | None = None,
                      ) -> None:
         """Store a per-neuron metric of a target: ``/metrics/<target>/<kind>/<key...>``.
@@ -819,11 +788,11 @@ class Store:
         values : array-like, (M,) or (M, k)
         attrs : dict, optional
         """
-        self.write_array("/".join(["metrics", target, kind, *key]), values, attrs=attrs)
+        self.write_array(schema.metrics_path(target, kind, *key), values, attrs=attrs)
 
     def metric(self, target: str, kind: str, *key: str) -> np.ndarray | None:
         """A stored per-neuron metric (strings decoded), or None where it is not stored."""
-        path = "/".join(["metrics", target, kind, *key])
+        path = schema.metrics_path(target, kind, *key)
         if path not in self.file:
             return None
         ds = self.file[path]
@@ -833,12 +802,11 @@ class Store:
 
     def metric_keys(self, target: str, kind: str, *key: str) -> list[str]:
         """The names directly under ``/metrics/<target>/<kind>/<key...>`` (references, label sets, spaces)."""
-        path = "/".join(["metrics", target, kind, *key])
-        return list(self.file[path].keys()) if path in self.file else []
+        return self._children(schema.metrics_path(target, kind, *key))
 
     def metric_entries(self, target: str) -> list[tuple[str, tuple[str, ...], np.ndarray]]:
         """``(kind, key, values)`` of every per-neuron metric stored for a target."""
-        root = f"metrics/{target}"
+        root = schema.metrics_path(target)
         if root not in self.file:
             return []
         found: list[tuple[str, h5py.Dataset]] = []
@@ -850,31 +818,34 @@ class Store:
             out.append((kind, tuple(key), ds[()]))
         return out
 
+    @writes
     def write_summary(self, table: np.ndarray) -> None:
         """Store the summary table (a structured array) as ``/metrics/summary``."""
-        self.write_array("metrics/summary", table)
+        self.write_array(schema.SUMMARY, table)
 
     def summary_table(self) -> np.ndarray | None:
         """The stored summary table, or None before the evaluate stage ran."""
-        return self.read("metrics/summary") if "metrics/summary" in self.file else None
+        return self.read(schema.SUMMARY) if schema.SUMMARY in self.file else None
 
     # -- comparisons -------------------------------------------------------------------------------
 
+    @writes
     def write_comparisons(self, target: str, table: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
         """Store a target's comparisons (a structured array, one row per comparison) as ``/comparisons/<target>``."""
-        self.write_array(f"comparisons/{target}", table, attrs=attrs)
+        self.write_array(schema.comparisons_path(target), table, attrs=attrs)
 
+    @writes
     def drop_comparisons(self) -> None:
         """Delete every stored comparison (the evaluate stage writes them anew, as one Holm family)."""
-        self.drop("comparisons")
+        self.drop(schema.COMPARISONS_GROUP)
 
     def comparison_targets(self) -> list[str]:
         """Targets with stored comparisons, in store order."""
-        return list(self.file["comparisons"].keys()) if "comparisons" in self.file else []
+        return self._children(schema.COMPARISONS_GROUP)
 
     def comparisons(self, target: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """A target's stored comparisons and their attributes, or None where none are stored."""
-        path = f"comparisons/{target}"
+        path = schema.comparisons_path(target)
         if path not in self.file:
             return None
         ds = self.file[path]
@@ -882,6 +853,7 @@ class Store:
 
     # -- generic -----------------------------------------------------------------------------------
 
+    @writes
     def write_array(self, path: str, data, attrs: dict[str, Any] | None = None) -> h5py.Dataset:
         """Write (replacing) one dataset at ``path`` with attributes."""
         parent, _, name = path.rpartition("/")
@@ -901,90 +873,3 @@ class Store:
 
     def __contains__(self, path: str) -> bool:
         return path in self.file
-
-
-def planted_target(layer: str) -> str:
-    """The store name of a layer's planted virtual neurons: ``<layer>@planted``."""
-    return f"{layer}{PLANTED_SUFFIX}"
-
-
-def planted_layer(target: str) -> str | None:
-    """The layer of a planted target (``block_3@planted`` -> ``block_3``), None for a real one."""
-    return target.removesuffix(PLANTED_SUFFIX) if target.endswith(PLANTED_SUFFIX) else None
-
-
-def _rule_differences(group: h5py.Group, attrs: dict[str, Any], layer_channels: dict[str, int]) -> list[str]:
-    """``"key: old -> new"`` for every rule attribute or layer width of a stored target that differs."""
-    out = []
-    for key, value in attrs.items():
-        if key not in group.attrs:
-            # a store written before this attribute existed: nothing to compare it with
-            continue
-        old = read_attr(group.attrs[key])
-        new = read_attr(attr_value(value))
-        if isinstance(old, (list, tuple)) or isinstance(new, (list, tuple)):
-            same = list(old if isinstance(old, (list, tuple)) else [old]) == list(
-                new if isinstance(new, (list, tuple)) else [new])
-        else:
-            same = old == new
-        if not same:
-            out.append(f"{key}: {old!r} -> {new!r}")
-    for name, channels in layer_channels.items():
-        if name in group and group[name].shape[2] != channels:
-            out.append(f"{name}: {group[name].shape[2]} -> {channels} channels")
-    return out
-
-
-def _resize_rows(group: h5py.Group, keep: np.ndarray | None, new_neurons: np.ndarray) -> None:
-    """Keep rows ``keep`` (all when None) of every dataset of a target, then append ``new_neurons`` as empty rows.
-
-    Appended rows hold the datasets' fill values (NaN, not complete) until the stage computes them.
-    """
-    stored = len(group["neurons"])
-    kept = stored if keep is None else len(keep)
-    rows = kept + len(new_neurons)
-    datasets: list[str] = []
-    # every variant's subgroup shares the target's rows
-    group.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
-    for name in datasets:
-        ds = group[name]
-        if keep is None and ds.maxshape[0] is None:
-            ds.resize(rows, axis=0)
-            continue
-        # a fixed-size dataset (written by an older polypure) or dropped rows: rewrite it
-        data = ds[()] if keep is None else ds[()][keep]
-        spec = dict(dtype=ds.dtype, chunks=ds.chunks or True, fillvalue=ds.fillvalue)
-        attrs = dict(ds.attrs)
-        del group[name]
-        new = group.create_dataset(name, shape=(rows, *data.shape[1:]), maxshape=(None, *data.shape[1:]), **spec)
-        new[:kept] = data
-        new.attrs.update(attrs)
-    group["neurons"][kept:] = np.asarray(new_neurons, np.int64)
-
-
-def _runs(sorted_rows: np.ndarray) -> Iterable[tuple[int, int]]:
-    """Positions ``[start, stop)`` of runs of consecutive integers in a sorted array."""
-    if len(sorted_rows) == 0:
-        return
-    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-    bounds = np.concatenate([[0], breaks, [len(sorted_rows)]])
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        yield int(start), int(stop)
-
-
-def _whole(method: Callable) -> Callable:
-    """A store write that Ctrl-C and SIGTERM cannot cut in half (:func:`polypure.store.write_session.whole_write`)."""
-    @functools.wraps(method)
-    def write(self, *args, **kwargs):
-        with whole_write():
-            result = method(self, *args, **kwargs)
-            self._wrote()
-            kill_inside_write_for_test()
-            return result
-    return write
-
-
-# every method that changes the file, found by name so that a new one cannot be left out
-for _name in [n for n in vars(Store) if n.startswith(("write_", "update_", "prepare_", "drop"))]:
-    setattr(Store, _name, _whole(vars(Store)[_name]))
-del _name

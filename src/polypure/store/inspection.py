@@ -14,7 +14,9 @@ import h5py
 import yaml
 
 from polypure.config.settings import space_name
-from polypure.store.hdf5_store import ACTIVATION, Store, read_attr
+from polypure.store import schema
+from polypure.store.hdf5_store import Store
+from polypure.store.schema import ACTIVATION, read_attr
 
 #: The data settings shown for a dataset passed from Python: its kind and the ones that apply to it
 #: (``polypure.data.datasets.MEMORY_DATA_KEYS``, not imported from there so that inspecting a store needs no torch).
@@ -66,8 +68,8 @@ def describe(path: str | Path, show_config: bool = True) -> str:
     with Store(path, "r") as store:
         f = store.file
         attrs = store.attributes()
-        lines.append(f"store {path}  (format {attrs.get('format')} v{attrs.get('format_version')}, "
-                     f"polypure {attrs.get('polypure_version')}, created {attrs.get('created')})")
+        lines.append(f"store {path}  (format {attrs.get(schema.FORMAT_ATTR)} v{attrs.get(schema.VERSION_ATTR)}, "
+                     f"polypure {attrs.get(schema.POLYPURE_VERSION_ATTR)}, created {attrs.get(schema.CREATED_ATTR)})")
         if store.has_samples():
             labels = store.labels()
             factors = list(store.factors())
@@ -75,14 +77,14 @@ def describe(path: str | Path, show_config: bool = True) -> str:
                          + (f", factors: {', '.join(factors)}" if factors else "")
                          + (", from a dataset passed from Python (given to the model as it yields them)"
                             if _memory_data(store.config_yaml) is not None else ""))
-        if "topk" in f:
+        if schema.TOPK_GROUP in f:
             lines.append("top-K:")
-            for name, group in f["topk"].items():
-                done = int(group.attrs.get("samples_done", 0))
-                state = "complete" if group.attrs.get("complete") else f"partial ({done} samples seen)"
-                lines.append(f"  {name:<24} {_shape(group['indices']):>10}  {read_attr(group.attrs['statistic'])}  "
-                             f"{state}")
-        if "relevance" in f:
+            for name, group in f[schema.TOPK_GROUP].items():
+                done = int(group.attrs.get(schema.SAMPLES_DONE_ATTR, 0))
+                state = "complete" if group.attrs.get(schema.COMPLETE_ATTR) else f"partial ({done} samples seen)"
+                lines.append(f"  {name:<24} {_shape(group[schema.INDICES]):>10}  "
+                             f"{read_attr(group.attrs[schema.STATISTIC_ATTR])}  {state}")
+        if schema.RELEVANCE_GROUP in f:
             lines.append("relevance:")
             for name in store.relevance_targets():
                 a = store.target_attrs(name)
@@ -96,7 +98,7 @@ def describe(path: str | Path, show_config: bool = True) -> str:
                     for space in [*store.variant_spaces(name, variant), space_name(variant, ACTIVATION)]:
                         if store.has_space(name, space):
                             lines.append(f"      {space:<22} {'x'.join(map(str, store.space_shape(name, space)))}")
-        for section in ("planted", "clusters", "embeddings", "metrics"):
+        for section in (schema.PLANTED_GROUP, schema.CLUSTERS_GROUP, schema.EMBEDDINGS_GROUP, schema.METRICS_GROUP):
             if section in f:
                 lines.append(f"{section}:")
                 f[section].visititems(lambda name, obj, s=section: lines.append(

@@ -10,7 +10,10 @@
 * :meth:`Results.compare`: one metric (or every one) compared between each space and a baseline space over
   the same neurons (:func:`polypure.evaluation.statistics.paired`), computed from the stored per-neuron metrics when asked
   for, Holm-adjusted over the returned table;
-* :meth:`Results.relevance`, :meth:`Results.embeddings`, :meth:`Results.features`: the arrays, as numpy.
+* :meth:`Results.relevance`, :meth:`Results.embeddings`, :meth:`Results.features`: the arrays, as numpy;
+* :attr:`Results.targets`, :meth:`Results.neurons`, :meth:`Results.attribution_layers`, :meth:`Results.spaces`,
+  :meth:`Results.embedding_spaces`: what the store holds, by the names (and with the values) of the
+  :class:`~polypure.store.hdf5_store.Store` methods of the same name.
 
 :func:`export` (``polypure export STORE DIR``) writes the three tables as CSV or Parquet files.
 
@@ -33,7 +36,8 @@ import pandas as pd
 from polypure.errors import ConfigError
 from polypure.evaluation import comparisons, summary
 from polypure.evaluation.metrics import REASONS
-from polypure.store.hdf5_store import Store, planted_layer
+from polypure.store.hdf5_store import Store
+from polypure.store.schema import planted_layer
 
 #: Columns of :meth:`Results.metrics`.
 METRIC_COLUMNS = ("target", "neuron", "row", "mode", "space", "method", "of", "metric", "value", "skipped")
@@ -44,8 +48,9 @@ TABLES = ("metrics", "summary", "comparisons")
 #: Metric names, in the order the summary shows them: reference-space metrics, purity, then ground truth.
 METRICS = summary.KINDS
 
-_INTS = ("neuron", "row", "n", "neurons", "dropped", "zeros")
-_FLOATS = ("value", "mean", "std", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "effect")
+#: Integer and float columns of the three tables (a comparison's own are :mod:`polypure.evaluation.comparisons`').
+_INTS = ("neuron", "row", "neurons", *comparisons.INTS)
+_FLOATS = ("value", "mean", "std", *comparisons.FLOATS)
 
 
 def open_results(path: str | Path) -> Results:
@@ -114,11 +119,17 @@ class Results:
         """Neuron (or virtual-neuron) id of every row of a target: (M,) int64."""
         return self.store.neurons(self._target(target))
 
+    def attribution_layers(self, target: str) -> list[str]:
+        """A target's attribution layers (``block_2``), from the lowest as configured."""
+        return self.store.attribution_layers(self._target(target))
+
     def spaces(self, target: str) -> list[str]:
-        """A target's spaces: its attribution layers, ``activation``, then evaluators with embeddings of it."""
-        target = self._target(target)
-        return [*self.store.spaces(target),
-                *(e for e in self.store.embedding_names() if self.store.has_embeddings(e, target))]
+        """A target's own spaces: every rule variant's attribution layers (``lrp:block_2``), then ``activation``."""
+        return self.store.spaces(self._target(target))
+
+    def embedding_spaces(self, target: str) -> list[str]:
+        """The evaluators with embeddings of a target: spaces of :meth:`features` beside :meth:`spaces`."""
+        return self.store.embedding_spaces(self._target(target))
 
     def relevance(self, target: str, space: str) -> np.ndarray:
         """A target's relevance in one space, or its ``activation`` baseline: (M, n_refs, C) float32.
@@ -131,10 +142,9 @@ class Results:
         ConfigError
             If ``space`` is not a relevance space of the target nor ``activation``.
         """
-        target = self._target(target)
-        if space not in self.store.spaces(target):
-            raise ConfigError(f"target {target!r} has no relevance at {space!r}; its spaces: "
-                              f"{', '.join(self.store.spaces(target))}")
+        spaces = self.spaces(target)
+        if space not in spaces:
+            raise ConfigError(f"target {target!r} has no relevance at {space!r}; its spaces: {', '.join(spaces)}")
         return self.store.relevance(target, space)
 
     def embeddings(self, evaluator: str, target: str) -> np.ndarray:
@@ -145,9 +155,8 @@ class Results:
         ConfigError
             If the store has no embeddings of the target by that evaluator.
         """
-        target = self._target(target)
-        if not self.store.has_embeddings(evaluator, target):
-            known = [e for e in self.store.embedding_names() if self.store.has_embeddings(e, target)]
+        known = self.embedding_spaces(target)
+        if evaluator not in known:
             raise ConfigError(f"no {evaluator!r} embeddings of target {target!r} in the store; evaluators with "
                               f"embeddings of it: {', '.join(known) or 'none'}")
         return self.store.embeddings(evaluator, target)
@@ -158,9 +167,9 @@ class Results:
         Raises
         ------
         ConfigError
-            If the target has no such space (:meth:`spaces`).
+            If the target has no such space (:meth:`spaces`, :meth:`embedding_spaces`).
         """
-        spaces = self.spaces(target)
+        spaces = [*self.spaces(target), *self.embedding_spaces(target)]
         if space not in spaces:
             raise ConfigError(f"target {target!r} has no space {space!r}; its spaces: {', '.join(spaces)}")
         return self.store.features(target, space)
@@ -219,7 +228,7 @@ class Results:
         mode = np.asarray(modes if modes is not None and len(modes) == len(neurons) else [""] * len(neurons),
                           dtype=object)
         columns: dict[str, list] = {name: [] for name in METRIC_COLUMNS}
-        for metric, of, space, method, values, check in self._entries(target):
+        for metric, of, space, method, values, check in self.metric_values(target):
             because = summary.reasons(store, target, **check)
             values = np.asarray(values, np.float64)
             reasons = [", ".join(r for r in REASONS if because[r][i]) for i in rows]
@@ -233,14 +242,20 @@ class Results:
             return _empty(METRIC_COLUMNS)
         return pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
 
-    def _entries(self, target: str) -> list[tuple[str, str, str, str, np.ndarray, dict]]:
-        """``(metric, of, space, method, values, check)`` of every per-neuron metric of a target, in table order.
+    def metric_values(self, target: str) -> list[tuple[str, str, str, str, np.ndarray, dict]]:
+        """Every per-neuron metric of a target as arrays, in the order of :meth:`metrics`.
 
-        ``check`` is the keyword arguments of :func:`polypure.evaluation.summary.reasons` for the metric.
+        Returns
+        -------
+        list of tuple
+            ``(metric, of, space, method, values, check)``: the columns of :meth:`metrics` of the same
+            name, ``values`` (M,) in the target's row order, and ``check`` the keyword arguments of
+            :func:`polypure.evaluation.summary.reasons` for the metric.
         """
+        target = self._target(target)
         out = list(summary.metric_entries(self.store, target))
         names = summary.names_order(self.store)
-        spaces = self.spaces(target)
+        spaces = [*self.spaces(target), *self.embedding_spaces(target)]
         methods = self.store.cluster_methods(target)
 
         def position(item: list[str], name: str) -> int:
