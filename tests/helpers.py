@@ -23,6 +23,12 @@ from .nets import tiny
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("POLYPURE_SHARED", REPO.parent / "shared")) / "data"
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+DOCS = REPO / "docs"
+
+
+def doc_page(page: str) -> str:
+    """The text of a documentation page (``docs/PAGE``), whose examples the tests run."""
+    return (DOCS / page).read_text()
 
 
 def shared_data(name: str) -> Path:

@@ -13,11 +13,10 @@ from polypure.config.settings import DataSection, config_from_dict
 from polypure.data.datasets import DATASETS, ArrayDataset, FactoryDataset, build_dataset
 from polypure.errors import ConfigError
 
-from .helpers import REPO
+from .helpers import doc_page
 from .nets import tiny
 
-README = (REPO / "README.md").read_text()
-GUIDE = README.split("## Write your own data kind", 1)[1].split("\n## ", 1)[0]
+GUIDE = doc_page("how-to/data-kind.md")
 
 #: A second package: a kind that returns a plain torch dataset, one whose module is missing, and one that
 #: tries to take the reserved name.
@@ -48,7 +47,7 @@ def nothing(data, **geometry):
 
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
-    """Install, as far as entry points go, the README's data kind and :data:`OTHER_PACKAGE`."""
+    """Install, as far as entry points go, the data-kind guide's kind and :data:`OTHER_PACKAGE`."""
     python, = re.findall(r"```python\n(.*?)```", GUIDE, flags=re.DOTALL)
     toml, = re.findall(r"```toml\n(.*?)```", GUIDE, flags=re.DOTALL)
     # the table's lines as pyproject.toml has them (tomllib is Python 3.11+, polypure runs on 3.10)

@@ -18,7 +18,7 @@ from polypure.evaluation.evaluators import make_evaluator, prepare
 from polypure.evaluation.metrics import cluster_distances, distance_correlation
 from polypure.models.hub import HF_HUB, host_reachable
 
-from .helpers import random_images
+from .helpers import doc_page, random_images
 from .nets import tiny
 
 SMALL_DINO = {"evaluator": "dinov2", "model": "vit_small_patch14_dinov2.lvd142m", "pretrained": False}
@@ -162,11 +162,9 @@ def test_summary_has_a_row_per_space_and_is_saved(evaluated):
     assert "corr clip" in text and "inner clip" in text and "ARI class" in text
 
 
-def test_the_readme_evaluator_example_works():
+def test_the_evaluator_guide_example_works():
     from polypure.evaluation.evaluators import EVALUATORS
-    readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Write your own evaluator", 1)[1]
-    code = section.split("```python", 1)[1].split("```", 1)[0]
+    code = doc_page("how-to/evaluator.md").split("```python", 1)[1].split("```", 1)[0]
     namespace = {}
     exec(code, namespace)
     EVALUATORS.register("colour_histogram_test", namespace["ColourHistogram"])

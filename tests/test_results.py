@@ -1,7 +1,7 @@
 """The results API (polypure.store.results) and ``polypure export``.
 
 DataFrames that equal what the store holds, comparisons that equal polypure.evaluation.statistics, tables that read back
-as written, and the README's notebook example.
+as written, and the notebook guide's example.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from polypure.evaluation import summary
 from polypure.store.hdf5_store import Store
 from polypure.store.results import COMPARISON_COLUMNS, METRIC_COLUMNS, Results, export, open_results
 
-from .helpers import REPO, random_images
+from .helpers import doc_page, random_images
 from .nets import tiny
 
 NEURONS = [0, 2, 4, 6, 8, 10, 12, 14]
@@ -298,13 +298,13 @@ def test_export_command_prints_the_paths_and_exit_codes(path, tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def test_the_readme_notebook_example_plots_one_comparison(path, monkeypatch):
-    """The README's example, run on this store: its label set is ``class``, not the demo's ``shape``."""
+def test_the_notebook_guide_example_plots_one_comparison(path, monkeypatch):
+    """The notebook guide's example, run on this store: its label set is ``class``, not the demo's ``shape``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    section = (REPO / "README.md").read_text().split("## Results in notebooks", 1)[1]
+    section = doc_page("how-to/notebooks.md")
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     assert len(code.strip().splitlines()) <= 6 and "storage/demo.h5" in code
     code = (code.replace("storage/demo.h5", str(path)).replace("ARI shape", "ARI class")
