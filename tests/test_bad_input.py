@@ -9,10 +9,12 @@ neuron, HDBSCAN calling everything noise, a broken plugin beside working ones) t
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import h5py
@@ -574,3 +576,305 @@ def test_a_python_spec_in_a_stored_config_is_never_run(store, tmp_path, capsys):
         assert not marker.exists(), argv
     # the report says why it has no thumbnails instead of running the factory
     assert "which a report does not run" in (tmp_path / "report" / "index.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# paths of the wrong kind: every path a user gives is checked for its kind before any work
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of waiting forever where a FIFO would be opened for reading (its kind not checked first)."""
+    def alarm(signum, frame):
+        raise TimeoutError("a FIFO was opened: the path's kind was not checked before it was read")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+#: What each wrong kind is called in a refusal.
+FOUND = {"folder": "found a folder", "file": "found a regular file", "fifo": "found a special file (FIFO)",
+         "device": "found a special file (character device)"}
+
+
+def wrong_kind(folder: Path, kind: str, name: str) -> Path:
+    """A path named ``name`` in ``folder`` that is a folder, a regular file, a FIFO or a character device.
+
+    The device is a link to ``/dev/null`` under the name given (so that it can end in ``.py``): the kind is
+    that of what a link points to, and a run that failed to refuse it would replace the link, never
+    ``/dev/null``.
+    """
+    path = folder / name
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "file":
+        path.write_text("a regular file\n")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(os.devnull)
+    return path
+
+
+def state(path: Path) -> tuple:
+    """What a path is and holds, to tell that a refused command left it alone."""
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_dir():
+        return ("folder", sorted(p.name for p in path.iterdir()))
+    if path.is_fifo():
+        return ("fifo",)
+    return ("file", path.read_bytes())
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def _small_run(command: str, tmp: Path, *overrides: str) -> list[str]:
+    return [command, "demo", "-q", "--set", *SMALL, f"store={tmp / 'out' / 's.h5'}", *overrides]
+
+
+#: Entry points that take a regular file: (name the path gets, argv for it). ``tmp`` is a folder of the test.
+FILE_ENTRIES = {
+    "config file of run": ("c.yaml", lambda p, tmp, made: ["run", str(p), "-q"]),
+    "config file of check-rules": ("c.yaml", lambda p, tmp, made: ["check-rules", str(p), "-q"]),
+    "store of a run (--set store)": ("s.h5", lambda p, tmp, made: ["topk", "demo", "-q", "--set", *SMALL,
+                                                                   f"store={p}"]),
+    "model.weights": ("w.safetensors", lambda p, tmp, made: _small_run("topk", tmp, f"model.weights={p}")),
+    "model.name python: file": ("m.py", lambda p, tmp, made: _small_run("topk", tmp, f"model.name=python:{p}:build")),
+    "crp-fashion model file": ("m.py", lambda p, tmp, made: [
+        "topk", str(REPO / "configs" / "crp_fashion.yaml"), "-q", "--set", f"model.name=python:{p}:fashion_cnn",
+        f"store={tmp / 'out' / 's.h5'}"]),
+    "data.kind python: file": ("d.py", lambda p, tmp, made: _small_run("topk", tmp, f"data.kind=python:{p}:build")),
+    "data.path of npz": ("d.npz", lambda p, tmp, made: _small_run("topk", tmp, "data.kind=npz", f"data.path={p}")),
+    "data.classes": ("classes.txt", lambda p, tmp, made: _small_run(
+        "topk", tmp, *images_config(tmp / "imgs"), "data.labels=prefix", f"data.classes={p}")),
+    "evaluate.dinov2.pretrained": ("v.safetensors", lambda p, tmp, made: _small_run(
+        "run", tmp, "evaluate.references=[dinov2]", f"evaluate.dinov2={{pretrained: {p}}}")),
+    "store of inspect": ("s.h5", lambda p, tmp, made: ["inspect", str(p)]),
+    "store of report": ("s.h5", lambda p, tmp, made: ["report", str(p), "-q", "--out", str(tmp / "out" / "r")]),
+    "store of export": ("s.h5", lambda p, tmp, made: ["export", str(p), str(tmp / "out" / "t")]),
+    "store of compare": ("s.h5", lambda p, tmp, made: ["compare", str(made), str(p), "--out", str(tmp / "out" / "c")]),
+}
+
+#: Entry points that take a folder (existing for inputs, existing or new for outputs).
+FOLDER_ENTRIES = {
+    "data.root of imagefolder": ("imgs", lambda p, tmp, made: _small_run(
+        "topk", tmp, "data.kind=imagefolder", f"data.root={p}")),
+    "data.root of images": ("imgs", lambda p, tmp, made: _small_run("topk", tmp, "data.kind=images", f"data.root={p}")),
+    "report.out": ("r", lambda p, tmp, made: _small_run("run", tmp, "report.neurons=1", f"report.out={p}")),
+    "report --out": ("r", lambda p, tmp, made: ["report", str(made), "-q", "--out", str(p)]),
+    "export DIR": ("t", lambda p, tmp, made: ["export", str(made), str(p)]),
+    "compare --out": ("c", lambda p, tmp, made: ["compare", str(made), str(made), "--out", str(p)]),
+    "demo-train --out": ("w", lambda p, tmp, made: ["demo-train", "--out", str(p), "-q"]),
+    "folder of a new store": ("f", lambda p, tmp, made: ["topk", "demo", "-q", "--set", *SMALL,
+                                                         f"store={p / 'runs' / 's.h5'}"]),
+}
+
+
+def _kind_case(entries, kinds):
+    return [pytest.param(entry, kind, id=f"{entry} <- {kind}") for entry in entries for kind in kinds]
+
+
+def _refused_for_its_kind(capsys, tmp_path, made, entry, kind, expected):
+    (tmp_path / "out").mkdir()
+    write_images(tmp_path / "imgs", 2)
+    name, argv = entry
+    path = wrong_kind(tmp_path / "out", kind, name)
+    before, files = state(path), tree(tmp_path)
+    line = refused(capsys, argv(path, tmp_path, made), str(path), FOUND[kind])
+    # the path's kind is said, whichever folder is the one of the wrong kind (the path, or one above it)
+    assert f"expected {expected}" in line or "expected a folder at" in line, line
+    assert state(path) == before, "the refused path was changed"
+    assert tree(tmp_path) == files, "a refused command wrote something"
+    return line
+
+
+@pytest.mark.parametrize("entry,kind", _kind_case(FILE_ENTRIES, ("folder", "fifo", "device")))
+def test_a_file_path_of_another_kind_is_refused_by_name_before_any_work(entry, kind, tmp_path, made, capsys,
+                                                                        monkeypatch, no_hang):
+    if entry not in ("store of report", "store of export", "store of compare", "store of inspect"):
+        no_work(monkeypatch)
+    line = _refused_for_its_kind(capsys, tmp_path, made, FILE_ENTRIES[entry], kind, "a file")
+    assert "expected a file" in line
+
+
+@pytest.mark.parametrize("entry,kind", _kind_case(FOLDER_ENTRIES, ("file", "fifo", "device")))
+def test_a_folder_path_of_another_kind_is_refused_by_name_before_any_work(entry, kind, tmp_path, made, capsys,
+                                                                          monkeypatch, no_hang):
+    if entry not in ("report.out", "report --out", "export DIR", "compare --out"):
+        no_work(monkeypatch)  # the report's folder is checked with the model's layers, still before any stage
+    _refused_for_its_kind(capsys, tmp_path, made, FOLDER_ENTRIES[entry], kind, "a folder")
+
+
+@pytest.mark.parametrize("argv", [["run", os.devnull, "-q"], ["inspect", os.devnull],
+                                  ["export", os.devnull, "unused"]], ids=["config", "inspect", "export"])
+def test_dev_null_itself_is_refused_as_a_special_file(argv, capsys):
+    refused(capsys, argv, f"{os.devnull!r}: expected a file, found a special file (character device)")
+
+
+def test_a_bundled_config_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    from polypure.config.settings import load_config
+
+    assert load_config("demo").name == "demo"
+    refused(capsys, ["run", "demo/", "-q"], "config file 'demo': expected a file, found a folder")
+
+
+def test_path_kinds_are_told_by_the_one_helper(tmp_path):
+    from polypure.config.paths import kind_of, require_file, require_folder, require_output_file, require_output_folder
+    from polypure.errors import ConfigError, StoreError
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "f").write_text("x")
+    assert [kind_of(tmp_path / n) for n in ("pipe", "link", "f", "missing")] == [
+        "a special file (FIFO)", "a broken symbolic link", "a regular file", None]
+    assert kind_of(tmp_path) == "a folder" and kind_of(os.devnull) == "a special file (character device)"
+    assert require_output_file(tmp_path / "new" / "s.h5", "store") == tmp_path / "new" / "s.h5"
+    assert require_output_folder(tmp_path / "new", "--out") == tmp_path / "new"
+    with pytest.raises(StoreError, match=r"store '.*/f/s.h5': expected a folder at '.*/f', found a regular file"):
+        require_output_file(tmp_path / "f" / "s.h5", "store", StoreError)
+    with pytest.raises(ConfigError, match=r"found a broken symbolic link"):
+        require_file(tmp_path / "link", "config file")
+    with pytest.raises(ConfigError, match=r"data.root: folder '.*/missing' does not exist"):
+        require_folder(tmp_path / "missing", "data.root: folder")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+# ---------------------------------------------------------------------------------------------------
+# selections: never empty, never past what exists, never clipped
+
+
+def _target(neurons) -> str:
+    return f"relevance.targets=[{{layer: block_3, neurons: {json.dumps(neurons)}, attribution_layers: [block_2]}}]"
+
+
+SHORT_FORM = ["relevance.targets=null", "relevance.target_layer=block_3", "relevance.attribution_layers=[block_2]"]
+RANGE_128 = "0 <= start < stop <= 128"
+
+#: Selections of block_3 (128 channels) in every notation: (overrides, words the one line must hold).
+NEURON_SELECTIONS = {
+    "range, empty": ("5:5", ["'5:5'", "selects no neuron", "start < stop"]),
+    "range, reversed": ("9:3", ["'9:3'", "selects no neuron", "start < stop"]),
+    "range, start past the end": ("200:", ["'200:'", "selects no neuron", RANGE_128]),
+    "range, stop past the end": ("0:400", ["'0:400'", "reaches past the last channel", RANGE_128, "not clipped"]),
+    "range, partly past the end": ("120:140", ["'120:140'", "reaches past the last channel", RANGE_128]),
+    "range, negative start": ("-3:", ["'-3:'", "negative", "0 <= start < stop"]),
+    "range, negative stop": (":-1", ["':-1'", "negative", "0 <= start < stop"]),
+    "range, negative past the start": ("-400:", ["'-400:'", "negative", "0 <= start < stop"]),
+    "list, empty": ([], ["an empty list selects no neuron"]),
+    "list, past the end": ([5, 500], ["neuron 500 out of range", "128 channels", "ids 0..127"]),
+    "list, negative": ([3, -1], ["neuron -1 is negative", "start at 0"]),
+    "list, repeated": ([3, 3], ["neuron 3 is listed twice"]),
+    "one id, past the end": (128, ["neuron 128 out of range", "ids 0..127"]),
+    "one id, negative": (-1, ["neuron -1 is negative"]),
+    "not an id": (True, ["True", "'start:stop'"]),
+}
+
+
+@pytest.mark.parametrize("form", sorted(NEURON_SELECTIONS))
+@pytest.mark.parametrize("where", ["relevance.targets[0].neurons", "relevance.neurons"])
+def test_every_neuron_selection_is_non_empty_and_within_its_layer(form, where, tmp_path, capsys):
+    value, words = NEURON_SELECTIONS[form]
+    if where == "relevance.neurons":
+        overrides = [*SHORT_FORM, f"relevance.neurons={json.dumps(value)}"]
+    else:
+        overrides = [_target(value)]
+    refused(capsys, _small_run("topk", tmp_path, *overrides), where, *words)
+    assert not (tmp_path / "out").exists()
+
+
+#: Counts and lists of the config: (overrides, key, words). 40 samples, k = n_refs = 5, target block_3 '0:3'.
+CONFIG_SELECTIONS = {
+    "planted pairs, none": (["relevance.planted={pairs: 0}"], "relevance.planted.pairs", ["(got 0)", "greater than or equal to 1"]),
+    "planted pairs, negative": (["relevance.planted={pairs: -1}"], "relevance.planted.pairs", ["(got -1)"]),
+    "planted pairs, past the channels": (["relevance.planted={pairs: 65}"], "relevance.planted.pairs",
+                                         ["65 is more than the 64 disjoint pairs", "128 channels", "valid: 1..64"]),
+    "planted modes, none": (["relevance.planted={mode: []}"], "relevance.planted.mode", ["empty list", "no mode"]),
+    "planted entries, none": (["relevance.planted=[]"], "relevance.planted", ["empty list"]),
+    "report.neurons, none": (["report.neurons=0"], "report.neurons", ["(got 0)", "greater than or equal to 1"]),
+    "report.neurons, negative": (["report.neurons=-1"], "report.neurons", ["(got -1)"]),
+    "report.neurons, past the targets": (["report.neurons=4"], "report.neurons",
+                                         ["4 is more than the 3 neurons of the largest target", "valid: 1..3"]),
+    "topk.k, none": (["topk.k=0"], "topk.k", ["(got 0)", "greater than or equal to 1"]),
+    "topk.k, negative": (["topk.k=-1"], "topk.k", ["(got -1)"]),
+    "topk.k, past the samples": (["topk.k=41"], "topk.k", ["41 is more than the 40 samples", "valid: 1..40"]),
+    "n_refs, none": (["relevance.n_refs=0"], "relevance.n_refs", ["(got 0)"]),
+    "n_refs, negative": (["relevance.n_refs=-1"], "relevance.n_refs", ["(got -1)"]),
+    "n_refs, past k": (["relevance.n_refs=6"], "relevance.n_refs", ["(6) must be at most topk.k (5)"]),
+    "data.limit, none": (["data.limit=0"], "data.limit", ["(got 0)"]),
+    "data.limit, negative": (["data.limit=-1"], "data.limit", ["(got -1)"]),
+    "data.limit, past the samples": (["data.limit=41"], "data.limit",
+                                     ["41 is more than the 40 samples", "valid: 1..40"]),
+    "attribution layers (short form), empty": ([*SHORT_FORM, "relevance.attribution_layers=[]"],
+                                               "relevance.attribution_layers", ["empty list", "attribution layer"]),
+    "attribution layers of a target, empty": (
+        ["relevance.targets=[{layer: block_3, neurons: '0:3', attribution_layers: []}]"],
+        "relevance.targets[0].attribution_layers", ["empty list", "attribution layer"]),
+    "attribution layers of planted neurons, empty": (["relevance.planted={attribution_layers: []}"],
+                                                     "relevance.planted.attribution_layers", ["empty list"]),
+    "targets, empty without planted ones": (["relevance.targets=[]"], "relevance.targets",
+                                            ["empty list", "no neuron to explain"]),
+    "cluster spaces, empty": (["cluster.spaces=[]"], "cluster.spaces", ["empty list", "no space"]),
+    "cluster methods, empty": (["cluster.methods=[]"], "cluster.methods", ["empty list", "no clusterer"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_SELECTIONS))
+def test_every_count_and_list_of_the_config_is_non_empty_and_within_range(case, tmp_path, capsys):
+    overrides, key, words = CONFIG_SELECTIONS[case]
+    refused(capsys, _small_run("run", tmp_path, *overrides), key, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--samples", "0", ["must be at least 1, not 0"]),
+    ("--samples", "-1", ["must be at least 1, not -1"]),
+    ("--samples", "41", ["41 is more than the 40 samples", "valid: 1..40"]),
+    ("--neurons", "0", ["must be at least 1, not 0"]),
+    ("--neurons", "-1", ["must be at least 1, not -1"]),
+    ("--neurons", "4", ["4 is more than the 3 selected neurons of the largest target", "valid: 1..3"]),
+])
+def test_the_counts_of_check_rules_are_within_range(option, value, words, capsys):
+    refused(capsys, ["check-rules", "demo", "-q", "--set", *SMALL, option, value], option, *words)
+
+
+@pytest.mark.parametrize("value,words", [("0", ["must be at least 1, not 0"]), ("-1", ["must be at least 1, not -1"]),
+                                         ("4", ["4 is more than the 3 neurons of the store's largest target",
+                                                "valid: up to 3"])])
+def test_the_page_count_of_report_is_within_range(value, words, made, tmp_path, capsys):
+    refused(capsys, ["report", str(made), "-q", "--neurons", value, "--out", str(tmp_path / "r")], "--neurons", *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_rule_of_selections_in_python():
+    from polypure.attribution.relevance_plan import select_neurons
+    from polypure.errors import ConfigError
+
+    # what is accepted: every notation, within the layer, in the order given
+    assert select_neurons("all", 4).tolist() == [0, 1, 2, 3]
+    assert select_neurons(":", 4).tolist() == [0, 1, 2, 3]
+    assert select_neurons("2:", 4).tolist() == [2, 3] and select_neurons(":2", 4).tolist() == [0, 1]
+    assert select_neurons(" 1 : 3 ", 4).tolist() == [1, 2] and select_neurons("0:4", 4).tolist() == [0, 1, 2, 3]
+    assert select_neurons(3, 4).tolist() == [3] and select_neurons([3, 0], 4).tolist() == [3, 0]
+    # the cases that were clipped or let through: a stop past the channels is an error in every notation
+    for spec, channels in (("0:400", 320), ("120:140", 128), ([5, 500], 320), ("4:", 4), ([], 8), ("-8:", 16),
+                           ("1:1", 4), ("5", 8), ("0:4:2", 8), (2.0, 8), ([1.5], 8), (True, 8)):
+        with pytest.raises(ConfigError, match=r"^relevance\.targets\[2\]\.neurons: ") as info:
+            select_neurons(spec, channels, key="relevance.targets[2].neurons")
+        assert "\n" not in str(info.value)
+
+
+def test_valid_selections_and_lists_stay_accepted():
+    from polypure.config.settings import load_config
+
+    config = load_config(None, ["relevance.targets=[]", "topk.layers=[]"])  # planted neurons alone, their layer's top-K
+    assert config.relevance.target_list == [] and config.relevance.planted_list
+    for value, kept in (("all", "all"), ("':'", ":"), ("'3:'", "3:"), ("':4'", ":4"), ("7", [7]), ("[3, 1]", [3, 1])):
+        assert load_config(None, [*SHORT_FORM, f"relevance.neurons={value}"]).relevance.neurons == kept

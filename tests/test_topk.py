@@ -116,7 +116,7 @@ def test_k_larger_than_dataset_is_a_config_error(tmp_path):
     exp = Experiment(model=tiny(), dataset=random_images(4, 16), store=tmp_path / "t.h5", progress=False,
                      topk={"layers": ["c3"], "k": 5},
                      relevance={"target_layer": "c3", "attribution_layers": ["c1"], "n_refs": 1})
-    with pytest.raises(ConfigError, match=r"topk.k \(5\) is larger than the dataset \(4 samples\)"):
+    with pytest.raises(ConfigError, match=r"topk.k: 5 is more than the 4 samples of the data \(valid: 1..4\)"):
         exp.topk()
 
 

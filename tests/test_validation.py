@@ -45,7 +45,7 @@ def target(**changes):
      "relevance.targets[0].attribution_layers[1]: 'logits' runs after the target layer 'c3'"),
     ({"relevance": target(attribution_layers=["c1", "c1"])}, "'c1' is listed twice"),
     ({"relevance": target(attribution_layers=["c3"])}, "'c3' is the target layer itself"),
-    ({"topk": {"k": 13}, "relevance": {"n_refs": 4}}, "topk.k (13) is larger than the dataset (12 samples)"),
+    ({"topk": {"k": 13}, "relevance": {"n_refs": 4}}, "topk.k: 13 is more than the 12 samples of the data (valid: 1..12)"),
 ])
 def test_bad_names_fail_before_any_stage(tmp_path, monkeypatch, changes, message):
     import polypure.attribution.topk

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "opens from disk in a browser.")
     report.add_argument("store", help="HDF5 store written by polypure")
     report.add_argument("--out", default=None, help="output folder (default: <store>_report next to the store)")
-    report.add_argument("--neurons", type=int, default=None, help="at most this many neuron pages per target")
+    report.add_argument("--neurons", type=int, default=None,
+                        help="neuron pages per target (default 8; at most the largest target's neurons)")
     report.add_argument("--view", choices=["auto", "full", "crop"], default="auto",
                         help="thumbnails of whole images or of the crop view's crops")
     report.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
@@ -123,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("config", help="YAML config file or bundled config name (e.g. demo)")
     rules.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override config keys, values read as YAML")
-    rules.add_argument("--samples", type=int, default=8, help="the first N samples of the data (default 8)")
-    rules.add_argument("--neurons", type=int, default=4, help="the first M neurons of each target (default 4)")
+    rules.add_argument("--samples", type=int, default=None,
+                       help="the first N samples of the data (default: 8, or all of fewer; at most all)")
+    rules.add_argument("--neurons", type=int, default=None,
+                       help="the first M selected neurons of each target (default: 4, or all of fewer; at most "
+                            "the largest target's)")
     rules.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     inspect = sub.add_parser("inspect", help="show what a store holds", description="Show a store's layers, "
@@ -189,7 +193,7 @@ def _check_rules(args) -> int:
     from polypure.config.settings import load_config
 
     for option in ("samples", "neurons"):
-        if getattr(args, option) < 1:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ConfigError(f"--{option}: must be at least 1, not {getattr(args, option)}")
     report = check_config(load_config(args.config, args.overrides), samples=args.samples, neurons=args.neurons)
     print(report.table())
@@ -242,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             from polypure.viz.report import write_report
+            if args.neurons is not None and args.neurons < 1:
+                raise ConfigError(f"--neurons: must be at least 1, not {args.neurons}")
             print(write_report(args.store, out=args.out, max_neurons=args.neurons, view=args.view,
-                               progress=not args.quiet))
+                               progress=not args.quiet, neurons_key="--neurons"))
             return 0
         if args.command == "export":
             from polypure.store.results import export
@@ -251,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "compare":
+            from polypure.config.paths import require_output_folder
             from polypure.evaluation.store_comparison import compare_stores, write_comparison
+            # the folder's kind before the comparison is computed, so that nothing computed is lost
+            require_output_folder(args.out, "--out")
             paired = {"auto": None, "paired": True, "unpaired": False}[args.test]
             result = compare_stores(args.stores, metric=args.metric, paired=paired, seed=args.seed)
             for path in write_comparison(result, args.out):

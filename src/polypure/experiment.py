@@ -279,10 +279,15 @@ class Experiment:
         self._shapes.update(shapes)
         return shapes, order
 
-    def validate(self) -> Experiment:
+    def validate(self, stages: list[str] | None = None) -> Experiment:
         """Check every name and number of the config against the model and data, before any stage runs.
 
         Called by every stage the first time; call it directly to check a config without computing.
+
+        Parameters
+        ----------
+        stages : list of str, optional
+            The stages about to run (None: all); the report's settings are checked where it is one of them.
 
         Raises
         ------
@@ -291,7 +296,7 @@ class Experiment:
         """
         if not self._validated:
             from polypure.pipeline.preflight import check_experiment
-            check_experiment(self)
+            check_experiment(self, stages)
             self._validated = True
         return self
 
@@ -303,7 +308,7 @@ class Experiment:
 
     def _stage(self, name: str, **options):
         """Run one stage (:mod:`polypure.pipeline.stages`) after checking the config, and commit what it wrote."""
-        self.validate()
+        self.validate([name])
         if get_stage(name).WRITES:
             with self.writing():
                 result = get_stage(name).run(self, **options)
@@ -352,7 +357,7 @@ class Experiment:
         chosen = list(stages or STAGES)
         for name in chosen:
             get_stage(name)
-        self.validate()
+        self.validate(chosen)
         try:
             # one session for every stage: no other writer can slip in between two of them
             with self.writing() if any(get_stage(name).WRITES for name in chosen) else contextlib.nullcontext():

@@ -26,6 +26,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from polypure.config.paths import require_file
 from polypure.errors import ConfigError
 
 
@@ -136,6 +137,9 @@ class Registry:
 def import_factory(spec: str, key: str) -> Callable[..., Any]:
     """Import ``MODULE:FACTORY`` where MODULE is a dotted module name or a ``.py`` file path."""
     module_name, _, attr = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        # a folder named x.py, /dev/null or a FIFO is refused before Python is asked to run it
+        require_file(module_name, f"{key}: file")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).resolve()

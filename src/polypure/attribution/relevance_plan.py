@@ -32,30 +32,11 @@ from polypure.attribution.composites import composite_kwargs, input_bounds, make
 from polypure.attribution.engine import ConditionalRelevance, channel_init
 from polypure.attribution.planted import VirtualNeurons
 from polypure.attribution.precision import auto_batch_size, to_device
+from polypure.config.selection import select_neurons
 from polypure.errors import ConfigError
 from polypure.store.schema import planted_target
 
 INIT_REL = "clamp(min=0)"
-
-
-def select_neurons(spec, channels: int, key: str = "relevance.neurons") -> np.ndarray:
-    """Channel ids from ``all``, a list of ids, or ``"start:stop"`` (slice semantics)."""
-    if spec == "all":
-        return np.arange(channels, dtype=np.int64)
-    if isinstance(spec, str):
-        start, _, stop = spec.partition(":")
-        ids = np.arange(channels, dtype=np.int64)[slice(int(start) if start.strip() else None,
-                                                         int(stop) if stop.strip() else None)]
-        if len(ids) == 0:
-            raise ConfigError(f"{key}: {spec!r} selects no neuron of a layer with {channels} channels")
-        return ids
-    ids = np.asarray(spec, dtype=np.int64).reshape(-1)
-    bad = ids[(ids < 0) | (ids >= channels)]
-    if len(bad):
-        raise ConfigError(f"{key}: neuron {int(bad[0])} out of range for a layer with {channels} channels")
-    if len(np.unique(ids)) != len(ids):
-        raise ConfigError(f"{key}: neuron ids repeat")
-    return ids
 
 
 @dataclass

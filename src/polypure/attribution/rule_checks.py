@@ -45,7 +45,8 @@ from torch import nn
 from polypure.attribution.composites import CANONIZERS, GRADIENT_COMPOSITES, GRADIENT_LRP_COMPOSITES, warn_uncanonized
 from polypure.attribution.hooks import probe_layers, tap_layers
 from polypure.attribution.precision import resolve_device
-from polypure.attribution.relevance_plan import Rule, TargetPlan, rules_from_config, select_neurons
+from polypure.attribution.relevance_plan import Rule, TargetPlan, rules_from_config
+from polypure.config.selection import check_count, select_neurons
 from polypure.config.settings import Config
 from polypure.models.factory import ExplainedModel
 from polypure.pipeline.work_units import build_data, build_model
@@ -446,7 +447,12 @@ def check_rules(model: ExplainedModel, images: torch.Tensor, variants: Sequence[
     return RuleReport(checks)
 
 
-def config_targets(config: Config, model: ExplainedModel, sample: torch.Tensor, neurons: int) -> list[TargetPlan]:
+#: Samples and neurons per target :func:`check_config` takes when not told (all of them where there are fewer).
+DEFAULT_SAMPLES, DEFAULT_NEURONS = 8, 4
+
+
+def config_targets(config: Config, model: ExplainedModel, sample: torch.Tensor,
+                   neurons: int | None = None) -> list[TargetPlan]:
     """Plan the config's real targets with the first ``neurons`` of each target's selected neurons.
 
     Parameters
@@ -455,20 +461,35 @@ def config_targets(config: Config, model: ExplainedModel, sample: torch.Tensor, 
     model : ExplainedModel
     sample : Tensor
         One model input (a batch of one), to learn each target layer's channels.
-    neurons : int
-        Neurons per target.
+    neurons : int, optional
+        Neurons per target: at least 1 and at most the largest target's selection (a target with fewer
+        gives all of its own); default :data:`DEFAULT_NEURONS`, or fewer where no target has as many.
 
     Returns
     -------
     list of TargetPlan
+
+    Raises
+    ------
+    ConfigError
+        For a selection out of its layer's range, or ``neurons`` out of range (named ``--neurons``).
     """
     specs = config.relevance.target_list
     shapes, _ = probe_layers(model.module, {spec.layer: model.submodule(spec.layer) for spec in specs}, sample)
-    return [TargetPlan(spec.layer, spec.layer, select_neurons(spec.neurons, shapes[spec.layer][0])[:neurons],
-                       list(spec.attribution_layers)) for spec in specs]
+    short = config.relevance.targets is None
+    selected = [select_neurons(spec.neurons, shapes[spec.layer][0],
+                               "relevance.neurons" if short else f"relevance.targets[{i}].neurons")
+                for i, spec in enumerate(specs)]
+    largest = max((len(ids) for ids in selected), default=0)
+    if neurons is None:
+        neurons = min(DEFAULT_NEURONS, largest)
+    elif largest:
+        check_count(neurons, largest, "--neurons", "selected neurons of the largest target")
+    return [TargetPlan(spec.layer, spec.layer, ids[:neurons], list(spec.attribution_layers))
+            for spec, ids in zip(specs, selected)]
 
 
-def check_config(config: Config, samples: int = 8, neurons: int = 4) -> RuleReport:
+def check_config(config: Config, samples: int | None = None, neurons: int | None = None) -> RuleReport:
     """Check every rule variant a config describes on its model and the first samples of its data.
 
     The variants of ``relevance.variants``, or the one rule ``relevance.composite`` / ``canonizers`` /
@@ -477,10 +498,12 @@ def check_config(config: Config, samples: int = 8, neurons: int = 4) -> RuleRepo
     Parameters
     ----------
     config : Config
-    samples : int
-        The first this many samples of the data.
-    neurons : int
-        The first this many selected neurons of each target (planted targets are not checked).
+    samples : int, optional
+        The first this many samples of the data: at least 1 and at most all of them (named ``--samples``
+        when refused); default :data:`DEFAULT_SAMPLES`, or all where there are fewer.
+    neurons : int, optional
+        The first this many selected neurons of each target (planted targets are not checked); see
+        :func:`config_targets`.
 
     Returns
     -------
@@ -494,7 +517,11 @@ def check_config(config: Config, samples: int = 8, neurons: int = 4) -> RuleRepo
     device = resolve_device(config.device)
     model = build_model(config, device)
     dataset = build_data(config, model)
-    images = torch.stack([dataset[i][0] for i in range(min(samples, len(dataset)))]).to(device)
+    if samples is None:
+        samples = min(DEFAULT_SAMPLES, len(dataset))
+    else:
+        check_count(samples, len(dataset), "--samples", "samples of the data")
+    images = torch.stack([dataset[i][0] for i in range(samples)]).to(device)
     rules = rules_from_config(config, model, dataset)
     targets = config_targets(config, model, images[:1], neurons)
     return check_rules(model, images, list(rules.items()), targets, batch_size=config.relevance.rows_per_pass)

@@ -1,7 +1,9 @@
 """The run configuration: a validated YAML file, overridable key by key.
 
-Every key is checked before any work starts: an unknown key, a wrong type or a missing file stops the
-run with one line that names the key and the problem.
+Every key is checked before any work starts: an unknown key, a wrong type, a missing file, a path of
+the wrong kind (a folder where a file is expected, :mod:`polypure.config.paths`) or a selection that
+selects nothing (:mod:`polypure.config.selection`) stops the run with one line that names the key and the
+problem.
 
 Example
 -------
@@ -20,6 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from polypure.config.paths import kind_of, names_a_file, require_file, require_folder
+from polypure.config.selection import selection_form
 from polypure.errors import ConfigError
 
 #: Keys that change how fast a run goes but not what it computes; a store made with other values of
@@ -34,26 +38,25 @@ RUNTIME_KEYS = (
     "commit_every",
 )
 
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _check_file(path: Path | None, what: str) -> Path | None:
-    if path is not None and not Path(path).exists():
-        raise ValueError(f"{what} {str(path)!r} does not exist")
-    return path
-
-
 def _check_python_spec(value: str, what: str) -> str:
-    """``python:MODULE:FACTORY``, where a MODULE ending in .py must be an existing file."""
+    """``python:MODULE:FACTORY``, where a MODULE ending in .py must be an existing regular file."""
     parts = value.split(":")
     if len(parts) != 3 or not all(parts[1:]):
         raise ValueError(f"{value!r} is not of the form python:MODULE:FACTORY")
     if parts[1].endswith(".py"):
-        _check_file(Path(parts[1]), what)
+        require_file(parts[1], what)
+    return value
+
+
+def _non_empty(value: list | None, what: str) -> list | None:
+    """An empty list where a list selects something selects nothing: refused (None keeps the default)."""
+    if value is not None and len(value) == 0:
+        raise ValueError(f"an empty list selects no {what}; give at least one, or leave the key out")
     return value
 
 
@@ -112,8 +115,8 @@ class ModelSection(_Section):
             return "DEFAULT"
         if value is False:
             return None
-        if isinstance(value, str) and (value.endswith(_WEIGHT_SUFFIXES) or "/" in value):
-            _check_file(Path(value), "weights file")
+        if names_a_file(value):
+            require_file(value, "weights file")
         return value
 
 
@@ -202,17 +205,15 @@ class DataSection(_Section):
         if self.kind in ("imagefolder", "images"):
             if self.root is None:
                 raise ValueError(f"data.root is required for data.kind {self.kind!r}")
-            if not Path(self.root).is_dir():
-                raise ValueError(f"data.root: folder {str(self.root)!r} does not exist")
+            require_folder(self.root, "data.root: folder")
         if self.kind == "npz":
             if self.path is None:
                 raise ValueError("data.path (the .npz file) is required for data.kind 'npz'")
-            if not Path(self.path).is_file():
-                raise ValueError(f"data.path: file {str(self.path)!r} does not exist")
+            require_file(self.path, "data.path: file")
         if self.labels == "prefix" and self.kind != "images":
             raise ValueError("data.labels: 'prefix' applies to data.kind 'images' only")
-        if self.classes is not None and not Path(self.classes).is_file():
-            raise ValueError(f"data.classes: file {str(self.classes)!r} does not exist")
+        if self.classes is not None:
+            require_file(self.classes, "data.classes: file")
         return self
 
     @property
@@ -243,11 +244,10 @@ NeuronSpec = Literal["all"] | list[int] | str | int
 
 
 def _check_neurons(value):
-    if isinstance(value, str) and value != "all" and not re.fullmatch(r"\s*\d*\s*:\s*\d*\s*", value):
-        raise ValueError(f"neurons must be 'all', a list of channel ids or 'start:stop', not {value!r}")
-    if isinstance(value, int):
-        return [value]
-    return value
+    # before pydantic's own parsing, so that `true`, `[]`, `[-1]` or '-8:' get the one message of the rule
+    # (polypure.config.selection; pydantic puts the key in front); the range is checked once the layer's
+    # width is known
+    return selection_form(value, key="")
 
 
 class TargetSection(_Section):
@@ -260,7 +260,9 @@ class TargetSection(_Section):
     attribution_layers: list[str]
     """Lower layers whose relevance is recorded, all in one backward pass."""
 
-    _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
+    _layers = field_validator("attribution_layers")(classmethod(lambda cls, v: _non_empty(v, "attribution layer")))
+
+    _neurons = field_validator("neurons", mode="before")(classmethod(lambda cls, v: _check_neurons(v)))
 
 
 class PlantedSection(_Section):
@@ -282,6 +284,9 @@ class PlantedSection(_Section):
     """Lower layers whose relevance is recorded for the virtual neurons; ``null`` = those of the real target on the
     same layer.
     """
+
+    _layers = field_validator("attribution_layers")(classmethod(lambda cls, v: _non_empty(v, "attribution layer")))
+    _modes = field_validator("mode")(classmethod(lambda cls, v: v if isinstance(v, str) else _non_empty(v, "mode")))
 
     @property
     def modes(self) -> list[str]:
@@ -435,8 +440,11 @@ class RelevanceSection(_NamedComposite, _Section):
     seed: 0, max_overlap: 0.1, attribution_layers: null}``; a list of such entries plants on several layers.
     """
 
-    _neurons = field_validator("neurons")(classmethod(lambda cls, v: _check_neurons(v)))
+    _neurons = field_validator("neurons", mode="before")(classmethod(lambda cls, v: _check_neurons(v)))
     _composite_form = field_validator("composite", mode="before")(classmethod(lambda cls, v: _composite_form(v)))
+    _layers = field_validator("attribution_layers")(classmethod(lambda cls, v: _non_empty(v, "attribution layer")))
+    _planted = field_validator("planted")(classmethod(
+        lambda cls, v: v if not isinstance(v, list) else _non_empty(v, "planted entry (null plants none)")))
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -458,6 +466,9 @@ class RelevanceSection(_NamedComposite, _Section):
             twice = sorted({i for i in ids if ids.count(i) > 1})
             if twice:
                 raise ValueError(f"relevance.variants: id {twice[0]!r} is used twice")
+        if self.targets is not None and not self.targets and not self.planted_list:
+            raise ValueError("relevance.targets: an empty list with no relevance.planted selects no neuron to "
+                             "explain; give a target, plant neurons, or leave the key out")
         if self.targets is not None:
             layers = [t.layer for t in self.targets]
             twice = sorted({layer for layer in layers if layers.count(layer) > 1})
@@ -531,6 +542,9 @@ class ClusterSection(_Section):
     methods: list[ClusterMethod] = Field(
         default_factory=lambda: [ClusterMethod(name="kmeans", n_clusters=2)])
     """Clusterers with their parameters, each ``{name, id, <parameter>: <value>, ...}``."""
+
+    _spaces = field_validator("spaces")(classmethod(lambda cls, v: _non_empty(v, "space (null: every space)")))
+    _methods = field_validator("methods")(classmethod(lambda cls, v: _non_empty(v, "clusterer")))
 
     @model_validator(mode="after")
     def _unique_ids(self):
@@ -717,6 +731,11 @@ class Config(_Section):
         """Where the HDF5 store goes: ``store``, or ``storage/<name>.h5``."""
         return Path(self.store) if self.store is not None else Path("storage") / f"{self.name}.h5"
 
+    @property
+    def report_folder(self) -> Path:
+        """Where the report goes: ``report.out``, or :func:`default_report_folder` of the store."""
+        return Path(self.report.out) if self.report.out is not None else default_report_folder(self.store_path)
+
     def to_yaml(self) -> str:
         """The resolved config as YAML text."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -728,6 +747,12 @@ class Config(_Section):
         config included, as one written in one process.
         """
         return yaml.safe_dump(self.model_dump(mode="json", exclude={"executor"}), sort_keys=False)
+
+
+def default_report_folder(store_path: str | Path) -> Path:
+    """The report folder of a store when none is given: ``<store without .h5>_report`` next to it."""
+    store_path = Path(store_path)
+    return store_path.with_name(f"{store_path.stem}_report")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -745,17 +770,24 @@ def bundled_config_dir() -> Path:
 
 
 def resolve_config_path(path: str | Path | None) -> Path:
-    """Find a config: a file path, the name of a bundled config (``demo``), or None for the demo."""
+    """Find a config: a file path, the name of a bundled config (``demo``), or None for the demo.
+
+    Raises
+    ------
+    ConfigError
+        If the path does not exist or is not a regular file (a folder, ``/dev/null``, a FIFO).
+    """
     if path is None:
         path = "demo"
     candidate = Path(path)
-    if candidate.is_file():
+    if kind_of(candidate) == "a regular file":
         return candidate
+    # a bundled name wins over a folder of that name in the working directory
     if candidate.suffix == "" and "/" not in str(path):
         bundled = bundled_config_dir() / f"{path}.yaml"
         if bundled.is_file():
             return bundled
-    raise ConfigError(f"config file {str(path)!r} does not exist")
+    return require_file(candidate, "config file")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -797,12 +829,18 @@ def validation_problems(exc: ValidationError, model: type[BaseModel] | None = No
     model : pydantic model class, optional
         What was validated (default :class:`Config`); an unknown key names the closest key of its section.
     """
+    errors = exc.errors()
+    # a Union reports one error per branch: where one branch got as far as a real problem (an empty list, a
+    # number out of bounds), the other branches' "not a list" / "not 'auto'" say nothing about the input
+    real = {_union_prefix(err["loc"]) for err in errors if not _mismatch(err)}
+    errors = [err for err in errors if not (_mismatch(err) and _union_prefix(err["loc"]) in real - {None})]
     problems = []
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "literal")))
+    for err in errors:
+        keys = [part for part in err["loc"] if not _is_branch(part)]
+        loc = _key_text(keys)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            close = _close_key([part for part in err["loc"] if not isinstance(part, int)], model or Config)
+            close = _close_key([part for part in keys if not isinstance(part, int)], model or Config)
             msg = "unknown key" + (f" (did you mean {close!r}?)" if close else "")
         elif err["type"] == "missing":
             msg = "missing required key"
@@ -811,6 +849,38 @@ def validation_problems(exc: ValidationError, model: type[BaseModel] | None = No
         problems.append((loc, msg))
     # a Union reports one error per branch; keep each message once
     return list(dict.fromkeys(problems))
+
+
+def _key_text(parts: list) -> str:
+    """A key as a user writes it, list positions in brackets: ``relevance.targets[0].neurons``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+_BUILTIN_BRANCHES = ("str", "int", "float", "bool", "none", "dict", "list", "tuple")
+
+
+def _is_branch(part) -> bool:
+    """Whether a part of an error's location is pydantic's name of a Union branch (``list[int]``), not a key."""
+    if not isinstance(part, str):
+        return False
+    return (part.startswith(("function-", "literal", "constrained-")) or "[" in part or part[:1].isupper()
+            or part in _BUILTIN_BRANCHES)
+
+
+def _union_prefix(loc: tuple) -> tuple | None:
+    """The location of the Union an error lies in (the parts before its first branch name), None outside one."""
+    for i, part in enumerate(loc):
+        if _is_branch(part):
+            return tuple(loc[:i])
+    return None
+
+
+def _mismatch(err: dict) -> bool:
+    """Whether an error only says that the input is not of a branch's type."""
+    return err["type"].endswith(("_type", "_parsing")) or err["type"] in ("literal_error", "int_from_float")
 
 
 def _section_model(annotation) -> type[BaseModel] | None:
@@ -853,10 +923,13 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] | None 
 
 
 def _override_for(loc: str, overrides: list[str]) -> str | None:
-    """The ``--set`` item that set the key at ``loc`` (or a key inside it), if any."""
-    for item in overrides:
+    """The ``--set`` item that set the key at ``loc`` (or a key inside it), if any.
+
+    The last such item: a later ``--set`` of a key replaces an earlier one.
+    """
+    for item in reversed(overrides):
         key = item.partition("=")[0].strip()
-        if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")):
+        if loc and (loc == key or loc.startswith((key + ".", key + "[")) or key.startswith((loc + ".", loc + "["))):
             return item
     return None
 

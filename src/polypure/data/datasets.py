@@ -36,6 +36,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from polypure.config.paths import require_file, require_folder
+from polypure.config.selection import check_count
 from polypure.errors import ConfigError, PolypureError
 from polypure.registry import Registry
 
@@ -408,7 +410,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def image_folder(root: Path, **kwargs) -> FileDataset:
     """One subfolder per class (sorted names give class indices), like torchvision's ImageFolder."""
-    root = Path(root)
+    root = require_folder(root, "data.root: folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files, labels = [], []
     for index, name in enumerate(classes):
@@ -437,7 +439,7 @@ def prefix_labels(names: Sequence[str], classes: Sequence[str] | None = None) ->
 
 def flat_images(root: Path, labels: str = "none", classes: Path | None = None, **kwargs) -> FileDataset:
     """All images of one folder, sorted by file name; labels from name prefixes or none."""
-    root = Path(root)
+    root = require_folder(root, "data.root: folder")
     files = _image_files(root)
     if not files:
         raise ConfigError(f"data.root: no images in {str(root)!r}")
@@ -445,13 +447,15 @@ def flat_images(root: Path, labels: str = "none", classes: Path | None = None, *
     if labels == "prefix":
         order = None
         if classes is not None:
-            order = [line.split()[0] for line in Path(classes).read_text().splitlines() if line.strip()]
+            text = require_file(classes, "data.classes: file").read_text()
+            order = [line.split()[0] for line in text.splitlines() if line.strip()]
         ds.labels, ds.class_names = prefix_labels([f.name for f in files], order)
     return ds
 
 
 def npz_images(path: Path, images_key: str, labels_key: str | None, **kwargs) -> ArrayDataset:
     """Images (and labels) from arrays in a ``.npz`` file."""
+    path = require_file(path, "data.path: file")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -548,6 +552,8 @@ def build_dataset(cfg, model=None) -> PolypureDataset:
     if len(ds) == 0:
         raise ConfigError(f"data: the dataset ({cfg.kind}) is empty")
     if cfg.limit is not None:
+        # a limit past the samples there are is refused, not read as "all of them"
+        check_count(cfg.limit, len(ds), "data.limit", f"samples of the {cfg.kind} data")
         ds.subset(cfg.limit)
     channels = ds.view(0).shape[0]
     mean, std = resolve_normalization(cfg.normalize, getattr(model, "preprocessing", None), channels)

@@ -29,15 +29,15 @@ Example
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from polypure.config.paths import names_a_file, require_file
 from polypure.errors import ConfigError
 from polypure.models.hub import fetch, quiet_logs
 from polypure.registry import Registry
@@ -151,8 +151,7 @@ def seeded(seed: int = 0):
 
 
 def _is_file(value) -> bool:
-    return isinstance(value, str) and (Path(value).is_file() or value.endswith((".safetensors", ".pt", ".pth",
-                                                                                  ".bin")))
+    return isinstance(value, str) and names_a_file(value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,6 +169,14 @@ class ClipSettings(EvaluatorSettings):
     embedding), or ``auto``: ``tokens`` for a ViT tower, else ``embed``.
     """
 
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_file(cls, value: str | None) -> str | None:
+        # a file is checked with the config, before any work; a tag is fetched when the evaluator loads
+        if _is_file(value):
+            require_file(value, "file")
+        return value
+
 
 @EVALUATORS.register("clip")
 class ClipEvaluator(Evaluator):
@@ -186,8 +193,8 @@ class ClipEvaluator(Evaluator):
         if s.model not in open_clip.list_models():
             raise ConfigError(f"evaluate.{self.name}.model: open_clip has no model {s.model!r}")
         if s.pretrained is None or _is_file(s.pretrained):
-            if isinstance(s.pretrained, str) and not Path(s.pretrained).is_file():
-                raise ConfigError(f"evaluate.{self.name}.pretrained: file {s.pretrained!r} does not exist")
+            if isinstance(s.pretrained, str):
+                require_file(s.pretrained, f"evaluate.{self.name}.pretrained: file")
             with quiet_logs(), seeded():
                 model = open_clip.create_model(s.model, pretrained=None)
             if s.pretrained is not None:
@@ -240,6 +247,14 @@ class Dinov2Settings(EvaluatorSettings):
     resize: int = 256
     """Side the short edge is resized to before the crop."""
 
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_file(cls, value: bool | str | None) -> bool | str | None:
+        # a string is a local file (true fetches the hub weights): checked with the config, before any work
+        if isinstance(value, str):
+            require_file(value, "file")
+        return value
+
 
 @EVALUATORS.register("dinov2")
 class Dinov2Evaluator(Evaluator):
@@ -257,8 +272,7 @@ class Dinov2Evaluator(Evaluator):
             raise ConfigError(f"evaluate.{self.name}.model: timm has no model {s.model!r}")
         kwargs = {"img_size": s.image_size, "num_classes": 0}
         if isinstance(s.pretrained, str):
-            if not Path(s.pretrained).is_file():
-                raise ConfigError(f"evaluate.{self.name}.pretrained: file {s.pretrained!r} does not exist")
+            require_file(s.pretrained, f"evaluate.{self.name}.pretrained: file")
             # timm reads the file without pickle and resamples the position embedding to image_size
             model = timm.create_model(s.model, pretrained=True, pretrained_cfg_overlay={"file": s.pretrained},
                                       **kwargs)

@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from polypure import __version__
-from polypure.errors import ConfigError
+from polypure.config.paths import require_file, require_output_folder
+from polypure.errors import ConfigError, StoreError
 from polypure.evaluation import statistics as stats
 from polypure.evaluation import summary
 from polypure.store.results import Results
@@ -110,6 +111,8 @@ def compare_stores(paths, *, metric: str | None = None, paired: bool | None = No
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
         raise ConfigError(f"compare needs at least two stores, got {len(paths)}")
+    for path in paths:
+        require_file(path, "store", StoreError)  # every store's kind before the first is read
     names = [p.name for p in paths]
     if len(set(names)) < len(names):
         names = [str(p) for p in paths]
@@ -251,7 +254,7 @@ def write_comparison(result: StoreComparison, out: str | Path) -> list[Path]:
     """
     from polypure.viz.report_render import render
 
-    out = Path(out)
+    out = require_output_folder(out, "comparison folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "comparison.csv", out / "summaries.csv", out / "index.html"]
     result.comparison.to_csv(paths[0], index=False, na_rep="NaN")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from polypure.config.paths import require_output_folder
 from polypure.data.synthetic import CLASS_PAIRS, class_of_shape, render
 from polypure.models.factory import ExplainedModel, apply_state_dict, load_state_dict_file
 
@@ -181,7 +182,8 @@ def train_demo(out: Path | None = None, epochs: int = 12, per_epoch: int = 8000,
     """
     from safetensors.torch import save_file
 
-    out = Path(out) if out is not None else ASSETS
+    # checked before the minutes of training, not when the weights are saved
+    out = require_output_folder(out, "--out") if out is not None else ASSETS
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = DemoResNet()

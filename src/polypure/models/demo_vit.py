@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from polypure.config.paths import require_output_folder
 from polypure.data.synthetic import CLASS_PAIRS
 from polypure.models.demo_resnet import ASSETS, MEAN, STD, fit
 from polypure.models.factory import ExplainedModel, apply_state_dict, load_state_dict_file
@@ -168,7 +169,8 @@ def train_demo_vit(out: Path | None = None, epochs: int = 18, per_epoch: int = 5
     """
     from safetensors.torch import save_file
 
-    out = Path(out) if out is not None else ASSETS
+    # checked before the minutes of training, not when the weights are saved
+    out = require_output_folder(out, "--out") if out is not None else ASSETS
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = build_vit()

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from polypure.attribution.hooks import TOKENS, channel_axis, set_channel_axis
+from polypure.config.paths import names_a_file, require_file
 from polypure.errors import ConfigError
 from polypure.models.hub import download_error, fetch, host_reachable
 from polypure.registry import Registry, import_factory
@@ -230,7 +231,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     ConfigError
         If the file cannot be read as weights (bad input: exit status 2).
     """
-    path = Path(path)
+    path = require_file(path, "weights file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -417,11 +418,8 @@ def create_model(name: str, weights: str | None = None, layers: dict[str, Any] |
         In eval mode, with default layer aliases and canonizers filled in.
     """
     weight_file = None
-    if isinstance(weights, (str, Path)) and (Path(weights).is_file() or str(weights).endswith(
-            (".safetensors", ".pt", ".pth", ".bin", ".ckpt"))):
-        weight_file, weights = Path(weights), None
-        if not weight_file.is_file():
-            raise ConfigError(f"model.weights: file {str(weight_file)!r} does not exist")
+    if names_a_file(weights):
+        weight_file, weights = require_file(weights, "model.weights: file"), None
 
     if name.startswith("torchvision:"):
         model = _torchvision(name.split(":", 1)[1], weights, **kwargs)

@@ -183,20 +183,62 @@ def check_layers(config, model, probe) -> dict[str, tuple]:
     return shapes
 
 
-def check_neurons(config, shapes: dict[str, tuple]) -> None:
-    """Selected neuron ids must exist in their target layers."""
-    from polypure.attribution.relevance_plan import select_neurons
+def check_neurons(config, shapes: dict[str, tuple]) -> dict[str, int]:
+    """Selected neuron ids must exist in their target layers, and planted pairs in their layers' channels.
+
+    The rule of every selection and count is :mod:`polypure.config.selection`'s: never empty, never past
+    the layer's channels (a range's stop is not clipped).
+
+    Returns
+    -------
+    dict of str to int
+        How many neurons each target the config names will have (planted ones by their store name).
+    """
+    from polypure.config.selection import check_count, select_neurons
+    from polypure.store.schema import planted_target
 
     rel = config.relevance
+    counts = {}
     for i, target in enumerate(rel.target_list):
         key = "relevance.neurons" if rel.targets is None else f"relevance.targets[{i}].neurons"
-        select_neurons(target.neurons, shapes[target.layer][0], key=key)
+        counts[target.layer] = len(select_neurons(target.neurons, shapes[target.layer][0], key=key))
+    for i, planted in enumerate(rel.planted_list):
+        prefix = "relevance.planted" if not isinstance(rel.planted, list) else f"relevance.planted[{i}]"
+        # each pair takes two channels no other pair of the layer takes
+        check_count(planted.pairs, shapes[planted.layer][0] // 2, f"{prefix}.pairs",
+                    f"disjoint pairs of the {shapes[planted.layer][0]} channels of {planted.layer!r}")
+        counts[planted_target(planted.layer)] = planted.pairs * len(planted.modes)
+    return counts
+
+
+def check_report(config, counts: dict[str, int]) -> None:
+    """Where the report stage writes must be a folder (or nothing yet), and ``report.neurons`` within the targets.
+
+    Checked before the first stage, so that a run is not refused after its work, at the report.
+
+    Parameters
+    ----------
+    config : Config
+    counts : dict of str to int
+        Neurons per target (:func:`check_neurons`).
+    """
+    from polypure.config.paths import require_output_folder
+    from polypure.config.selection import check_count
+
+    report = config.report
+    if not report.enabled:
+        return
+    require_output_folder(config.report_folder, "report.out" if report.out is not None else "report folder")
+    if report.neurons is not None and counts:
+        # pages per target: a target with fewer neurons gets a page for each, none may have fewer than all
+        check_count(report.neurons, max(counts.values()), "report.neurons", "neurons of the largest target")
 
 
 def check_samples(config, count: int) -> None:
-    """Top-K must have at least k samples to choose from."""
-    if config.topk.k > count:
-        raise ConfigError(f"topk.k ({config.topk.k}) is larger than the dataset ({count} samples)")
+    """Top-K must have at least k samples to choose from (``topk.k`` within 1..the samples)."""
+    from polypure.config.selection import check_count
+
+    check_count(config.topk.k, count, "topk.k", "samples of the data")
 
 
 def available_label_sets(config, dataset) -> list[str]:
@@ -259,11 +301,12 @@ def check_compare(config, dataset) -> None:
                           f"cluster.methods ({', '.join(methods)})")
 
 
-def check_experiment(exp) -> None:
+def check_experiment(exp, stages: list[str] | None = None) -> None:
     """Run every check on an :class:`~polypure.experiment.Experiment` (builds its model and dataset).
 
-    Besides the config's names and numbers: that the store's folder can be written (before the model and
-    data are built, and before any work).
+    Besides the config's names and numbers: that the store's path and folder can be written (before the
+    model and data are built, and before any work), and, where the report stage is among ``stages`` (None:
+    every stage), the report's folder and page count (:func:`check_report`).
 
     Raises
     ------
@@ -281,6 +324,8 @@ def check_experiment(exp) -> None:
     dataset = exp.dataset
     check_samples(config, len(dataset))
     shapes = check_layers(config, exp.model, exp.probe_layers)
-    check_neurons(config, shapes)
+    counts = check_neurons(config, shapes)
+    if stages is None or "report" in stages:
+        check_report(config, counts)
     check_ground_truth(config, dataset)
     check_compare(config, dataset)

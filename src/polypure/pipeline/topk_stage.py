@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from polypure.errors import ConfigError, StaleResultError
+from polypure.errors import StaleResultError
 from polypure.store.schema import planted_target
 
 if TYPE_CHECKING:
@@ -175,11 +175,11 @@ def run(ctx: StageContext) -> None:
 
     from polypure.attribution.planted import choose_pairs, virtual_neurons
     from polypure.attribution.topk import Scorer, channel_scorer
+    from polypure.pipeline.preflight import check_samples
 
     cfg = ctx.config.topk
     n = len(ctx.dataset)
-    if cfg.k > n:
-        raise ConfigError(f"topk.k ({cfg.k}) is larger than the dataset ({n} samples)")
+    check_samples(ctx.config, n)
     with ctx.open_store() as store:
         ids = list(ctx.dataset.ids)
         if store.has_samples():

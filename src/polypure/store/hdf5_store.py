@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 import yaml
 
+from polypure.config.paths import require_file
 from polypure.config.settings import DEFAULT_VARIANT, space_name
 from polypure.errors import ConfigError, StaleResultError, StoreError
 from polypure.store import growth, schema
@@ -71,8 +72,9 @@ class Store:
         self.file_path = Path(file) if file is not None else self.path
         self.on_flush = on_flush
         self.on_write = on_write
-        if mode == "r" and not self.file_path.is_file():
-            raise StoreError(f"store {str(self.path)!r} does not exist")
+        if mode == "r":
+            # a folder, /dev/null or a FIFO is no store: said as such, and a FIFO is never opened
+            require_file(self.file_path, "store", StoreError)
         try:
             self.file = h5py.File(self.file_path, mode)
         except OSError as exc:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from polypure.config.paths import require_output_folder
 from polypure.errors import ConfigError
 from polypure.evaluation import comparisons, summary
 from polypure.evaluation.metrics import REASONS
@@ -396,11 +397,13 @@ def export(store: str | Path, out: str | Path, format: str = "csv", baseline: st
     Raises
     ------
     ConfigError
-        For an unknown format, Parquet without pyarrow (before anything is written), or a baseline that
-        gives no comparison.
+        For an unknown format, Parquet without pyarrow, an output folder of the wrong kind (a file where
+        the folder goes; all before anything is read or written), or a baseline that gives no comparison.
     """
     if format not in ("csv", "parquet"):
         raise ConfigError(f"--format: {format!r} is not one of csv, parquet")
+    # the folder's kind before the store is read: nothing is computed for a folder that cannot take it
+    out = require_output_folder(out, "export folder")
     if format == "parquet":
         _check_parquet()
     with Results(store) as results:

@@ -42,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 
+from polypure.config.paths import require_output_file
 from polypure.errors import DiskFullError, StoreError, StoreLockedError
 
 #: Seconds between commits on checkpoints (the config's ``commit_every`` overrides it).
@@ -56,6 +57,7 @@ def check_writable(path: str | Path) -> None:
     even when the store exists. The nearest existing folder is tried with a temporary file that leaves
     nothing behind, so that permissions, read-only file systems and quotas all count (``os.access`` would
     say yes to root on a read-only file system). A lock file left by an earlier run must open for writing.
+    The store itself must be a regular file or nothing, below folders (:mod:`polypure.config.paths`).
 
     Parameters
     ----------
@@ -65,11 +67,12 @@ def check_writable(path: str | Path) -> None:
     Raises
     ------
     StoreError
-        Naming the store, the folder (or lock file) and the reason.
+        Naming the store, the folder (or lock file) and the reason; or the store's path, what was expected
+        and what was found there (a folder, ``/dev/null``).
     """
     import tempfile
 
-    path = Path(path)
+    path = require_output_file(path, "store", StoreError)
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # folders still to be made are made in the nearest one that exists
@@ -126,12 +129,13 @@ class WriteSession:
 
     def open(self) -> WriteSession:
         """Take the lock and start the working copy from the store (or from nothing)."""
+        # checked first: the store's kind and folder before any folder is made for it
+        check_writable(self.path)
         folder = self.path.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store {str(self.path)!r}: cannot create its folder ({exc.strerror})") from None
-        check_writable(self.path)
         self._lock()
         try:
             # a working copy left by a killed run may be torn: the store is the last complete state

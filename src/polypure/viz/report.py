@@ -43,10 +43,14 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from numbers import Integral
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from polypure.config.paths import require_output_folder
+from polypure.config.settings import default_report_folder
+from polypure.errors import ConfigError
 from polypure.evaluation import comparisons, summary
 from polypure.store.hdf5_store import Store
 from polypure.viz import figure_data, figures, report_render
@@ -225,7 +229,19 @@ class _Drawer:
                 "links": [{"href": link(p), "label": p.suffix[1:].upper()} for p in files]}
 
 
-def write_report(store_path, out=None, dataset=None, max_neurons=None, view="auto", progress=True) -> Path:
+def _page_count(store: Store, value, key: str) -> int:
+    """Neuron pages per target: 0 (the index alone) up to the most neurons a target of the store has."""
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{key}: {value!r} is not a number of pages (0 writes the index alone)")
+    largest = max((len(store.neurons(name)) for name in store.relevance_targets()), default=0)
+    if value > largest > 0:
+        raise ConfigError(f"{key}: {value} is more than the {largest} neurons of the store's largest target "
+                          f"(valid: up to {largest}; a target with fewer gets a page for each)")
+    return int(value)
+
+
+def write_report(store_path, out=None, dataset=None, max_neurons=None, view="auto", progress=True, *,
+                 neurons_key: str = "max_neurons") -> Path:
     """Write the HTML report of a store, drawing only what is not up to date.
 
     Parameters
@@ -240,26 +256,40 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         is not possible (``data.kind: memory``, a missing folder) the report has no images and says why.
     max_neurons : int, optional
         Neuron pages per target (default :data:`NEURON_PAGES`), chosen by interest; every neuron is listed
-        in the index either way.
+        in the index either way. 0 writes the index alone; more than the largest target of the store has
+        is refused (a target with fewer neurons gets a page for each).
     view : {"auto", "full", "crop"}
         Thumbnails of the whole images or of the crops in ``/crops/<target>`` (``auto``: crops where stored).
     progress : bool
         Show a progress bar.
+    neurons_key : str
+        The key or option ``max_neurons`` came from, as a refusal names it (``report.neurons``, ``--neurons``).
 
     Returns
     -------
     pathlib.Path
         The report's ``index.html``.
+
+    Raises
+    ------
+    ConfigError
+        For an output folder of the wrong kind (a file where the folder goes), or a page count below 0 or
+        above the largest target's neurons, before anything is written.
+    StoreError
+        For a store that is missing, not a regular file, or not a polypure store.
     """
     store_path = Path(store_path)
-    out = Path(out) if out is not None else store_path.with_name(f"{store_path.stem}_report")
-    limit = NEURON_PAGES if max_neurons is None else int(max_neurons)
+    out = Path(out) if out is not None else default_report_folder(store_path)
     if view not in ("auto", "full", "crop"):
         raise ValueError(f"view must be auto, full or crop, not {view!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    outputs = Outputs(out)
-    code = code_key()
+    # every input is checked before the first file is written: the store's kind (opening it), the folder's
+    # kind, and the page count against the targets the store holds
     with Store(store_path, "r") as store:
+        require_output_folder(out, "report folder")
+        limit = NEURON_PAGES if max_neurons is None else _page_count(store, max_neurons, neurons_key)
+        out.mkdir(parents=True, exist_ok=True)
+        outputs = Outputs(out)
+        code = code_key()
         images = Images(store, dataset, outputs.previous_data)
         draw = _Drawer(store, out, outputs, images, code)
         records = summary.read(store)
