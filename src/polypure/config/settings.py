@@ -175,7 +175,7 @@ class DataSection(_Section):
     num_workers: int = Field(2, ge=0)
     """Worker processes of the data loader (0: load in the main process)."""
     limit: int | None = Field(None, ge=1)
-    """Keep only the first N samples."""
+    """Keep only the first N samples (at most as many as the data has)."""
     synthetic: dict[str, Any] = Field(default_factory=dict)
     """Options of the ``synthetic`` kind (see ``data.synthetic.*``)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -230,7 +230,7 @@ class TopKSection(_Section):
     layers: list[str] = Field(default_factory=lambda: ["block_3"])
     """Layers whose channels get top-K references; the relevance targets and planted layers are added to them."""
     k: int = Field(50, ge=1)
-    """References kept per channel."""
+    """References kept per channel (at most as many as the data has samples)."""
     statistic: Literal["max", "mean", "cls"] = "max"
     """How a sample's value of a channel is computed: ``max`` or ``mean`` over spatial positions (the tokens of a
     transformer layer), or ``cls``: the class token's value (token layers only). A non-spatial output such as a
@@ -256,9 +256,12 @@ class TargetSection(_Section):
     layer: str
     """The layer whose neurons are explained."""
     neurons: NeuronSpec = "all"
-    """``all``, a list of channel ids, or ``"start:stop"``."""
+    """``all``, a channel id, a list of channel ids, or ``"start:stop"`` (ids ``start`` to
+    ``stop - 1``; an open end is the first or the last channel). Never empty and never past the layer's channels:
+    a stop past them is an error, not clipped, and negative numbers are refused (no counting from the end).
+    """
     attribution_layers: list[str]
-    """Lower layers whose relevance is recorded, all in one backward pass."""
+    """Lower layers whose relevance is recorded, all in one backward pass (at least one)."""
 
     _layers = field_validator("attribution_layers")(classmethod(lambda cls, v: _non_empty(v, "attribution layer")))
 
@@ -269,7 +272,9 @@ class PlantedSection(_Section):
     """Virtual neurons made from pairs of real channels, with a known split (docs/method.md, Planted neurons)."""
 
     pairs: int = Field(16, ge=1)
-    """How many pairs of real channels become virtual neurons."""
+    """How many pairs of real channels become virtual neurons: at least 1, at most half the layer's channels (each
+    channel is in one pair at most).
+    """
     layer: str = "block_3"
     """The layer whose channels are paired."""
     mode: Literal["sum", "max"] | list[Literal["sum", "max"]] = "sum"
@@ -396,12 +401,15 @@ class RelevanceSection(_NamedComposite, _Section):
     target_layer: str = "block_3"
     """The layer whose neurons are explained (one target; see ``relevance.targets`` for several)."""
     neurons: NeuronSpec = "all"
-    """Neurons of ``target_layer`` to explain: ``all``, a list of channel ids, or ``"start:stop"``."""
+    """Neurons of ``target_layer`` to explain: ``all``, a channel id, a list of channel ids, or ``"start:stop"`` (ids ``start`` to
+    ``stop - 1``; an open end is the first or the last channel). Never empty and never past the layer's channels:
+    a stop past them is an error, not clipped, and negative numbers are refused (no counting from the end).
+    """
     attribution_layers: list[str] = Field(default_factory=lambda: ["block_0", "block_1", "block_2"])
-    """Lower layers whose relevance is recorded for ``target_layer``, all in one backward pass."""
+    """Lower layers whose relevance is recorded for ``target_layer``, all in one backward pass (at least one)."""
     targets: list[TargetSection] | None = None
     """Several targets instead of ``target_layer``, ``neurons`` and ``attribution_layers``: a list of ``{layer,
-    neurons, attribution_layers}``.
+    neurons, attribution_layers}``. ``[]`` explains the planted neurons alone (refused without ``planted``).
     """
     n_refs: int = Field(50, ge=1)
     """References per neuron (at most ``topk.k``)."""
@@ -628,9 +636,11 @@ class ReportSection(_Section):
     enabled: bool = True
     """Write the report at the end of ``polypure run``."""
     out: Path | None = None
-    """The report folder; ``null`` = ``storage/<name>_report``."""
+    """The report folder (a folder, or nothing yet); ``null`` = ``<store without .h5>_report`` beside the store."""
     neurons: int | None = Field(None, ge=1)
-    """Neuron pages per target (every neuron is listed on the index); ``null`` = 8."""
+    """Neuron pages per target (every neuron is listed on the index); ``null`` = 8. At most the neurons of the largest
+    target (a target with fewer gets a page for each); checked before the first stage of a run that writes the report.
+    """
     view: Literal["auto", "full", "crop"] = "auto"
     """Thumbnails of whole images (``full``) or of the crop view's crops (``crop``); ``auto``: crops where they are
     stored.
@@ -683,7 +693,9 @@ class Config(_Section):
     name: str = "run"
     """Run name; the default store is ``storage/<name>.h5`` and the default report ``storage/<name>_report``."""
     store: Path | None = None
-    """The HDF5 store; ``null`` = ``storage/<name>.h5``. Paths are relative to the working directory."""
+    """The HDF5 store (a regular file, or nothing yet); ``null`` = ``storage/<name>.h5``. Paths are relative to the
+    working directory.
+    """
     device: str = "auto"
     """``auto`` (the first CUDA device if any, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     seed: int = 0
