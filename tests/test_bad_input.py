@@ -800,8 +800,6 @@ CONFIG_SELECTIONS = {
     "planted entries, none": (["relevance.planted=[]"], "relevance.planted", ["empty list"]),
     "report.neurons, none": (["report.neurons=0"], "report.neurons", ["(got 0)", "greater than or equal to 1"]),
     "report.neurons, negative": (["report.neurons=-1"], "report.neurons", ["(got -1)"]),
-    "report.neurons, past the targets": (["report.neurons=4"], "report.neurons",
-                                         ["4 is more than the 3 neurons of the largest target", "valid: 1..3"]),
     "topk.k, none": (["topk.k=0"], "topk.k", ["(got 0)", "greater than or equal to 1"]),
     "topk.k, negative": (["topk.k=-1"], "topk.k", ["(got -1)"]),
     "topk.k, past the samples": (["topk.k=41"], "topk.k", ["41 is more than the 40 samples", "valid: 1..40"]),
@@ -831,6 +829,13 @@ def test_every_count_and_list_of_the_config_is_non_empty_and_within_range(case, 
     overrides, key, words = CONFIG_SELECTIONS[case]
     refused(capsys, _small_run("run", tmp_path, *overrides), key, *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_report_neurons_of_a_config_is_a_cap_that_narrower_runs_keep(tmp_path):
+    # the demo config asks for 12 pages per target; a run narrowed to 3 neurons gets a page for each of them
+    assert main(_small_run("run", tmp_path, "report.neurons=12", "cluster.methods=[{name: kmeans, n_clusters: 2}]",
+                           f"report.out={tmp_path / 'report'}")) == 0
+    assert len(list((tmp_path / "report" / "neurons" / "block_3").glob("*.html"))) == 3
 
 
 @pytest.mark.parametrize("option,value,words", [

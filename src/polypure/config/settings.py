@@ -638,8 +638,8 @@ class ReportSection(_Section):
     out: Path | None = None
     """The report folder (a folder, or nothing yet); ``null`` = ``<store without .h5>_report`` beside the store."""
     neurons: int | None = Field(None, ge=1)
-    """Neuron pages per target (every neuron is listed on the index); ``null`` = 8. At most the neurons of the largest
-    target (a target with fewer gets a page for each); checked before the first stage of a run that writes the report.
+    """Neuron pages per target (every neuron is listed on the index); ``null`` = 8. A cap: a target with fewer
+    neurons gets a page for each, so a config's value also fits runs narrowed to fewer neurons.
     """
     view: Literal["auto", "full", "crop"] = "auto"
     """Thumbnails of whole images (``full``) or of the crop view's crops (``crop``); ``auto``: crops where they are

@@ -29,6 +29,6 @@ def run(ctx: StageContext) -> Path | None:
     if not ctx.dataset.has_pixels:
         ctx.log("report: no thumbnails: " + no_pixels_message("a thumbnail"))
     path = write_report(ctx.config.store_path, out=cfg.out, dataset=ctx.dataset, max_neurons=cfg.neurons,
-                        view=cfg.view, progress=ctx.progress, neurons_key="report.neurons")
+                        view=cfg.view, progress=ctx.progress, neurons_key="report.neurons", cap=True)
     ctx.log(f"report: {path}")
     return path

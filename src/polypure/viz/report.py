@@ -229,19 +229,23 @@ class _Drawer:
                 "links": [{"href": link(p), "label": p.suffix[1:].upper()} for p in files]}
 
 
-def _page_count(store: Store, value, key: str) -> int:
-    """Neuron pages per target: 0 (the index alone) up to the most neurons a target of the store has."""
+def _page_count(store: Store, value, key: str, cap: bool = False) -> int:
+    """Neuron pages per target: 0 (the index alone) up to the most neurons a target of the store has.
+
+    With ``cap`` a larger value is a cap (every target gets a page for each of its neurons): a config's
+    ``report.neurons`` is reused across runs narrowed to fewer neurons, and must not refuse them.
+    """
     if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
         raise ConfigError(f"{key}: {value!r} is not a number of pages (0 writes the index alone)")
     largest = max((len(store.neurons(name)) for name in store.relevance_targets()), default=0)
-    if value > largest > 0:
+    if value > largest > 0 and not cap:
         raise ConfigError(f"{key}: {value} is more than the {largest} neurons of the store's largest target "
                           f"(valid: up to {largest}; a target with fewer gets a page for each)")
     return int(value)
 
 
 def write_report(store_path, out=None, dataset=None, max_neurons=None, view="auto", progress=True, *,
-                 neurons_key: str = "max_neurons") -> Path:
+                 neurons_key: str = "max_neurons", cap: bool = False) -> Path:
     """Write the HTML report of a store, drawing only what is not up to date.
 
     Parameters
@@ -264,6 +268,9 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
         Show a progress bar.
     neurons_key : str
         The key or option ``max_neurons`` came from, as a refusal names it (``report.neurons``, ``--neurons``).
+    cap : bool
+        ``max_neurons`` is a cap, not a count to check against the targets (the report stage's
+        ``report.neurons``, a config value that narrower runs of the same config reuse).
 
     Returns
     -------
@@ -286,7 +293,7 @@ def write_report(store_path, out=None, dataset=None, max_neurons=None, view="aut
     # kind, and the page count against the targets the store holds
     with Store(store_path, "r") as store:
         require_output_folder(out, "report folder")
-        limit = NEURON_PAGES if max_neurons is None else _page_count(store, max_neurons, neurons_key)
+        limit = NEURON_PAGES if max_neurons is None else _page_count(store, max_neurons, neurons_key, cap)
         out.mkdir(parents=True, exist_ok=True)
         outputs = Outputs(out)
         code = code_key()
