@@ -109,3 +109,15 @@ def test_every_bundled_config_is_valid(name, monkeypatch):
                   for t in [*config.relevance.target_list, *config.relevance.planted_list]
                   for layer in t.attribution_layers or []}
         assert config.compare.baseline in spaces
+
+
+def test_a_conflicting_key_with_a_layer_typo_names_the_typo_too():
+    # the demo uses relevance.targets; a short-form target layer conflicts, and its misspelling is said as well
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", ["relevance.target_layer=blok_3"])
+    message = str(error.value)
+    assert "relevance.target_layer=blok_3" in message and "not both" in message
+    assert "'blok_3' is no layer of relevance.targets (did you mean 'block_3'?)" in message
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", ["relevance.target_layer=block_3"])
+    assert "did you mean" not in str(error.value)            # a real layer is only a conflict

@@ -15,6 +15,7 @@ Example
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -461,7 +462,15 @@ class RelevanceSection(_NamedComposite, _Section):
         short = {key for key in ("target_layer", "neurons", "attribution_layers")
                  if key in self.model_fields_set and getattr(self, key) != getattr(defaults, key)}
         if self.targets is not None and short:
-            raise ValueError(f"give either relevance.targets or relevance.{'/'.join(sorted(short))}, not both")
+            message = f"give either relevance.targets or relevance.{'/'.join(sorted(short))}, not both"
+            # a layer name that is no layer of the targets is likely a typo too: say it now, not one fix later
+            known = {name for spec in self.targets for name in [spec.layer, *(spec.attribution_layers or [])]}
+            given = [self.target_layer] if "target_layer" in short else []
+            given += list(self.attribution_layers or []) if "attribution_layers" in short else []
+            for name in given:
+                if name not in known and (close := difflib.get_close_matches(name, sorted(known), n=1)):
+                    message += f"; and {name!r} is no layer of relevance.targets (did you mean {close[0]!r}?)"
+            raise ValueError(message)
         rule = {key for key in ("composite", "canonizers", "times_activation")
                 if key in self.model_fields_set and getattr(self, key) != getattr(defaults, key)}
         if self.variants is not None and rule:
