@@ -119,5 +119,5 @@ def test_a_conflicting_key_with_a_layer_typo_names_the_typo_too():
     assert "relevance.target_layer=blok_3" in message and "not both" in message
     assert "'blok_3' is no layer of relevance.targets (did you mean 'block_3'?)" in message
     with pytest.raises(ConfigError) as error:
-        load_config("demo", ["relevance.target_layer=block_3"])
+        load_config("demo", ["relevance.target_layer=logits"])
     assert "did you mean" not in str(error.value)            # a real layer is only a conflict
