@@ -11,11 +11,13 @@ computation; a split that ignores colour is not.
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from polypure import Experiment
@@ -27,6 +29,8 @@ from polypure.evaluation.selectivity import measure
 from polypure.models.factory import ExplainedModel
 from polypure.store.hdf5_store import Store
 from polypure.store.results import open_results
+
+from .helpers import doc_page
 
 WIDTH, SIZE, PER_COLOUR, K, M, DRAWS, SEED = 64, 12, 20, 20, 4, 5, 7
 #: Weights of the red channels 0-3 and (the same) of the blue channels 4-7 into neuron 0.
@@ -269,3 +273,12 @@ def test_disabled_it_does_nothing_and_bad_names_are_refused(store, tmp_path):
     with pytest.raises(ConfigError, match="compare.metrics: 'selectivity circuits' is not a metric"):
         experiment(path, compare={"metrics": ["selectivity circuits"]}).validate()
     experiment(path, compare={"metrics": ["selectivity circuit", "selectivity null"]}).validate()
+
+
+def test_the_guide_s_section_is_a_valid_config_with_the_defaults_but_enabled():
+    from polypure.config.settings import SelectivitySection, load_config
+
+    section = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", doc_page("how-to/selectivity.md"), flags=re.S)[0])
+    config = load_config(None, [f"selectivity.{key}={json.dumps(value)}" for key, value in
+                                section["selectivity"].items()])
+    assert config.selectivity == SelectivitySection(enabled=True)
