@@ -70,7 +70,8 @@ def _space_order(store, target: str) -> dict[str, int]:
 
 
 #: Metric kinds of the summary labels (``<kind> <reference or label set>``), in column order: reference-space
-#: metrics of the spaces and clusterings, purity scores of the neurons in a reference space, ground truth.
+#: metrics of the spaces and clusterings, purity scores of the neurons in a reference space, the causal
+#: selectivity of the clusterings (``selectivity circuit`` / ``selectivity null``), ground truth.
 KINDS = ("corr", "inner", "inter", "gain", "clarity", "polysem", "mono-topK", "redundancy", "selectivity", "ARI",
          "NMI")
 #: Kinds scored against known labels (the others against a reference space).
