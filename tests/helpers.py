@@ -60,9 +60,9 @@ def figure_dataset() -> ArrayDataset:
 def build_figure_store(path: Path) -> Path:
     """A store with every section a report reads.
 
-    Two relevance targets and planted neurons (``c3@planted``), k-means clusters, two reference spaces
-    (``labels`` and a second labels space, ``classes``: no CLIP download, and fast), ground truth
-    against the planted split and the class.
+    Two relevance targets and planted neurons (``c3@planted``), k-means clusters, the causal selectivity
+    of the clusters (circuits of 2 channels), two reference spaces (``labels`` and a second labels space,
+    ``classes``: no CLIP download, and fast), ground truth against the planted split and the class.
     """
     Experiment(model=tiny(seed=2), dataset=figure_dataset(), store=path, progress=False,
                topk={"layers": ["c3"], "k": FIGURE_K},
@@ -72,7 +72,8 @@ def build_figure_store(path: Path) -> Path:
                           "n_refs": FIGURE_K, "planted": {"pairs": 2, "layer": "c3", "mode": "max", "max_overlap": 1.0}},
                evaluate={"references": ["labels", "classes"], "classes": {"evaluator": "labels"},
                          "ground_truth": ["planted", "class"]},
-               ).run(["topk", "relevance", "embed", "cluster", "evaluate"])
+               selectivity={"enabled": True, "m": 2, "null_draws": 2},
+               ).run(["topk", "relevance", "embed", "cluster", "selectivity", "evaluate"])
     return path
 
 

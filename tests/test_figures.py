@@ -157,3 +157,23 @@ def test_inputs_are_what_a_figure_reads_named_by_the_function_or_its_name(built)
     assert list(umap["features"]) == list(umap["labels"]) == ["c2"] and umap["boxes"] is None
     with pytest.raises(ValueError, match="'umap_embedding' is not a figure"):
         figure_data.inputs(figures.umap_embedding, path)
+
+
+def test_selectivity_bars_show_each_space_tested_with_its_stored_score(built, tmp_path):
+    path, _ = built
+    with Store(path) as store:
+        tested = store.metric_keys("c3", "selectivity")
+        row = int(np.flatnonzero(np.isfinite(store.metric("c3", "selectivity", "c2", "kmeans")))[0])
+        value = store.metric("c3", "selectivity", "c2", "kmeans")[row]
+        drops = store.metric("c3", "selectivity_drops", "c2", "kmeans")[row]
+        neuron = int(store.neurons("c3")[row])
+        paths = figures.selectivity_bars(store, "c3", row, tmp_path)
+    svg = check_written(paths, f"{neuron}_selectivity")
+    assert tested == ["c1", "c2"] and panels(svg) == ["c1", "c2"]
+    text = svg.read_text()
+    assert f"c2: s = {value:.2f}" in text
+    # two bars (own, other) per scored cluster, each with its null line
+    scored = [c for c in range(len(drops)) if np.isfinite(drops[c]).all()]
+    assert all(f"cluster {c}" in text for c in scored)
+    with pytest.raises(ValueError, match="no selectivity"):
+        figures.selectivity_bars(path, "c3", row, tmp_path, method="hdbscan")

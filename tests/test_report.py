@@ -97,6 +97,9 @@ def test_report_folder_has_index_neuron_pages_and_images_and_every_link_resolves
     neuron_page = next((folder / "neurons" / "c3").glob("*.html"))
     srcs = [link for tag, _, link in pages[neuron_page.resolve()].links if tag == "img"]
     assert any("_umap.png" in s for s in srcs) and any("_distances_labels.png" in s for s in srcs)
+    assert any("_selectivity.png" in s for s in srcs)
+    page = neuron_page.read_text()
+    assert "selectivity circuit" in page and "selectivity null" in page and "is the split real?" in page
     assert sum("/thumbs/" in s for s in srcs) >= 8
     assert not list(folder.rglob("*.svg")) or all(p.stat().st_size > 0 for p in folder.rglob("*.svg"))
 
@@ -251,7 +254,7 @@ def test_comparison_section_renders_its_figures_and_every_stored_row(report, bui
 
 
 FIGURES = ("distance_matrices", "correlation_scatter", "space_bars", "neuron_umap", "ground_truth_table",
-           "comparison_forest", "paired_scatter")
+           "comparison_forest", "paired_scatter", "selectivity_bars")
 
 
 @pytest.fixture
@@ -334,7 +337,7 @@ def test_writing_again_draws_only_what_changed_and_removes_stale_pages(built, tm
     assert not (out / "neurons" / "c3-planted").exists()
     assert sorted(int(p.stem) for p in (out / "neurons" / "c3").glob("*.html")) == sorted(kept.tolist())
     assert sorted(p.name.split("_")[0] for p in (out / "neurons" / "c3" / "fig").glob("*.png")) == \
-        sorted(str(n) for n in kept.tolist() for _ in ("labels", "classes", "umap"))
+        sorted(str(n) for n in kept.tolist() for _ in ("labels", "classes", "umap", "selectivity"))
     check_links(out)
     with h5py.File(store, "r") as f:
         samples = {int(s) for t in ("c3", "logits") for s in f[f"topk/{t}/indices"][f[f"relevance/{t}/neurons"][()]].ravel()}

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from polypure.store.hdf5_store import Store, writes
-from polypure.store.schema import ACTIVATION, STR, planted_target
+from polypure.store.schema import ACTIVATION, SELECTIVITY_KINDS, STR, planted_target
 
 #: The h5py methods that change a file.
 WRITERS = {
@@ -161,11 +161,15 @@ CALLS: dict[str, Callable[[Store], object]] = {
     "has_clusters": lambda s: s.has_clusters("c3", "c2", "kmeans", "s"),
     "write_clusters": lambda s: s.write_clusters("c3", "c1", "kmeans", np.ones((M, N_REFS)), {"signature": "t"}),
     "cluster_labels": lambda s: s.cluster_labels("c3", "c2", "kmeans", row=0),
+    "cluster_attrs": lambda s: s.cluster_attrs("c3", "c2", "kmeans"),
     "clusterings": lambda s: s.clusterings("c3"),
     "cluster_methods": lambda s: s.cluster_methods("c3"),
     # metrics, summary, comparisons
     "write_metric": lambda s: s.write_metric("c3", "nmi", ["class", "c2", "kmeans"], np.ones(M), {"n": 1}),
     "metric": lambda s: s.metric("c3", "ari", "class", "c2", "kmeans"),
+    "metric_attrs": lambda s: s.metric_attrs("c3", "ari", "class", "c2", "kmeans"),
+    "write_selectivity": lambda s: s.write_selectivity("c3", "c2", "kmeans", {kind: np.zeros((M, 2)) for kind in
+                                                                              SELECTIVITY_KINDS}, {"signature": "s"}),
     "metric_keys": lambda s: s.metric_keys("c3", "ari"),
     "metric_entries": lambda s: s.metric_entries("c3"),
     "write_summary": lambda s: s.write_summary(table()),

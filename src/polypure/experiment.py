@@ -342,6 +342,11 @@ class Experiment:
         self._stage("cluster", methods=methods)
         return self
 
+    def selectivity(self) -> Experiment:
+        """Ablate each cluster's circuit to test whether the split is real (``selectivity.enabled``)."""
+        self._stage("selectivity")
+        return self
+
     def evaluate(self) -> Experiment:
         """Compute per-neuron metrics and the summary table from the store (kept as ``summary``)."""
         self.summary = self._stage("evaluate")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from polypure.attribution.hooks import forward_to, probe_layers, tap_layers
+from polypure.attribution.hooks import forward_to, passes_through, probe_layers, tap_layers
 from polypure.attribution.precision import autocast, flags
 from polypure.attribution.precision import check as check_precision
 from polypure.errors import ConfigError, PolypureError
@@ -179,19 +179,7 @@ class ConditionalRelevance:
         return self.order
 
     def _lowest_layer_dominates(self, sample: torch.Tensor) -> bool:
-        x = sample.detach().clone().requires_grad_(True)
-        expand = {self.order[0]: lambda out: out.detach()[[0, 0]].requires_grad_(True)}
-        try:
-            with torch.enable_grad(), tap_layers({self.order[0]: self.layers[self.order[0]],
-                                                  _TARGET: self.target_module}, transforms=expand) as outputs:
-                forward_to(self.model, x, outputs)
-                target = outputs[_TARGET]
-                if not target.requires_grad:
-                    return True
-                bypass, = torch.autograd.grad(target.sum(), x, allow_unused=True)
-        except RuntimeError:
-            return False
-        return bypass is None
+        return passes_through(self.model, self.layers[self.order[0]], self.target_module, sample)
 
     # -- computation -------------------------------------------------------------------------------
 

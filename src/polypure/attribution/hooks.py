@@ -138,6 +138,38 @@ def forward_to(model: nn.Module, x: torch.Tensor, outputs: dict) -> None:
         pass
 
 
+def passes_through(model: nn.Module, module: nn.Module, target: nn.Module, sample: torch.Tensor) -> bool:
+    """Whether every path from the input to ``target``'s output runs through ``module``'s output.
+
+    Only then may a forward pass run each image once up to ``module`` and give each row of a larger batch
+    its own copy above it (the relevance engine's shared forward, the ablations of the selectivity stage):
+    a branch that bypasses ``module`` (a shortcut from the input) would see one row per image while the
+    rest sees one row per copy. Tested once with autograd on one sample: ``module``'s output is cut from the
+    graph and doubled, and the input must then have no gradient from ``target``.
+
+    Parameters
+    ----------
+    model : Module
+    module, target : Module
+        The layer that would be expanded, and the layer whose output is needed (a later one).
+    sample : Tensor
+        One input (a batch of one).
+    """
+    x = sample.detach().clone().requires_grad_(True)
+    expand = {"module": lambda out: out.detach()[[0, 0]].requires_grad_(True)}
+    try:
+        with torch.enable_grad(), tap_layers({"module": module, "target": target}, transforms=expand) as outputs:
+            forward_to(model, x, outputs)
+            output = outputs["target"]
+            if not output.requires_grad:
+                return True
+            bypass, = torch.autograd.grad(output.sum(), x, allow_unused=True)
+    except RuntimeError:
+        # a shortcut that meets the doubled rows fails to broadcast
+        return False
+    return bypass is None
+
+
 def probe_layers(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> tuple[dict, list[str]]:
     """Shapes (without batch) and forward order of layers, checked to run exactly once.
 

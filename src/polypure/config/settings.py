@@ -34,6 +34,7 @@ RUNTIME_KEYS = (
     "data.batch_size", "data.num_workers",
     "topk.checkpoint_every",
     "relevance.batch_size",
+    "selectivity.batch_size",
     "report",
     "executor",
     "commit_every",
@@ -639,6 +640,39 @@ class CompareSection(_Section):
         return self
 
 
+class SelectivitySection(_Section):
+    """The causal test of every split: ablate each cluster's circuit and see whom it silences (docs/how-to/selectivity.md).
+
+    For each neuron, attribution layer and clustering made in that layer's relevance space, the circuit of a
+    cluster is the ``m`` channels of the layer with the largest mean relevance over its references. Zeroing
+    them should silence the neuron on that cluster's references and spare the others': the selectivity is
+    the own minus the other relative drop of activation, averaged over the clusters, beside a null from
+    random sets of ``m`` channels.
+    """
+
+    enabled: bool = False
+    """Run the ``selectivity`` stage (after ``cluster``, before ``evaluate``); its scores join the summary, the
+    comparisons and the neuron pages.
+    """
+    m: int = Field(8, ge=1)
+    """Channels in a cluster's circuit: those of the layer with the largest mean relevance over the cluster's
+    references. A layer with ``m`` channels or fewer is not tested (ablating all of it tells nothing), with a warning.
+    """
+    null_draws: int = Field(5, ge=1)
+    """Random sets of ``m`` channels per cluster whose ablation gives the null, averaged (seeded with ``seed``).
+    """
+    spaces: list[str] | None = None
+    """Attribution-layer spaces to test (``block_2``, ``lrp:block_2``); ``null`` = every attribution layer of every
+    target and rule variant. Other spaces (``activation``, evaluators) have no channels to ablate.
+    """
+    batch_size: int = Field(512, ge=1)
+    """(reference, ablation) rows per forward pass at the most; a pass always holds one whole ablation of a
+    neuron's references.
+    """
+
+    _spaces = field_validator("spaces")(classmethod(lambda cls, v: _non_empty(v, "space")))
+
+
 class ReportSection(_Section):
     """The browsable HTML report written at the end of ``polypure run``."""
 
@@ -729,6 +763,8 @@ class Config(_Section):
     """Reference spaces, ground truth and metrics."""
     compare: CompareSection = Field(default_factory=CompareSection)
     """Which per-neuron metrics are compared between spaces, and how."""
+    selectivity: SelectivitySection = Field(default_factory=SelectivitySection)
+    """The causal test of every split: ablating each cluster's circuit (the ``selectivity`` stage)."""
     report: ReportSection = Field(default_factory=ReportSection)
     """The browsable HTML report written at the end of ``polypure run``."""
     executor: ExecutorSection = Field(default_factory=ExecutorSection)

@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from polypure.evaluation.metrics import ALL_NOISE, CONSTANT, ONE_CLUSTER, ONE_HOT, ONE_LABEL, REASONS
-from polypure.store.schema import STR, planted_layer
+from polypure.store.schema import SELECTIVITY as SELECTIVITY_KIND
+from polypure.store.schema import SELECTIVITY_NULL, STR, planted_layer
 
 FIELDS = ("target", "group", "space", "method", "metric", "mean", "std", "n", "neurons", "skipped")
 #: The reason given for a missing value that no check explains (all distances equal, for instance).
@@ -69,8 +70,10 @@ def _space_order(store, target: str) -> dict[str, int]:
 
 
 #: Metric kinds of the summary labels (``<kind> <reference or label set>``), in column order: reference-space
-#: metrics of the spaces and clusterings, purity scores of the neurons in a reference space, ground truth.
-KINDS = ("corr", "inner", "inter", "gain", "clarity", "polysem", "mono-topK", "redundancy", "ARI", "NMI")
+#: metrics of the spaces and clusterings, purity scores of the neurons in a reference space, the causal
+#: selectivity of the clusterings (``selectivity circuit`` / ``selectivity null``), ground truth.
+KINDS = ("corr", "inner", "inter", "gain", "clarity", "polysem", "mono-topK", "redundancy", "selectivity", "ARI",
+         "NMI")
 #: Kinds scored against known labels (the others against a reference space).
 GROUND_TRUTH = ("ARI", "NMI")
 #: Purity scores of a neuron in a reference space (:mod:`polypure.evaluation.purity`), one per neuron whatever the space
@@ -79,6 +82,11 @@ GROUND_TRUTH = ("ARI", "NMI")
 #: similarity with another neuron of the target, so that its mean over a target is the target's redundancy.
 PURITY = {"clarity": "clarity", "polysemanticity": "polysem", "monosemanticity_topk": "mono-topK",
           "nearest_similarity": "redundancy"}
+#: The kind of the causal test of a clustering (:mod:`polypure.evaluation.selectivity`): the selectivity of its
+#: circuits is ``selectivity circuit``, that of random channel sets of the same size (its null) ``selectivity null``.
+SELECTIVITY = "selectivity"
+#: What each stored selectivity kind is ``of`` in its summary label.
+SELECTIVITY_OF = {SELECTIVITY_KIND: "circuit", SELECTIVITY_NULL: "null"}
 
 
 def metric_entries(store, target: str):
@@ -106,6 +114,10 @@ def metric_entries(store, target: str):
         elif kind == "split_gain" and len(key) == 3:
             of, space, method = key
             yield "gain", of, space, method, values, {"space": space, "method": method, "reference": of}
+        elif kind in SELECTIVITY_OF and len(key) == 2:
+            space, method = key
+            # NaN where the space is degenerate or the clustering no split: the selectivity stage's own checks
+            yield SELECTIVITY, SELECTIVITY_OF[kind], space, method, values, {"space": space, "method": method}
         elif kind in PURITY and len(key) == 1:
             (of,) = key
             # a neighbour's similarity is defined for a degenerate neuron too; the other scores are not
@@ -284,9 +296,10 @@ def save_beside(store_path: Path, records: list[dict]) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
-#: The kinds of table of every group and method: reference-space metrics, purity scores and ground-truth
-#: scores, apart so that none grows too wide.
-PARTS = (("corr", "inner", "inter", "gain"), ("clarity", "polysem", "mono-topK", "redundancy"), GROUND_TRUTH)
+#: The kinds of table of every group and method: reference-space metrics, purity scores, causal selectivity
+#: and ground-truth scores, apart so that none grows too wide.
+PARTS = (("corr", "inner", "inter", "gain"), ("clarity", "polysem", "mono-topK", "redundancy"), (SELECTIVITY,),
+         GROUND_TRUTH)
 
 
 @dataclass

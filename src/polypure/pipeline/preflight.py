@@ -281,22 +281,41 @@ def check_compare(config, dataset) -> None:
     data) it is scored against. The spaces of ``compare`` are checked by the evaluate stage, against the
     store's.
     """
-    from polypure.evaluation.summary import GROUND_TRUTH, KINDS
+    from polypure.evaluation.summary import GROUND_TRUTH, KINDS, SELECTIVITY, SELECTIVITY_OF
 
     references = list(config.evaluate.references)
     label_sets = available_label_sets(config, dataset)
     for metric in config.compare.metrics or []:
         kind, _, of = metric.partition(" ")
-        known = label_sets if kind in GROUND_TRUTH else references
+        known = label_sets if kind in GROUND_TRUTH else list(SELECTIVITY_OF.values()) if kind == SELECTIVITY \
+            else references
         if kind not in KINDS or of not in known:
-            what = (f"kinds: {', '.join(KINDS)}" if kind not in KINDS else
-                    f"{'label sets' if kind in GROUND_TRUTH else 'evaluate.references'}: {', '.join(known) or 'none'}")
+            named = "label sets" if kind in GROUND_TRUTH else "its kinds" if kind == SELECTIVITY \
+                else "evaluate.references"
+            what = f"kinds: {', '.join(KINDS)}" if kind not in KINDS else f"{named}: {', '.join(known) or 'none'}"
             raise ConfigError(f"compare.metrics: {metric!r} is not a metric this run gives (<kind> <reference or "
                               f"label set>; {what})")
     methods = [m.method_id for m in config.cluster.methods]
     if config.compare.baseline_method is not None and config.compare.baseline_method not in methods:
         raise ConfigError(f"compare.baseline_method: {config.compare.baseline_method!r} is not a method id of "
                           f"cluster.methods ({', '.join(methods)})")
+
+
+def check_selectivity(config) -> None:
+    """``selectivity.spaces`` may name only attribution-layer spaces of the config's targets and rule variants."""
+    from polypure.config.settings import space_name
+
+    wanted = config.selectivity.spaces
+    if wanted is None:
+        return
+    rel = config.relevance
+    layers = [layer for target in rel.target_list for layer in target.attribution_layers]
+    layers += [layer for planted in rel.planted_list for layer in planted.attribution_layers or []]
+    known = list(dict.fromkeys(space_name(variant.id, layer) for variant in rel.variant_list for layer in layers))
+    for i, space in enumerate(wanted):
+        if space not in known:
+            raise ConfigError(f"selectivity.spaces[{i}]: {space!r} is not an attribution-layer space of any target "
+                              f"(spaces with channels to ablate: {', '.join(known) or 'none'})")
 
 
 def check_experiment(exp, stages: list[str] | None = None) -> None:
@@ -327,3 +346,4 @@ def check_experiment(exp, stages: list[str] | None = None) -> None:
         check_report(config, counts)
     check_ground_truth(config, dataset)
     check_compare(config, dataset)
+    check_selectivity(config)

@@ -765,6 +765,11 @@ class Store:
         """Method ids with a clustering of a target in any space, in first-seen order."""
         return list(dict.fromkeys(method for _, method in self.clusterings(target)))
 
+    def cluster_attrs(self, target: str, space: str, method: str) -> dict[str, Any]:
+        """The attributes of a stored clustering (``method``, ``params``, ``signature``), empty where it is absent."""
+        path = schema.clusters_path(target, space, method)
+        return {k: read_attr(v) for k, v in self.file[path].attrs.items()} if path in self.file else {}
+
     def _current(self, path: str, signature: str | None) -> bool:
         if path not in self.file:
             return False
@@ -785,7 +790,8 @@ class Store:
             method), ``ari`` / ``nmi`` (labels, space, method), ``mixture`` (labels), ``degenerate`` (space),
             ``cluster_status`` (space, method), ``single_label`` (labels), the purity scores ``clarity``,
             ``polysemanticity``, ``monosemanticity_topk``, ``nearest_similarity`` and ``redundancy`` (a
-            scalar) (reference), or ``split_gain`` (reference, space, method).
+            scalar) (reference), or ``split_gain`` (reference, space, method); the selectivity stage's kinds
+            go together through :meth:`write_selectivity`.
         key : iterable of str
         values : array-like, (M,) or (M, k)
         attrs : dict, optional
@@ -801,6 +807,31 @@ class Store:
         if h5py.check_string_dtype(ds.dtype) is not None:
             return np.asarray(ds.asstr()[()], dtype=str)
         return ds[()]
+
+    def metric_attrs(self, target: str, kind: str, *key: str) -> dict[str, Any]:
+        """The attributes of a stored per-neuron metric (its ``signature``, ``columns``), empty where it is absent."""
+        path = schema.metrics_path(target, kind, *key)
+        return {k: read_attr(v) for k, v in self.file[path].attrs.items()} if path in self.file else {}
+
+    @writes
+    def write_selectivity(self, target: str, space: str, method: str, arrays: dict[str, np.ndarray],
+                          attrs: dict[str, Any]) -> None:
+        """Store a clustering's causal selectivity, its null, per-cluster drops and circuits as one whole write.
+
+        Parameters
+        ----------
+        target, space, method : str
+            ``/metrics/<target>/<kind>/<space>/<method>`` for each kind of
+            :data:`~polypure.store.schema.SELECTIVITY_KINDS`.
+        arrays : dict of str to ndarray
+            One array per kind: (M,), (M,), (M, K, 4) and (M, K, m).
+        attrs : dict
+            Given to every array (the ``signature`` the stage checks, the settings); the drops also get their
+            ``columns`` (:data:`~polypure.store.schema.SELECTIVITY_DROP_COLUMNS`).
+        """
+        for kind in schema.SELECTIVITY_KINDS:
+            extra = {"columns": list(schema.SELECTIVITY_DROP_COLUMNS)} if kind == schema.SELECTIVITY_DROPS else {}
+            self.write_array(schema.metrics_path(target, kind, space, method), arrays[kind], attrs={**attrs, **extra})
 
     def metric_keys(self, target: str, kind: str, *key: str) -> list[str]:
         """The names directly under ``/metrics/<target>/<kind>/<key...>`` (references, label sets, spaces)."""

@@ -46,7 +46,7 @@ METRIC_COLUMNS = ("target", "neuron", "row", "mode", "space", "method", "of", "m
 COMPARISON_COLUMNS = comparisons.COLUMNS
 #: The tables :func:`export` writes, one file each.
 TABLES = ("metrics", "summary", "comparisons")
-#: Metric names, in the order the summary shows them: reference-space metrics, purity, then ground truth.
+#: Metric names, in the order the summary shows them: reference-space metrics, purity, selectivity, then ground truth.
 METRICS = summary.KINDS
 
 #: Integer and float columns of the three tables (a comparison's own are :mod:`polypure.evaluation.comparisons`').
@@ -207,6 +207,9 @@ class Results:
               restricted to the neuron's top-K references) and ``redundancy`` (the neuron's largest
               similarity with another neuron; its mean over a target is the target's redundancy) are one
               value per neuron: their ``space`` is the reference space and their ``method`` ``""``;
+              ``selectivity`` (the causal test of a clustering, :mod:`polypure.evaluation.selectivity`) is
+              ``of`` ``circuit`` (each cluster's circuit ablated) or ``null`` (random channel sets of the
+              same size instead);
             - ``metric``: one of :data:`METRICS`; ``value``: float, NaN where there is no score;
             - ``skipped``: why there is none, from the stored checks (``constant``, ``one-hot``,
               ``all-noise``, ``one-cluster``, ``one-label``, comma-separated; ``undefined`` for a NaN no check

@@ -23,6 +23,10 @@ Schema (paths other tools rely on; the README has the full table)::
     /embeddings/<evaluator>/<target>             (M, n_refs, D) float32
     /crops/<target>                              (M, n_refs, 4) int64
     /metrics/<target>/<kind>/<key...>            per-neuron metrics; /metrics/summary: the summary table
+    /metrics/<target>/selectivity/<space>/<method id>          (M,) float64   causal selectivity of a clustering
+    /metrics/<target>/selectivity_null/<space>/<method id>     (M,) float64   the same with random channel sets
+    /metrics/<target>/selectivity_drops/<space>/<method id>    (M, K, 4) float64   per cluster: own, other, nulls
+    /metrics/<target>/selectivity_circuits/<space>/<method id> (M, K, m) int64     per cluster: its circuit
     /comparisons/<target>                        table: paired comparisons of metrics between spaces
 
 A space is named ``<layer>`` for the ``default`` variant and ``<variant>:<layer>`` for any other
@@ -130,6 +134,18 @@ SPACE_ATTR = "space"
 #: Columns of a crop box (``-1``: the whole image).
 CROP_COLUMNS = ("row_start", "row_stop", "col_start", "col_stop")
 SUMMARY = f"{METRICS_GROUP}/summary"
+
+# -- causal selectivity (the selectivity stage) ---------------------------------------------------
+
+#: Metric kinds of the selectivity stage, each keyed ``<space>/<method id>`` under ``/metrics/<target>``.
+SELECTIVITY = "selectivity"
+SELECTIVITY_NULL = "selectivity_null"
+SELECTIVITY_DROPS = "selectivity_drops"
+SELECTIVITY_CIRCUITS = "selectivity_circuits"
+#: Written together, in this order: the stage tells a current result by the signature of the last one.
+SELECTIVITY_KINDS = (SELECTIVITY_DROPS, SELECTIVITY_CIRCUITS, SELECTIVITY_NULL, SELECTIVITY)
+#: Columns of a neuron's per-cluster drops (attribute ``columns`` of ``selectivity_drops``).
+SELECTIVITY_DROP_COLUMNS = ("own", "other", "null_own", "null_other")
 
 
 def join(*parts: str) -> str:

@@ -167,12 +167,36 @@ def paired_inputs(store: Store, metric: str) -> dict:
     return {"rows": rows, "values": values, "group": first["group"], "method": first["method"]}
 
 
+def selectivity_inputs(store: Store, target: str, neuron_row: int, method: str = "kmeans") -> dict:
+    """What :func:`~polypure.viz.figures.selectivity_bars` draws: one neuron's causal test per tested space.
+
+    Returns
+    -------
+    dict
+        ``neuron``, ``method`` and ``spaces``: per space with a stored selectivity of the method's clustering
+        (in the target's order), its ``selectivity`` and ``null`` and the per-cluster ``drops`` (K, 4)
+        (own, other, null own, null other).
+    """
+    from polypure.store import schema
+
+    stored = [space for space in store.metric_keys(target, schema.SELECTIVITY)
+              if method in store.metric_keys(target, schema.SELECTIVITY, space)]
+    order = [s for s in store.spaces(target) if s in stored] + sorted(s for s in stored if s not in store.spaces(target))
+    spaces = {}
+    for space in order:
+        spaces[space] = {
+            "selectivity": float(store.metric(target, schema.SELECTIVITY, space, method)[neuron_row]),
+            "null": float(store.metric(target, schema.SELECTIVITY_NULL, space, method)[neuron_row]),
+            "drops": np.asarray(store.metric(target, schema.SELECTIVITY_DROPS, space, method)[neuron_row], np.float64)}
+    return {"neuron": int(store.neurons(target)[neuron_row]), "method": method, "spaces": spaces}
+
+
 #: The reader of each figure function of :mod:`polypure.viz.figures`, by the function's name (names, not the
 #: functions: the figures import this module).
 READERS: dict[str, Callable[..., dict]] = {
     "distance_matrices": distance_inputs, "correlation_scatter": scatter_inputs, "space_bars": bars_inputs,
     "neuron_umap": umap_inputs, "ground_truth_table": truth_inputs, "comparison_forest": forest_inputs,
-    "paired_scatter": paired_inputs}
+    "paired_scatter": paired_inputs, "selectivity_bars": selectivity_inputs}
 
 
 def inputs(figure, store, *args, **kwargs) -> dict:
@@ -184,12 +208,12 @@ def inputs(figure, store, *args, **kwargs) -> dict:
         :func:`~polypure.viz.figures.distance_matrices`, :func:`~polypure.viz.figures.correlation_scatter`,
         :func:`~polypure.viz.figures.space_bars`, :func:`~polypure.viz.figures.neuron_umap` (without its
         ``dataset`` argument), :func:`~polypure.viz.figures.ground_truth_table`,
-        :func:`~polypure.viz.figures.comparison_forest` or :func:`~polypure.viz.figures.paired_scatter`, or
-        its name.
+        :func:`~polypure.viz.figures.comparison_forest`, :func:`~polypure.viz.figures.paired_scatter` or
+        :func:`~polypure.viz.figures.selectivity_bars`, or its name.
     store : Store or str or Path
     *args, **kwargs
         The figure's arguments between ``store`` and ``out_dir`` (``neuron_umap``: also ``method``,
-        ``spaces`` and ``view``; ``ground_truth_table``: none).
+        ``spaces`` and ``view``; ``selectivity_bars``: also ``method``; ``ground_truth_table``: none).
 
     Returns
     -------

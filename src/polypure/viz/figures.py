@@ -1,8 +1,9 @@
 """Figures of a polypure store, each written as PNG and SVG.
 
 The seed paper's distance matrices (Figure 2), correlation scatter (3a) and bars (3b), per-neuron UMAPs
-with cluster image grids (Figure 4, PURE 1b), the ground-truth table, and for the stored comparisons of
-a metric between spaces a forest plot and a paired scatter.
+with cluster image grids (Figure 4, PURE 1b), the ground-truth table, for the stored comparisons of
+a metric between spaces a forest plot and a paired scatter, and per neuron the causal test of its split
+(the drops of the selectivity stage).
 
 Example
 -------
@@ -637,3 +638,66 @@ def paired_scatter(store, metric: str, out_dir, *, formats: Iterable[str] = FORM
     method = f", clusters: {data['method']}" if data["method"] else ""
     fig.suptitle(f"{metric} per neuron: {data['group']}{method}", fontsize=10)
     return _save(fig, out_dir, stem or f"paired_{safe_name(metric)}", formats)
+
+
+def selectivity_bars(store, target: str, neuron_row: int, out_dir, method: str = "kmeans", *,
+                     formats: Iterable[str] = FORMATS, stem: str | None = None) -> list[Path]:
+    """One neuron's causal test of its split: per cluster, the drop its circuit's ablation causes (selectivity stage).
+
+    A panel per tested space (an attribution layer): for each cluster of ``method``'s clustering there, the
+    mean relative drop of the neuron's activation when the cluster's circuit is zeroed, on the cluster's own
+    references (its colour) and on the other clusters' (grey); a short black line over each bar is the
+    same drop for random sets of as many channels (the null). A real split has tall own bars, low other
+    bars, and lines well below the own bars. The title holds the selectivity (own minus other, averaged
+    over the clusters) and its null.
+
+    Parameters
+    ----------
+    store : Store or str or Path
+    target : str
+    neuron_row : int
+        The neuron's row in the target.
+    out_dir : str or Path
+    method : str
+        Cluster method id.
+    formats : iterable of str
+    stem : str, optional
+        Default ``<neuron>_selectivity``.
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    ValueError
+        If the store has no selectivity of ``target`` for ``method``.
+    """
+    with figure_data.opened(store) as st:
+        data = figure_data.selectivity_inputs(st, target, neuron_row, method)
+    spaces = data["spaces"]
+    if not spaces:
+        raise ValueError(f"{target}: no selectivity of the {method!r} clusters in the store (run the selectivity "
+                         "stage)")
+    fig = _figure(2.5 * len(spaces) + 0.5, 3.0)
+    axes = fig.subplots(1, len(spaces), squeeze=False, sharey=True).ravel()
+    for ax, (space, found) in zip(axes, spaces.items()):
+        _panel(ax, space)
+        drops = found["drops"]
+        scored = [c for c in range(len(drops)) if np.isfinite(drops[c]).all()]
+        for position, c in enumerate(scored):
+            own, other, null_own, null_other = drops[c]
+            ax.bar([position - 0.19, position + 0.19], [own, other], width=0.36,
+                   color=[cluster_colour(c), "#b5b5b5"], edgecolor="white")
+            for x, null in ((position - 0.19, null_own), (position + 0.19, null_other)):
+                ax.plot([x - 0.17, x + 0.17], [null, null], color="black", lw=1.4)
+        if not scored:
+            ax.text(0.5, 0.5, "no score", ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(range(len(scored)), [f"cluster {c}" for c in scored], fontsize=8)
+        ax.set_xlim(-0.6, max(len(scored), 1) - 0.4)
+        ax.set_title(f"{space}: s = {_fmt(found['selectivity'])}, null {_fmt(found['null'])}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("relative drop of activation\n(own: colour, others: grey; line: random)", fontsize=8)
+    fig.suptitle(f"{target} neuron {data['neuron']}: ablating each cluster's circuit (clusters: {method})", fontsize=10)
+    return _save(fig, out_dir, stem or f"{data['neuron']}_selectivity", formats)

@@ -163,6 +163,11 @@ FIGURES = (
                args=lambda s: (s.target.name, s.row),
                options=lambda s: {"method": s.target.method or "kmeans", "view": s.target.view},
                images=True, formats=("png",)),
+    FigureSpec("selectivity_bars", "neuron", "{neuron}_selectivity",
+               "is the split real? The drop of the activation when each cluster's circuit is ablated, on the "
+               "cluster's references and on the others' (black lines: random channel sets of the same size)",
+               args=lambda s: (s.target.name, s.row), options=lambda s: {"method": s.target.method},
+               when=lambda s: bool(s.target.selectivity), formats=("png",)),
 )
 
 

@@ -1,7 +1,7 @@
 """What the report shows of each relevance target, read once from the store, and which neurons get a page.
 
 :func:`read_target` gathers a target's neurons, references, spaces, correlations, ARI, mixture counts,
-purity scores and split gains into a :class:`Target`; :func:`choose_pages` picks the most interesting
+purity scores, split gains and causal selectivity into a :class:`Target`; :func:`choose_pages` picks the most interesting
 neurons for pages. The rest of the report (figures, tables, pages) is drawn from these.
 """
 
@@ -34,6 +34,7 @@ class Target:
     boxes: np.ndarray | None
     purity: dict[str, np.ndarray] = field(default_factory=dict)
     gain: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    selectivity: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     pages: list[int] = field(default_factory=list)
 
     @property
@@ -87,20 +88,24 @@ def read_target(store: Store, name: str, view: str, labels: list[str]) -> Target
     stored = store.metric_keys(name, "mixture")
     mixture = {label: store.metric(name, "mixture", label)
                for label in [n for n in labels if n in stored] + sorted(n for n in stored if n not in labels)}
-    # purity scores per reference (one value per neuron), and the split gain of the first method's clusters
+    # purity scores per reference (one value per neuron); the split gain and the causal selectivity (circuit and
+    # null) of the first method's clusters
     purity: dict[str, np.ndarray] = {}
     gain: dict[str, dict[str, np.ndarray]] = {}
+    selectivity: dict[str, dict[str, np.ndarray]] = {}
     for kind, of, space, cluster_method, values, _ in summary.metric_entries(store, name):
         if kind in summary.PURITY.values():
             purity[f"{kind} {of}"] = values
         elif kind == "gain" and cluster_method == method:
             gain.setdefault(of, {})[space] = values
+        elif kind == summary.SELECTIVITY and cluster_method == method:
+            selectivity.setdefault(of, {})[space] = values
     return Target(name=name, slug=safe_name(name), neurons=store.neurons(name),
                   refs=store.reference_indices(name), layers=layers, complete=store.complete(name),
                   methods=methods, corr={ref: figure_data.correlations(store, name, ref)
                                          for ref in figure_data.references(store, name)},
                   ari=ari, mixture=mixture, boxes=figure_data.crop_boxes(store, name, view), purity=purity,
-                  gain=gain)
+                  gain=gain, selectivity=selectivity)
 
 
 def _ranked(values: np.ndarray, descending: bool = True) -> np.ndarray:

@@ -96,6 +96,8 @@ def _columns(target: Target) -> list[dict]:
         cols += [{"header": f"gain {reference}: {space}", "kind": "gap", "values": values}
                  for space, values in spaces.items()]
     cols += [{"header": label, "kind": "value", "values": values} for label, values in target.purity.items()]
+    cols += [{"header": f"selectivity: {space}", "kind": "value", "values": values}
+             for space, values in target.selectivity.get("circuit", {}).items()]
     for label, spaces in target.ari.items():
         cols += [{"header": f"ARI {label}: {space}", "kind": "value", "values": values}
                  for space, values in spaces.items()]
@@ -142,9 +144,10 @@ def grids(store: Store, target: Target, row: int, thumbs: Thumbs) -> list[dict]:
 
 
 def _neuron_metrics(target: Target, row: int) -> dict:
-    """A neuron's numbers: a row per space, a column per reference correlation and ARI."""
+    """A neuron's numbers: a row per space, a column per reference correlation, ARI and selectivity (and its null)."""
     columns = [(f"corr {ref}", values) for ref, values in target.corr.items()]
     columns += [(f"ARI {label}", values) for label, values in target.ari.items()]
+    columns += [(f"selectivity {of}", values) for of, values in target.selectivity.items()]
     spaces = list(dict.fromkeys(s for _, values in columns for s in values))
     return {"columns": [name for name, _ in columns],
             "rows": [(space, [values[space][row] if space in values else None for _, values in columns])
@@ -217,7 +220,7 @@ def index_html(store: Store, store_path: Path, targets: list[Target], records: l
     methods = list(dict.fromkeys(m for t in targets for m in t.methods))
     shown = [{"name": t.name, "slug": t.slug, "neurons": t.neurons, "pages": t.pages, "method": t.method,
               "ari": bool(t.ari), "mixture": list(t.mixture), "has_gaps": any(t.gaps(r) for r in t.corr),
-              "purity": bool(t.purity), "gain": bool(t.gain),
+              "purity": bool(t.purity), "gain": bool(t.gain), "selectivity": bool(t.selectivity),
               "columns": _columns(t), "rows": _neuron_rows(t)} for t in targets]
     return render("index.html", title=f"polypure report: {store_path.name}", root="", sortable=True, store=about,
                   notes=notes, targets=shown, summary=_summary_groups(records, methods), truth=truth,
