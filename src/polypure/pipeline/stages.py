@@ -13,7 +13,7 @@ Example
 -------
 >>> from polypure.pipeline.stages import NAMES, get
 >>> NAMES
-('topk', 'relevance', 'embed', 'cluster', 'evaluate', 'report')
+('topk', 'dictionary', 'relevance', 'embed', 'cluster', 'evaluate', 'report')
 >>> get("cluster").HELP
 "cluster each neuron's references in every space"
 """
@@ -23,10 +23,27 @@ from __future__ import annotations
 from types import ModuleType
 
 from polypure.errors import ConfigError
-from polypure.pipeline import cluster_stage, embed_stage, evaluate_stage, relevance_stage, report_stage, topk_stage
+from polypure.pipeline import (
+    cluster_stage,
+    dictionary_stage,
+    embed_stage,
+    evaluate_stage,
+    relevance_stage,
+    report_stage,
+    topk_stage,
+)
 
-#: The stage modules, in run order.
-STAGES: tuple[ModuleType, ...] = (topk_stage, relevance_stage, embed_stage, cluster_stage, evaluate_stage, report_stage)
+#: The stage modules, in run order. ``dictionary`` needs only the top-K (its spaces decompose the references), so
+#: it runs right after it.
+STAGES: tuple[ModuleType, ...] = (
+    topk_stage,
+    dictionary_stage,
+    relevance_stage,
+    embed_stage,
+    cluster_stage,
+    evaluate_stage,
+    report_stage,
+)
 #: Their names, in run order.
 NAMES: tuple[str, ...] = tuple(stage.NAME for stage in STAGES)
 
