@@ -133,7 +133,7 @@ def _activations(exp: Experiment, samples: np.ndarray) -> np.ndarray:
 
 
 def _sae_codes(vectors: np.ndarray, bias: np.ndarray, state: dict) -> np.ndarray:
-    """overcomplete's TopKSAE encoder written out: the top-k of ReLU(W (a - bias) + b)."""
+    """The encoder of overcomplete's TopKSAE written out: the top-k of ReLU(W (a - bias) + b)."""
     pre = (vectors - bias) @ state["encoder.final_block.0.weight"].astype(np.float64).T
     codes = np.maximum(pre + state["encoder.final_block.0.bias"], 0)
     out = np.zeros_like(codes)

@@ -14,8 +14,9 @@ Built in, both from the ``overcomplete`` package (extra ``polypure[dict]``):
   by their training mean (the bias);
 * ``nmf``: :class:`overcomplete.optimization.NMF` (``a ≈ z D``, ``z, D ≥ 0``) for non-negative activations,
   trained by alternating rounds: codes solved for the dictionary, then the dictionary updated for them
-  (hierarchical alternating least squares). Codes are always solved from zero, so that a code is a function
-  of the dictionary and the activation alone.
+  (hierarchical alternating least squares, HALS). Codes are always solved from zero for a fixed number of
+  sweeps (:func:`nonnegative_codes`), so that a code is a function of the dictionary and the activation vector
+  alone.
 
 polypure imports overcomplete only through :func:`import_overcomplete`.
 
@@ -43,10 +44,10 @@ DICTIONARY_KINDS = Registry("dictionary kind", group="polypure.dictionaries")
 #: How to install what the built-in kinds need.
 EXTRA = "pip install 'polypure[dict]'"
 
-#: ``nmf``: iterations of the coordinate descent that solves the codes of a batch of activations, and the relative
-#: change of the codes below which it stops early.
+#: ``nmf``: sweeps of the coordinate descent that solves the codes of activation vectors (:func:`nonnegative_codes`).
+#: Always all of them: the updates of one vector's code do not involve the others', so a code does not depend on the
+#: batch it is encoded in.
 NMF_CODE_ITERATIONS = 100
-NMF_CODE_TOL = 1e-6
 #: ``nmf``: sweeps of the dictionary's update per training round.
 NMF_DICTIONARY_SWEEPS = 3
 #: Activation vectors encoded at once (bounds the memory of the codes).
@@ -202,6 +203,33 @@ class DictionaryKind:
                 if len(x) else torch.zeros((0, self.spec.n_concepts), device=self.device)
 
 
+def nonnegative_codes(x: torch.Tensor, dictionary: torch.Tensor, sweeps: int = NMF_CODE_ITERATIONS) -> torch.Tensor:
+    """Non-negative codes ``z`` minimising ``||x - z D||²``, by HALS coordinate descent from zero.
+
+    The rule of overcomplete's ``hierarchical_als`` for the codes alone, ``z_k <- max(0, z_k + (C_k - B_k z) /
+    B_kk)`` with ``C = D x^T`` and ``B = D D^T``, but with ``C`` and ``B`` computed once and the codes held
+    concept by concept in contiguous rows: the same numbers, ten times faster on a CPU.
+
+    Parameters
+    ----------
+    x : Tensor (N, C)
+    dictionary : Tensor (K, C)
+    sweeps : int
+        Passes over the K concepts.
+
+    Returns
+    -------
+    Tensor (N, K)
+    """
+    gram = dictionary @ dictionary.T
+    target = dictionary @ x.T
+    codes = torch.zeros_like(target)
+    for _ in range(sweeps):
+        for k in range(len(codes)):
+            codes[k] = torch.relu(codes[k] + (target[k] - gram[k] @ codes) / (gram[k, k] + 1e-10))
+    return codes.T
+
+
 def _no_options(spec, key: str, kind: str) -> None:
     if spec.options:
         raise ConfigError(f"{key}: kind {kind!r} takes no options (got {', '.join(sorted(spec.options))})")
@@ -341,7 +369,7 @@ class NMFKind(DictionaryKind):
         """Codes solved for the dictionary, then :data:`NMF_DICTIONARY_SWEEPS` sweeps of the dictionary's update."""
         from overcomplete.optimization.nmf import hierarchical_als
 
-        codes = self.encode(train)
+        codes = self.encode(train).contiguous()
         _, dictionary = hierarchical_als(train, codes, self.D.clone(), update_Z=False, max_iter=NMF_DICTIONARY_SWEEPS)
         self.D = dictionary.contiguous()
 
@@ -362,13 +390,8 @@ class NMFKind(DictionaryKind):
         self.D = as_tensor(dictionary, self.device)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Non-negative least-squares codes, by coordinate descent from zero (:data:`NMF_CODE_ITERATIONS`)."""
-        from overcomplete.optimization.nmf import hierarchical_als
-
-        x = x.to(self.device, torch.float32)
-        codes = torch.zeros((len(x), self.spec.n_concepts), device=self.device)
-        codes, _ = hierarchical_als(x, codes, self.D, update_D=False, max_iter=NMF_CODE_ITERATIONS, tol=NMF_CODE_TOL)
-        return codes
+        """Non-negative least-squares codes (:func:`nonnegative_codes`)."""
+        return nonnegative_codes(x.to(self.device, torch.float32), self.D)
 
 
 def make_kind(spec, channels: int, device: torch.device) -> DictionaryKind:

@@ -101,8 +101,8 @@ def codes_at_references(kind, model, dataset, module, readout: Readout, refs: np
                         batch_size: int = 32, num_workers: int = 0, device="cpu") -> torch.Tensor:
     """The codes of every (row, reference) pair where the statistic looked: (M, n_refs, n_concepts).
 
-    Each reference image is forwarded once and all its positions encoded; each pair then takes the codes at its
-    row's position (or their mean over the positions under ``mean``).
+    Each reference image is forwarded once; each pair's vector is encoded at its row's position, or every
+    position of the image is encoded and the codes averaged under ``mean``.
     """
     samples, inverse = np.unique(refs, return_inverse=True)
     inverse = inverse.reshape(refs.shape)
@@ -112,20 +112,21 @@ def codes_at_references(kind, model, dataset, module, readout: Readout, refs: np
     with torch.no_grad():
         for offset, vectors in _layer_vectors(model, dataset, module, samples, batch_size, num_workers, device):
             batch, positions, channels = vectors.shape
-            codes = kind.encode_all(vectors.reshape(batch * positions, channels)).reshape(batch, positions, -1)
-            if out is None:
-                out = torch.zeros((*refs.shape, codes.shape[2]), device=codes.device)
             lo, hi = np.searchsorted(where, [offset, offset + batch])
             pair_rows, pair_refs = torch.as_tensor(rows[lo:hi]), torch.as_tensor(ref[lo:hi])
             local = torch.as_tensor(where[lo:hi] - offset)
-            if statistic == "mean":
+            if statistic == "mean" and positions > 1:
+                codes = kind.encode_all(vectors.reshape(batch * positions, channels)).reshape(batch, positions, -1)
                 chosen = codes[local].mean(dim=1)
-            elif statistic == "cls" or positions == 1:
-                chosen = codes[local, 0]
             else:
-                # the first position of the row's largest activation, as torch.argmax picks it
-                position = readout.activation(vectors[local], pair_rows).argmax(dim=1)
-                chosen = codes[local, position]
+                if statistic == "cls" or positions == 1:
+                    position = torch.zeros(len(local), dtype=torch.int64)
+                else:
+                    # the first position of the row's largest activation, as torch.argmax picks it
+                    position = readout.activation(vectors[local], pair_rows).argmax(dim=1).cpu()
+                chosen = kind.encode_all(vectors[local, position])
+            if out is None:
+                out = torch.zeros((*refs.shape, chosen.shape[1]), device=chosen.device)
             out[pair_rows, pair_refs] = chosen
     return out
 
