@@ -429,7 +429,7 @@ def broken_plugin(monkeypatch):
 def test_a_broken_entry_point_is_listed_and_the_rest_works(broken_plugin, store, capsys):
     assert main(["list", "clusterers"]) == 0
     out, err = capsys.readouterr()
-    assert re.fullmatch(r"clusterers: gmm_broken \(broken\), hdbscan, kmeans\n", out), out
+    assert re.fullmatch(r"clusterers: dominant, gmm_broken \(broken\), hdbscan, kmeans\n", out), out
     assert err == ("polypure: warning: clusterer plugin 'gmm_broken' (polypure_no_such_module:Gmm) failed to load: "
                    "ModuleNotFoundError: No module named 'polypure_no_such_module'\n")
     # a MODULE:CLASS name loads the plugins too: the broken one must not take the run down

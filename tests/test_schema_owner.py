@@ -10,7 +10,8 @@ import polypure
 PACKAGE = Path(polypure.__file__).resolve().parent
 OWNER = PACKAGE / "store" / "schema.py"
 #: A string literal (or f-string) naming a path under one of the store's groups.
-PATH = re.compile(r"""["'](?:/)?(?:samples|topk|relevance|planted|clusters|embeddings|metrics|crops|comparisons)/""")
+PATH = re.compile(r"""["'](?:/)?(?:samples|topk|relevance|planted|clusters|embeddings|metrics|crops|comparisons|"""
+                  r"""dictionaries)/""")
 #: How a planted target is spelled.
 PLANTED = re.compile(r"""["']@planted["']""")
 
@@ -39,7 +40,7 @@ def test_the_owner_is_the_schema_module():
     text = OWNER.read_text()
     assert '"@planted"' in text
     for group in ("samples", "topk", "relevance", "planted", "clusters", "embeddings", "metrics", "crops",
-                  "comparisons"):
+                  "comparisons", "dictionaries"):
         assert f'_GROUP = "{group}"' in text
 
 

@@ -41,6 +41,7 @@ LAYERS = {"c1": 2, "c2": 3}
 C3 = 4
 RULE = {"composite": "gradient", "canonizers": [], "n_refs": N_REFS, "layer": "c3", "attribution_layers": ["c1", "c2"]}
 PLANTED = planted_target("c3")
+QUALITY = {"r2": 0.5, "dead_share": 0.25, "mean_active": 1.5, "n_train": 6, "n_heldout": 2}
 
 
 def relevance_rows(m: int) -> dict[str, np.ndarray]:
@@ -74,6 +75,10 @@ def build(path) -> None:
         s.write_metric("c3", "ari", ["class", "c2", "kmeans"], np.zeros(M))
         s.write_summary(table())
         s.write_comparisons("c3", table(), {"seed": 0})
+        s.write_dictionary_checkpoint("d1", {"kind": "nmf", "layer": "c3"}, {"dictionary": np.ones((2, C3))}, 1)
+        s.write_dictionary("d1", np.ones((2, C3)), np.zeros(C3), {"w": np.ones(3)}, QUALITY)
+        s.write_dictionary_space("d1", "c3", np.arange(M), np.zeros((M, 2)), np.ones((M, N_REFS, 2)), {"signature": "s"})
+        s.write_dictionary_checkpoint("d2", {"kind": "nmf", "layer": "c3"}, {"dictionary": np.ones((2, C3))}, 1)
 
 
 def reopen_with_another_topk(s: Store) -> None:
@@ -178,6 +183,20 @@ CALLS: dict[str, Callable[[Store], object]] = {
     "drop_comparisons": lambda s: s.drop_comparisons(),
     "comparison_targets": lambda s: s.comparison_targets(),
     "comparisons": lambda s: s.comparisons("c3"),
+    # dictionaries and their spaces
+    "dictionary_ids": lambda s: s.dictionary_ids(),
+    "dictionary_attrs": lambda s: s.dictionary_attrs("d1"),
+    "dictionary_checkpoint": lambda s: s.dictionary_checkpoint("d2"),
+    "dictionary_arrays": lambda s: s.dictionary_arrays("d1"),
+    "write_dictionary_checkpoint": lambda s: s.write_dictionary_checkpoint("d2", {"kind": "nmf"},
+                                                                           {"dictionary": np.zeros((2, C3))}, 2),
+    "write_dictionary": lambda s: s.write_dictionary("d2", np.ones((2, C3)), np.zeros(C3), {}, QUALITY),
+    "drop_dictionary": lambda s: s.drop_dictionary("d1"),
+    "dictionary_spaces": lambda s: s.dictionary_spaces("c3"),
+    "dictionary_space_attrs": lambda s: s.dictionary_space_attrs("d1", "c3"),
+    "dictionary_space": lambda s: s.dictionary_space("d1", "c3"),
+    "write_dictionary_space": lambda s: s.write_dictionary_space("d1", PLANTED, np.arange(2), np.zeros((2, 2)),
+                                                                 np.ones((2, N_REFS, 2)), {"signature": "t"}),
     # any path
     "write_array": lambda s: s.write_array("extra/x", ["a", "b"], attrs={"note": "n"}),
     "read": lambda s: s.read("samples/labels"),

@@ -137,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-config", action="store_true", help="leave out the config")
 
     lister = sub.add_parser("list", help="list registered names", description="List registered models, "
-                            "composites, canonizers, clusterers and evaluators (plugins included).")
+                            "composites, canonizers, clusterers, evaluators, data kinds and dictionary kinds "
+                            "(plugins included).")
     lister.add_argument("kind", nargs="?", default=None,
-                        choices=["models", "composites", "canonizers", "clusterers", "evaluators", "datasets"],
+                        choices=["models", "composites", "canonizers", "clusterers", "evaluators", "datasets",
+                                 "dictionaries"],
                         help="only this kind of name (default: every kind)")
     return parser
 
@@ -160,6 +162,8 @@ def _registries():
         pass
     from polypure.data.datasets import DATASETS
     out["datasets"] = DATASETS
+    from polypure.dictionaries.kinds import DICTIONARY_KINDS
+    out["dictionaries"] = DICTIONARY_KINDS
     return out
 
 

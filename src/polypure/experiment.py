@@ -321,6 +321,11 @@ class Experiment:
         self._stage("topk")
         return self
 
+    def dictionary(self) -> Experiment:
+        """Learn each configured dictionary on its layer's activations and decompose the layer's neurons into it."""
+        self._stage("dictionary")
+        return self
+
     def relevance(self) -> Experiment:
         """Compute the conditional relevance of every selected neuron's references."""
         self._stage("relevance")

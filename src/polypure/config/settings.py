@@ -538,10 +538,16 @@ class ClusterMethod(BaseModel):
     """
     id: str | None = None
     """Names the result in the store (``/clusters/<target>/<space>/<id>``); default: the name."""
+    spaces: list[str] | None = None
+    """The spaces this method clusters, among the run's (``cluster.spaces``); ``null`` = all of them, except for
+    ``dominant``, which clusters the dictionary spaces among them and is refused on any other space.
+    """
+
+    _spaces = field_validator("spaces")(classmethod(lambda cls, v: _non_empty(v, "space (null: every space)")))
 
     @property
     def params(self) -> dict[str, Any]:
-        """The clusterer's parameters: every key but ``name`` and ``id``."""
+        """The clusterer's parameters: every key but ``name``, ``id`` and ``spaces``."""
         return dict(self.model_extra or {})
 
     @property
@@ -730,6 +736,114 @@ class ExecutorSection(_Section):
         return value
 
 
+# ---------------------------------------------------------------------------------------------------
+# dictionaries: sparse autoencoders and NMF learned on a layer's activations (polypure.dictionaries)
+
+#: Names a dictionary id may not take: datasets of a relevance target, or the activation space.
+_RESERVED_DICTIONARY_IDS = ("neurons", "complete", "activation")
+
+
+class DictionarySection(_Section):
+    """One dictionary learned on a layer's activations, whose concepts make a space named by its ``id``.
+
+    Each position of the layer's output (a pixel of a CNN map, a token of a transformer layer) is a sample; a
+    neuron of the layer is decomposed into the concepts' contributions at the position its top-K statistic
+    chose (docs/method.md, Dictionary spaces).
+    """
+
+    id: str
+    """Names the dictionary and its space (``cluster.spaces: [block_2, activation, sae]``): letters, digits, ``_ -
+    .``, starting with a letter; not ``activation``, an attribution layer's or an evaluator's name.
+    """
+    layer: str
+    """The layer whose activations it learns; the relevance targets on this layer (and its planted neurons) get its
+    space.
+    """
+    kind: str = "topk_sae"
+    """``topk_sae`` (overcomplete's TopKSAE: a linear and batch-norm encoder that keeps the ``top_k`` largest codes,
+    on activations centred by their training mean), ``nmf`` (overcomplete's NMF: non-negative codes and concepts,
+    for non-negative activations), or a kind registered under the entry-point group ``polypure.dictionaries``. The
+    built-in kinds need the extra ``polypure[dict]``.
+    """
+    n_concepts: int = Field(ge=1)
+    """Concepts of the dictionary (its rows)."""
+    top_k: int | None = Field(None, ge=1)
+    """``topk_sae``: concepts active per position (at most ``n_concepts``); ``null`` = ``max(n_concepts // 10, 1)``."""
+    epochs: int = Field(20, ge=1)
+    """Training epochs, each checkpointed in the store: passes over the training positions (``topk_sae``), or rounds
+    of codes solved for the dictionary, then the dictionary updated for the codes (``nmf``).
+    """
+    lr: float = Field(5e-4, gt=0)
+    """``topk_sae``: the learning rate of Adam."""
+    batch_size: int = Field(1024, ge=1)
+    """``topk_sae``: positions per optimisation step."""
+    max_samples: int = Field(50_000, ge=2)
+    """Positions drawn from the data with the run's seed, training and held-out together (every position where the
+    data has fewer).
+    """
+    holdout: float = Field(0.1, gt=0, lt=1)
+    """Share of the drawn positions held out of training: the dictionary's R², dead concepts and active concepts per
+    position are measured on them.
+    """
+    store_top: int = Field(32, ge=1)
+    """Concepts kept per neuron in its space: those with the largest mean contribution over its references (at most
+    ``n_concepts``).
+    """
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword options of a registered kind (its class reads them); the built-in kinds take none."""
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        # the id becomes an HDF5 group name and a space name, so no '/' or ':' in it
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", value):
+            raise ValueError(f"dictionary id {value!r}: use letters, digits, '_', '-' and '.', starting with a letter")
+        if value in _RESERVED_DICTIONARY_IDS:
+            raise ValueError(f"dictionary id {value!r} is reserved (a space or dataset of every relevance target)")
+        return value
+
+    @model_validator(mode="after")
+    def _counts(self):
+        if self.top_k is not None and self.top_k > self.n_concepts:
+            raise ValueError(f"top_k ({self.top_k}) must be at most n_concepts ({self.n_concepts})")
+        return self
+
+    @property
+    def concepts_kept(self) -> int:
+        """Concepts per neuron in the space: ``store_top``, at most ``n_concepts``."""
+        return min(self.store_top, self.n_concepts)
+
+    def signature(self, seed: int) -> dict[str, Any]:
+        """What the trained dictionary depends on (``store_top`` and ``id`` only name and cut its space)."""
+        return {**self.model_dump(mode="json", exclude={"id", "store_top"}), "seed": seed}
+
+
+def check_dictionary_ids(config: Config) -> None:
+    """Dictionary ids must be unique and must not be an attribution layer's or an evaluator's name (a space's).
+
+    Raises
+    ------
+    ValueError
+        Naming the entry and the clash (pydantic reports it with the key).
+    """
+    rel = config.relevance
+    layers = {layer for t in rel.target_list for layer in t.attribution_layers}
+    layers |= {layer for p in rel.planted_list for layer in (p.attribution_layers or [])}
+    seen: set[str] = set()
+    for i, entry in enumerate(config.dictionaries):
+        where = f"dictionaries[{i}]: id {entry.id!r}"
+        if entry.id in seen:
+            raise ValueError(f"{where} is used twice")
+        if entry.id in layers:
+            raise ValueError(f"{where} is the name of an attribution layer; give the dictionary another id")
+        if entry.id in config.evaluate.references:
+            raise ValueError(f"{where} is the name of an evaluator of evaluate.references; give the dictionary "
+                             "another id")
+        seen.add(entry.id)
+
+# ---------------------------------------------------------------------------------------------------
+
+
 class Config(_Section):
     """A whole run. Every key, with its type, default and meaning, is listed in the documentation's config reference."""
 
@@ -757,6 +871,10 @@ class Config(_Section):
     """Which channels' most-activating samples (references) to find."""
     relevance: RelevanceSection = Field(default_factory=RelevanceSection)
     """Conditional relevance of lower layers to target neurons."""
+    dictionaries: list[DictionarySection] = Field(default_factory=list)
+    """Dictionaries (sparse autoencoders, NMF) learned on a layer's activations, each a space of the targets on that
+    layer: a list of ``{id, layer, kind, n_concepts, ...}``; empty: none.
+    """
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     """How each neuron's references are clustered, per space."""
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
@@ -776,6 +894,11 @@ class Config(_Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _dictionary_ids(self):
+        check_dictionary_ids(self)
+        return self
 
     @model_validator(mode="after")
     def _refs_within_k(self):

@@ -4,8 +4,9 @@ A clusterer is anything with ``fit_predict(X) -> labels`` (the scikit-learn prot
 HDBSCAN, SpectralClustering, a user's own class. Names in configs map through :data:`CLUSTERERS` to an
 estimator class or a factory function; installed packages add names through the entry-point group
 ``polypure.clusterers``, and ``MODULE:CLASS`` (``sklearn.cluster:AgglomerativeClustering``) names one
-directly. Built in: ``kmeans`` (scikit-learn KMeans, ``n_init=10``, fixed ``random_state``) and
-``hdbscan`` (the hdbscan package; noise is labelled -1).
+directly. Built in: ``kmeans`` (scikit-learn KMeans, ``n_init=10``, fixed ``random_state``),
+``hdbscan`` (the hdbscan package; noise is labelled -1) and ``dominant`` (:class:`Dominant`, for dictionary
+spaces only: each reference goes to the concept that contributes most to it).
 
 A neuron whose features in a space are all zero (a dead neuron's relevance) is not clustered: its labels
 are -1, as noise is, and the cluster stage warns once with how many there are (:data:`DEAD`). A clusterer
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 
 from polypure.errors import ClustererFailed, ConfigError
@@ -64,6 +66,54 @@ def hdbscan_clusterer(min_cluster_size: int = 5, **params):
     """HDBSCAN from the hdbscan package; references it leaves out are labelled -1 (noise)."""
     import hdbscan
     return hdbscan.HDBSCAN(min_cluster_size=min_cluster_size, **params)
+
+
+# -- dominant: the clusterer of dictionary spaces -----------------------------------------------------------
+
+
+@CLUSTERERS.register("dominant")
+class Dominant(BaseEstimator):
+    """Each reference to the neuron's concept that contributes most to it (a dictionary space's clusterer).
+
+    The candidates are the ``n_clusters`` concepts with the largest mean contribution over the neuron's
+    references (ties to the earlier column); a reference's label is the rank of the candidate with its
+    largest contribution (ties to the better ranked), so label 0 is the neuron's main concept. A dictionary
+    space (:mod:`polypure.dictionaries.space`) holds a neuron's concepts' contributions, column by column;
+    on any other space the columns are no concepts, and the cluster stage refuses it there
+    (:attr:`dictionary_only`).
+
+    Parameters
+    ----------
+    n_clusters : int
+        Candidate concepts per neuron (at least 1).
+    """
+
+    #: The cluster stage gives this clusterer dictionary spaces only, and refuses it on others.
+    dictionary_only = True
+
+    def __init__(self, n_clusters: int = 2):
+        self.n_clusters = n_clusters
+
+    def fit(self, X, y=None):
+        """Label each row of ``X`` (references by concepts' contributions): ``labels_``."""
+        X = np.asarray(X, np.float64)
+        if not isinstance(self.n_clusters, int) or self.n_clusters < 1:
+            raise ValueError(f"n_clusters must be a positive integer, not {self.n_clusters!r}")
+        candidates = np.argsort(-X.mean(axis=0), kind="stable")[:self.n_clusters]
+        self.labels_ = np.argmax(X[:, candidates], axis=1).astype(np.int64)
+        return self
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        """The labels of :meth:`fit`."""
+        return self.fit(X).labels_
+
+
+def dictionary_only(estimator) -> bool:
+    """Whether a clusterer clusters dictionary spaces only (:attr:`Dominant.dictionary_only`)."""
+    return bool(getattr(estimator, "dictionary_only", False))
+
+
+# -----------------------------------------------------------------------------------------------------------
 
 
 def _import_clusterer(name: str) -> Callable[..., Any]:

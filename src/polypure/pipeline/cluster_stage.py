@@ -1,8 +1,10 @@
 """The cluster stage: split each neuron's references into groups, per feature space, with every clusterer.
 
-Spaces are a target's attribution layers and ``activation`` (or ``cluster.spaces``, which may also name
-evaluator embeddings); clusterers are the config's ``cluster.methods`` (:mod:`polypure.evaluation.clustering`) or
-estimators passed from Python. Results go to ``/clusters/<target>/<space>/<method id>``; a clustering
+Spaces are a target's attribution layers, ``activation`` and dictionary spaces (or ``cluster.spaces``, which
+may also name evaluator embeddings); clusterers are the config's ``cluster.methods``
+(:mod:`polypure.evaluation.clustering`) or estimators passed from Python. A method clusters every space, or those
+its ``spaces`` names; a clusterer of dictionary spaces only (``dominant``) clusters the dictionary spaces among
+them and is refused on any other. Results go to ``/clusters/<target>/<space>/<method id>``; a clustering
 already stored with the same method, parameters and seed is kept.
 
 Before anything is clustered, a method that asks for more clusters than each neuron has references is
@@ -36,20 +38,46 @@ log = logging.getLogger("polypure")
 ALL_NOISE = "every reference labelled noise"
 
 
-def _methods(ctx, methods) -> list[tuple[str, str, dict, Any]]:
-    """(id, name, params, estimator) for the config's methods or estimators passed from Python."""
+def _methods(ctx, methods) -> list[tuple[str, str, dict, Any, list[str] | None]]:
+    """(id, name, params, estimator, spaces) for the config's methods or estimators passed from Python."""
     from polypure.evaluation.clustering import make_clusterer
 
     if methods is None:
-        return [(m.method_id, m.name, m.params, make_clusterer(m.name, m.params, ctx.config.seed))
+        return [(m.method_id, m.name, m.params, make_clusterer(m.name, m.params, ctx.config.seed), m.spaces)
                 for m in ctx.config.cluster.methods]
     out = []
     for method_id, est in methods.items():
         if not callable(getattr(est, "fit_predict", None)):
             raise ConfigError(f"clusterer {method_id!r}: {type(est).__name__} has no fit_predict(X)")
         params = est.get_params() if hasattr(est, "get_params") else {}
-        out.append((method_id, type(est).__name__, params, est))
+        out.append((method_id, type(est).__name__, params, est, None))
     return out
+
+
+def method_spaces(method_id: str, estimator, named: list[str] | None, spaces: list[str],
+                  dictionaries: list[str]) -> list[str]:
+    """The spaces of a target one method clusters: ``named`` ones (all where None) among ``spaces``.
+
+    A clusterer of dictionary spaces only (:func:`polypure.evaluation.clustering.dictionary_only`) takes the
+    dictionary spaces among them.
+
+    Raises
+    ------
+    ConfigError
+        One line, where such a clusterer is named another space.
+    """
+    from polypure.evaluation.clustering import dictionary_only
+
+    chosen = [s for s in spaces if named is None or s in named]
+    if not dictionary_only(estimator):
+        return chosen
+    if named is not None:
+        other = [s for s in named if s not in dictionaries]
+        if other:
+            raise ConfigError(f"cluster.methods ({method_id}): {other[0]!r} is no dictionary space; "
+                              f"{type(estimator).__name__.lower()} clusters dictionary spaces only (dictionaries: "
+                              f"{', '.join(dictionaries) or 'none'})")
+    return [s for s in chosen if s in dictionaries]
 
 
 def run(ctx: StageContext, methods: dict[str, Any] | None = None) -> None:
@@ -75,17 +103,22 @@ def run(ctx: StageContext, methods: dict[str, Any] | None = None) -> None:
     chosen = _methods(ctx, methods)
     # before the store is opened: a method that cannot work leaves it as it was (the config's n_refs is what
     # the relevance stage stores; a store that holds other counts is checked again below)
-    check_cluster_counts([(mid, est) for mid, _, _, est in chosen], ctx.config.relevance.n_refs)
+    check_cluster_counts([(mid, est) for mid, _, _, est, _ in chosen], ctx.config.relevance.n_refs)
     with ctx.open_store() as store:
         targets = store.target_spaces(ctx.config.cluster.spaces)
         for target in targets:
-            check_cluster_counts([(mid, est) for mid, _, _, est in chosen], store.n_refs(target))
+            check_cluster_counts([(mid, est) for mid, _, _, est, _ in chosen], store.n_refs(target))
+        configured = [d.id for d in ctx.config.dictionaries]
         for target, spaces in targets.items():
             complete = store.complete(target)
             if not complete.all():
                 raise PolypureError(f"relevance of target {target!r} is incomplete ({int((~complete).sum())} "
                                     "neurons left); run the relevance stage first")
-            jobs = [(space, mid, name, params, est) for space in spaces for mid, name, params, est in chosen]
+            dictionaries = list(dict.fromkeys([*configured, *store.dictionary_spaces(target)]))
+            jobs = [(space, mid, name, params, est) for mid, name, params, est, named in chosen
+                    for space in method_spaces(mid, est, named, spaces, dictionaries)]
+            # spaces first, as before: each space's features are read for its methods in turn
+            jobs.sort(key=lambda job: spaces.index(job[0]))
             bar = tqdm(jobs, desc=f"cluster {target}", disable=not ctx.progress, leave=False)
             done = []
             notes: dict[str, dict] = {}
@@ -118,8 +151,9 @@ def run(ctx: StageContext, methods: dict[str, Any] | None = None) -> None:
             # bury the run's output (spectral clustering's "graph is not fully connected")
             rows = len(store.neurons(target))
             for method_id, raised in notes.items():
+                clustered = len({space for space, mid, *_ in jobs if mid == method_id})
                 for (_, message), count in raised.items():
-                    pairs = f"{count} of {rows * len(spaces)} (neuron, space) pairs"
+                    pairs = f"{count} of {rows * clustered} (neuron, space) pairs"
                     if message in told:
                         log.warning(f"cluster {target}: {method_id}: {pairs} {told[message]}")
                     else:

@@ -79,7 +79,7 @@ def run(ctx: StageContext) -> None:
 
     with ctx.open_store() as store:
         targets = store.relevance_targets()
-        layers = {name for t in targets for name in store.spaces(t)}
+        layers = {name for t in targets for name in store.spaces(t)} | {d.id for d in ctx.config.dictionaries}
         names = evaluator_names(ctx.config, layers)
         if not names:
             ctx.log("embed: no evaluator configured (evaluate.references), skipped")

@@ -36,6 +36,8 @@ def _layer_keys(config) -> Iterator[tuple[str, str, str | None]]:
         yield f"{prefix}.layer", planted.layer, None
         for j, layer in enumerate(planted.attribution_layers or []):
             yield f"{prefix}.attribution_layers[{j}]", layer, planted.layer
+    for i, entry in enumerate(config.dictionaries):
+        yield f"dictionaries[{i}].layer", entry.layer, None
 
 
 def check_rules(config) -> None:
@@ -62,15 +64,58 @@ def check_rules(config) -> None:
 
 
 def check_clusterers(config) -> None:
-    """Every clusterer must exist and accept its parameters (it is built, not fitted)."""
-    from polypure.evaluation.clustering import make_clusterer
+    """Every clusterer must exist and accept its parameters (it is built, not fitted), and have spaces to cluster.
 
+    A method's ``spaces`` must be spaces of the run (among ``cluster.spaces`` where given); a clusterer of
+    dictionary spaces only (``dominant``) must be named dictionary spaces only, find one among the run's,
+    and ask for no more clusters than each neuron keeps concepts there.
+    """
+    from polypure.evaluation.clustering import dictionary_only, make_clusterer
+
+    dictionaries = {entry.id: entry for entry in config.dictionaries}
+    spaces = list(config.cluster.spaces) if config.cluster.spaces is not None else sorted(_relevance_spaces(config))
     for i, method in enumerate(config.cluster.methods):
+        key = f"cluster.methods[{i}] ({method.method_id})"
         try:
-            make_clusterer(method.name, method.params, config.seed)
+            estimator = make_clusterer(method.name, method.params, config.seed)
         except ConfigError as exc:
             message = str(exc).removeprefix("cluster.methods: ")
-            raise ConfigError(f"cluster.methods[{i}] ({method.method_id}): {message}") from None
+            raise ConfigError(f"{key}: {message}") from None
+        for space in method.spaces or []:
+            if space not in spaces:
+                where = "cluster.spaces" if config.cluster.spaces is not None else "the run's spaces"
+                raise ConfigError(f"{key}.spaces: {space!r} is not among {where} ({', '.join(spaces)})")
+        if not dictionary_only(estimator):
+            continue
+        other = [space for space in method.spaces or [] if space not in dictionaries]
+        if other:
+            raise ConfigError(f"{key}.spaces: {other[0]!r} is no dictionary space; {method.name} clusters dictionary "
+                              f"spaces only (dictionaries: {', '.join(dictionaries) or 'none'})")
+        chosen = [s for s in (method.spaces or spaces) if s in dictionaries]
+        if not chosen:
+            raise ConfigError(f"{key}: {method.name} clusters dictionary spaces only, and the run has none to cluster "
+                              f"(dictionaries: {', '.join(dictionaries) or 'none'})")
+        wanted = getattr(estimator, "n_clusters", None)
+        fewest = min(dictionaries[s].concepts_kept for s in chosen)
+        if isinstance(wanted, int) and wanted > fewest:
+            raise ConfigError(f"{key}: n_clusters ({wanted}) is more than the concepts kept per neuron "
+                              f"(dictionaries[].store_top, n_concepts: {fewest})")
+
+
+def check_dictionaries(config) -> None:
+    """Every dictionary's kind must be registered and able to work (the built-in kinds need ``overcomplete``).
+
+    Checked before the model and the data are built, so that a missing package is one line at once.
+    """
+    from polypure.dictionaries.kinds import DICTIONARY_KINDS
+
+    for i, entry in enumerate(config.dictionaries):
+        key = f"dictionaries[{i}] ({entry.id})"
+        try:
+            kind = DICTIONARY_KINDS.get(entry.kind)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}.kind: {exc}") from None
+        kind.check(entry, key)
 
 
 def check_cluster_counts(methods, n_refs: int) -> None:
@@ -105,11 +150,12 @@ def _attribution_layers(config) -> set[str]:
 
 
 def _relevance_spaces(config) -> set[str]:
-    """Every space a relevance target gives: each variant's attribution layers and ``activation``."""
+    """Every space a relevance target gives: each variant's attribution layers, ``activation``, the dictionaries."""
     from polypure.config.settings import space_name
 
     layers = _attribution_layers(config)
-    return {space_name(v.id, layer) for v in config.relevance.variant_list for layer in layers} | {"activation"}
+    return ({space_name(v.id, layer) for v in config.relevance.variant_list for layer in layers} | {"activation"}
+            | {entry.id for entry in config.dictionaries})
 
 
 def check_evaluators(config, dataset=None) -> None:
@@ -336,6 +382,7 @@ def check_experiment(exp, stages: list[str] | None = None) -> None:
 
     config = exp.config
     check_rules(config)
+    check_dictionaries(config)
     check_clusterers(config)
     check_writable(config.store_path)
     dataset = exp.dataset

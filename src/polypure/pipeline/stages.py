@@ -13,7 +13,7 @@ Example
 -------
 >>> from polypure.pipeline.stages import NAMES, get
 >>> NAMES
-('topk', 'relevance', 'embed', 'cluster', 'selectivity', 'evaluate', 'report')
+('topk', 'dictionary', 'relevance', 'embed', 'cluster', 'selectivity', 'evaluate', 'report')
 >>> get("cluster").HELP
 "cluster each neuron's references in every space"
 """
@@ -25,6 +25,7 @@ from types import ModuleType
 from polypure.errors import ConfigError
 from polypure.pipeline import (
     cluster_stage,
+    dictionary_stage,
     embed_stage,
     evaluate_stage,
     relevance_stage,
@@ -33,10 +34,19 @@ from polypure.pipeline import (
     topk_stage,
 )
 
-#: The stage modules, in run order (``selectivity``, the causal test of the splits, reads the clusters and
-#: writes metrics the evaluate stage summarises).
-STAGES: tuple[ModuleType, ...] = (topk_stage, relevance_stage, embed_stage, cluster_stage, selectivity_stage,
-                                  evaluate_stage, report_stage)
+#: The stage modules, in run order. ``dictionary`` needs only the top-K (its spaces decompose the references), so
+#: it runs right after it; ``selectivity``, the causal test of the splits, reads the clusters and writes metrics
+#: the evaluate stage summarises.
+STAGES: tuple[ModuleType, ...] = (
+    topk_stage,
+    dictionary_stage,
+    relevance_stage,
+    embed_stage,
+    cluster_stage,
+    selectivity_stage,
+    evaluate_stage,
+    report_stage,
+)
 #: Their names, in run order.
 NAMES: tuple[str, ...] = tuple(stage.NAME for stage in STAGES)
 

@@ -468,6 +468,7 @@ class Store:
         for path in (schema.planted_path(layer), schema.topk_path(target), schema.relevance_path(target)):
             self.drop(path)
         self.drop_derived(target)
+        self._drop_dictionary_spaces(target)
 
     @writes
     def drop_topk(self, layer: str) -> None:
@@ -483,6 +484,8 @@ class Store:
             if target in (layer, planted):
                 self.drop(schema.relevance_path(target))
                 self.drop_derived(target)
+        for target in (layer, planted):
+            self._drop_dictionary_spaces(target)
 
     # -- targets and their spaces ------------------------------------------------------------------
 
@@ -524,12 +527,14 @@ class Store:
         return [space for variant in self.variants(target) for space in self.variant_spaces(target, variant)]
 
     def spaces(self, target: str) -> list[str]:
-        """A target's own feature spaces: its relevance spaces (:meth:`relevance_spaces`), then ``activation``.
+        """A target's own feature spaces: relevance spaces, ``activation``, then dictionary spaces.
+
+        The relevance spaces are :meth:`relevance_spaces`, the dictionary spaces :meth:`dictionary_spaces`.
 
         Evaluators' embeddings of the target are spaces too (:meth:`features` reads them): they are listed
         apart, by :meth:`embedding_spaces`.
         """
-        return [*self.relevance_spaces(target), ACTIVATION]
+        return [*self.relevance_spaces(target), ACTIVATION, *self.dictionary_spaces(target)]
 
     def embedding_spaces(self, target: str) -> list[str]:
         """The evaluators with embeddings of a target: spaces of :meth:`features` beside :meth:`spaces`."""
@@ -570,6 +575,9 @@ class Store:
 
     def space_shape(self, target: str, space: str) -> tuple[int, ...]:
         """The shape (M, n_refs, D) of a space's features, without reading them."""
+        if space in self.dictionary_spaces(target):
+            rows = self._dictionary_rows(space, target)
+            return (len(rows), *self.file[schema.dictionary_space_path(space, target, schema.CONTRIBUTIONS)].shape[1:])
         for path in self._space_paths(target, space):
             if path in self.file and isinstance(self.file[path], h5py.Dataset):
                 return tuple(self.file[path].shape)
@@ -579,6 +587,8 @@ class Store:
         """Whether the store has features of ``space`` for ``target`` (a layer, activation or an embedding)."""
         if space in schema.ROW_BOOKKEEPING:
             return False
+        if space in self.dictionary_spaces(target):
+            return True
         return any(path in self.file and isinstance(self.file[path], h5py.Dataset)
                    for path in self._space_paths(target, space))
 
@@ -596,6 +606,8 @@ class Store:
         StoreError
             If the store has no such space for the target.
         """
+        if space in self.dictionary_spaces(target):
+            return self._dictionary_features(space, target, row)
         for path in self._space_paths(target, space):
             if path in self.file and space not in schema.ROW_BOOKKEEPING and isinstance(self.file[path], h5py.Dataset):
                 return self.file[path][()] if row is None else self.file[path][row]
@@ -629,12 +641,171 @@ class Store:
         for space in configured or []:
             if not any(space in spaces for spaces in out.values()):
                 raise ConfigError(f"cluster.spaces: {space!r} is neither an attribution layer of any target, "
-                                  "'activation', nor an evaluator embedding in the store (run the embed stage first)")
+                                  "'activation', a dictionary nor an evaluator embedding in the store (run the "
+                                  "dictionary or embed stage first)")
         return out
 
     def planted_targets(self) -> list[str]:
         """The relevance targets made of planted virtual neurons."""
         return [t for t in self.relevance_targets() if schema.planted_layer(t) is not None]
+
+    # -- dictionaries (sparse autoencoders, NMF) and their spaces --------------------------------------
+
+    def dictionary_ids(self) -> list[str]:
+        """The dictionaries in the store, finished or training."""
+        return self._children(schema.DICTIONARIES_GROUP)
+
+    def dictionary_attrs(self, dictionary_id: str) -> dict[str, Any]:
+        """A dictionary's attributes: kind, layer, signature, epochs done, complete, quality; empty if absent."""
+        path = schema.dictionary_path(dictionary_id)
+        return {key: read_attr(value) for key, value in self.file[path].attrs.items()} if path in self.file else {}
+
+    def dictionary_checkpoint(self, dictionary_id: str) -> dict[str, np.ndarray]:
+        """The training state a dictionary was last checkpointed with (empty where none is stored)."""
+        return self._arrays(schema.dictionary_path(dictionary_id, schema.CHECKPOINT))
+
+    def dictionary_arrays(self, dictionary_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """``(dictionary, bias, state)`` of a finished dictionary: what its kind encodes and decodes with.
+
+        Raises
+        ------
+        StoreError
+            If the dictionary is absent or still training.
+        """
+        if not self.dictionary_attrs(dictionary_id).get(schema.COMPLETE_ATTR):
+            raise StoreError(f"store {str(self.path)!r} has no finished dictionary {dictionary_id!r}; run the "
+                             "dictionary stage first")
+        return (self.read(schema.dictionary_path(dictionary_id, schema.DICTIONARY)),
+                self.read(schema.dictionary_path(dictionary_id, schema.BIAS)),
+                self._arrays(schema.dictionary_path(dictionary_id, schema.STATE)))
+
+    def _arrays(self, path: str) -> dict[str, np.ndarray]:
+        return {name: ds[()] for name, ds in self.file[path].items()} if path in self.file else {}
+
+    def _put(self, group: h5py.Group, name: str, data) -> None:
+        """Write a dataset in place where it has the shape and dtype already (checkpoints leave no dead space)."""
+        data = np.asarray(data)
+        if name in group and group[name].shape == data.shape and group[name].dtype == data.dtype:
+            group[name][()] = data
+        else:
+            self._replace(group, name, data)
+
+    @writes
+    def write_dictionary_checkpoint(self, dictionary_id: str, attrs: dict[str, Any], state: dict[str, np.ndarray],
+                                    epochs_done: int) -> None:
+        """Checkpoint a training dictionary: its settings (kind, layer, signature), state and epochs done."""
+        group = self._group(schema.dictionary_path(dictionary_id))
+        for key, value in attrs.items():
+            group.attrs[key] = attr_value(value)
+        checkpoint = self._group(schema.dictionary_path(dictionary_id, schema.CHECKPOINT))
+        for name, data in state.items():
+            self._put(checkpoint, name, data)
+        group.attrs[schema.EPOCHS_DONE_ATTR] = int(epochs_done)
+        group.attrs[schema.COMPLETE_ATTR] = False
+
+    @writes
+    def write_dictionary(self, dictionary_id: str, dictionary: np.ndarray, bias: np.ndarray,
+                         state: dict[str, np.ndarray], quality: dict[str, float]) -> None:
+        """Finish a dictionary: its concepts, bias, encoder state and quality; its training checkpoint goes."""
+        path = schema.dictionary_path(dictionary_id)
+        group = self._group(path)
+        self._replace(group, schema.DICTIONARY, np.asarray(dictionary, np.float32))
+        self._replace(group, schema.BIAS, np.asarray(bias, np.float32))
+        self.drop(schema.dictionary_path(dictionary_id, schema.STATE))
+        encoder = self._group(schema.dictionary_path(dictionary_id, schema.STATE))
+        for name, data in state.items():
+            self._replace(encoder, name, np.asarray(data))
+        self.drop(schema.dictionary_path(dictionary_id, schema.CHECKPOINT))
+        for key in schema.QUALITY_ATTRS:
+            group.attrs[key] = quality[key]
+        group.attrs[schema.COMPLETE_ATTR] = True
+
+    @writes
+    def drop_dictionary(self, dictionary_id: str) -> None:
+        """Delete a dictionary, its spaces and what was derived from them (clusters, metrics, comparisons)."""
+        for target in self._children(schema.dictionary_path(dictionary_id, schema.SPACES)):
+            self._drop_space_results(dictionary_id, target)
+        self.drop(schema.dictionary_path(dictionary_id))
+
+    def dictionary_spaces(self, target: str) -> list[str]:
+        """The dictionaries with a space of a target, in store order (each space is named by its dictionary)."""
+        return [d for d in self.dictionary_ids() if schema.dictionary_space_path(d, target) in self.file]
+
+    def dictionary_space_attrs(self, dictionary_id: str, target: str) -> dict[str, Any]:
+        """The attributes of a dictionary's space of a target (its signature), empty where there is none."""
+        path = schema.dictionary_space_path(dictionary_id, target)
+        return {key: read_attr(value) for key, value in self.file[path].attrs.items()} if path in self.file else {}
+
+    def dictionary_space(self, dictionary_id: str, target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(neurons, concepts, contributions)`` of a dictionary space as stored, rows in the order computed.
+
+        ``concepts`` (M, T) are each row's kept concepts, by decreasing mean contribution over its references;
+        ``contributions`` (M, n_refs, T) are theirs to each reference. :meth:`features` gives the
+        contributions in the target's row order.
+        """
+        path = schema.dictionary_space_path(dictionary_id, target)
+        return tuple(self.read(schema.join(path, name)) for name in (schema.NEURONS, schema.CONCEPTS,
+                                                                     schema.CONTRIBUTIONS))
+
+    @writes
+    def write_dictionary_space(self, dictionary_id: str, target: str, neurons: np.ndarray, concepts: np.ndarray,
+                               contributions: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Store a dictionary's space of a target; what was derived from an earlier one of it is deleted."""
+        self._drop_space_results(dictionary_id, target)
+        group = self._group(schema.dictionary_space_path(dictionary_id, target))
+        self._replace(group, schema.NEURONS, np.asarray(neurons, np.int64))
+        self._replace(group, schema.CONCEPTS, np.asarray(concepts, np.int64))
+        self._replace(group, schema.CONTRIBUTIONS, np.asarray(contributions, np.float32))
+        for key, value in attrs.items():
+            group.attrs[key] = attr_value(value)
+
+    @writes
+    def _drop_space_results(self, dictionary_id: str, target: str) -> None:
+        """Delete a dictionary space of a target and the clusterings, metrics and comparisons made from it."""
+        if schema.dictionary_space_path(dictionary_id, target) not in self.file:
+            return
+        self.drop(schema.dictionary_space_path(dictionary_id, target))
+        self.drop(schema.clusters_path(target, dictionary_id))
+        self.drop(schema.metrics_path(target))
+        self.drop(schema.comparisons_path(target))
+        self.drop(schema.SUMMARY)
+
+    @writes
+    def _drop_dictionary_spaces(self, target: str) -> None:
+        """Delete every dictionary space of a target (its references changed) and what was derived from them."""
+        for dictionary_id in self.dictionary_ids():
+            self._drop_space_results(dictionary_id, target)
+
+    def _dictionary_rows(self, dictionary_id: str, target: str) -> np.ndarray:
+        """The row of a dictionary space holding each row of the target (each stored row before ``relevance``).
+
+        Raises
+        ------
+        StoreError
+            If the space lacks a neuron of the target.
+        """
+        stored = self.file[schema.dictionary_space_path(dictionary_id, target, schema.NEURONS)][()]
+        if target not in self.relevance_targets():
+            return np.arange(len(stored))
+        where = {int(n): i for i, n in enumerate(stored)}
+        neurons = self.neurons(target)
+        missing = [int(n) for n in neurons if int(n) not in where]
+        if missing:
+            raise StoreError(f"store {str(self.path)!r}: dictionary space {dictionary_id!r} of target {target!r} lacks "
+                             f"neuron(s) {missing[:5]}; run the dictionary stage")
+        return np.array([where[int(n)] for n in neurons], np.int64)
+
+    def _dictionary_features(self, dictionary_id: str, target: str, row: int | None) -> np.ndarray:
+        """A dictionary space's contributions in the target's row order, cut to its references."""
+        rows = self._dictionary_rows(dictionary_id, target)
+        data = self.file[schema.dictionary_space_path(dictionary_id, target, schema.CONTRIBUTIONS)]
+        n_refs = self.n_refs(target) if target in self.relevance_targets() else data.shape[1]
+        if data.shape[1] < n_refs:
+            raise StoreError(f"store {str(self.path)!r}: dictionary space {dictionary_id!r} of target {target!r} has "
+                             f"{data.shape[1]} references per neuron, the target {n_refs}; run the dictionary stage")
+        if row is not None:
+            return data[int(rows[row]), :n_refs]
+        return data[()][rows, :n_refs]
 
     # -- planted -----------------------------------------------------------------------------------
 

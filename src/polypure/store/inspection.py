@@ -51,6 +51,28 @@ def shown_config(config_yaml: str) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def _dictionaries(store: Store) -> list[str]:
+    """The dictionaries: kind, size, training progress or quality, and their spaces."""
+    lines = ["dictionaries:"] if store.dictionary_ids() else []
+    for dictionary_id in store.dictionary_ids():
+        a = store.dictionary_attrs(dictionary_id)
+        settings = yaml.safe_load(a.get(schema.SIGNATURE_ATTR) or "{}") or {}
+        head = f"  {dictionary_id}: {a.get(schema.KIND_ATTR)}, {settings.get('n_concepts', '?')} concepts on " \
+               f"{a.get(schema.LAYER_ATTR)}"
+        if a.get(schema.COMPLETE_ATTR):
+            lines.append(f"{head}, R² {a['r2']:.3f}, {a['dead_share']:.1%} dead, {a['mean_active']:.1f} active per "
+                         f"position ({a['n_train']} training, {a['n_heldout']} held-out positions)")
+        else:
+            lines.append(f"{head}, training: {a.get(schema.EPOCHS_DONE_ATTR, 0)} of {settings.get('epochs', '?')} "
+                         "epochs done")
+        # the targets are top-K names: a space exists before the relevance stage has run
+        for target in (list(store.file[schema.TOPK_GROUP]) if schema.TOPK_GROUP in store.file else []):
+            if dictionary_id in store.dictionary_spaces(target):
+                shape = store.dictionary_space(dictionary_id, target)[2].shape
+                lines.append(f"    space of {target:<20} {'x'.join(map(str, shape))}")
+    return lines
+
+
 def describe(path: str | Path, show_config: bool = True) -> str:
     """Describe the store at ``path``.
 
@@ -98,6 +120,7 @@ def describe(path: str | Path, show_config: bool = True) -> str:
                     for space in [*store.variant_spaces(name, variant), space_name(variant, ACTIVATION)]:
                         if store.has_space(name, space):
                             lines.append(f"      {space:<22} {'x'.join(map(str, store.space_shape(name, space)))}")
+        lines += _dictionaries(store)
         for section in (schema.PLANTED_GROUP, schema.CLUSTERS_GROUP, schema.EMBEDDINGS_GROUP, schema.METRICS_GROUP):
             if section in f:
                 lines.append(f"{section}:")

@@ -28,6 +28,11 @@ Schema (paths other tools rely on; the README has the full table)::
     /metrics/<target>/selectivity_drops/<space>/<method id>    (M, K, 4) float64   per cluster: own, other, nulls
     /metrics/<target>/selectivity_circuits/<space>/<method id> (M, K, m) int64     per cluster: its circuit
     /comparisons/<target>                        table: paired comparisons of metrics between spaces
+    /dictionaries/<id>                           attrs: kind, layer, signature, epochs_done, complete, quality
+    /dictionaries/<id>/dictionary, bias          (n_concepts, C), (C,) float32: a = z D + bias
+    /dictionaries/<id>/state/<name>              the encoder's arrays (codes are recomputed from them)
+    /dictionaries/<id>/checkpoint/<name>         training state while training (dropped when complete)
+    /dictionaries/<id>/spaces/<target>/neurons, concepts, contributions   (M,), (M, T), (M, n_refs, T)
 
 A space is named ``<layer>`` for the ``default`` variant and ``<variant>:<layer>`` for any other
 (:func:`polypure.config.settings.space_name`). A version 1 store is a version 2 store with the ``default``
@@ -146,6 +151,38 @@ SELECTIVITY_CIRCUITS = "selectivity_circuits"
 SELECTIVITY_KINDS = (SELECTIVITY_DROPS, SELECTIVITY_CIRCUITS, SELECTIVITY_NULL, SELECTIVITY)
 #: Columns of a neuron's per-cluster drops (attribute ``columns`` of ``selectivity_drops``).
 SELECTIVITY_DROP_COLUMNS = ("own", "other", "null_own", "null_other")
+
+
+# -- dictionaries (sparse autoencoders, NMF) and their spaces -------------------------------------
+
+DICTIONARIES_GROUP = "dictionaries"
+#: Datasets of a dictionary: its concepts (rows) over the layer's channels, and the bias added to z D.
+DICTIONARY = "dictionary"
+BIAS = "bias"
+#: Groups of a dictionary: the arrays its kind encodes with, and its training state while it trains.
+STATE = "state"
+CHECKPOINT = "checkpoint"
+SPACES = "spaces"
+#: Datasets of a dictionary space of a target: the neuron of each row, its kept concepts, their contributions.
+CONCEPTS = "concepts"
+CONTRIBUTIONS = "contributions"
+KIND_ATTR = "kind"
+LAYER_ATTR = "layer"
+EPOCHS_DONE_ATTR = "epochs_done"
+#: Attributes of a finished dictionary: its quality on the held-out positions.
+QUALITY_ATTRS = ("r2", "dead_share", "mean_active", "n_train", "n_heldout")
+
+
+def dictionary_path(dictionary_id: str, *key: str) -> str:
+    """The group of a dictionary, or a dataset or group inside it (``state``, ``checkpoint``, ...)."""
+    return join(DICTIONARIES_GROUP, dictionary_id, *key)
+
+
+def dictionary_space_path(dictionary_id: str, target: str, *dataset: str) -> str:
+    """The group of a dictionary's space of one target, or one of its datasets."""
+    return join(DICTIONARIES_GROUP, dictionary_id, SPACES, target, *dataset)
+
+# -------------------------------------------------------------------------------------------------
 
 
 def join(*parts: str) -> str:
