@@ -129,3 +129,26 @@ def test_the_report_shows_every_method_and_the_reasons(evaluated, tmp_path):
     text = index.read_text()
     assert "c3 (3 neurons), clusters: hdbscan" in text and "c3 (3 neurons), clusters: kmeans" in text
     assert "3 all-noise" in text and "<td>n/a</td>" in text
+
+
+def test_labels_unique_to_every_reference_are_not_scored_and_say_why(tmp_path, capsys):
+    # one photo per class: every reference its own label, so no clustering can recover anything
+    from polypure.data.datasets import ArrayDataset
+    from polypure.store.results import open_results
+
+    pixels = np.random.default_rng(2).integers(0, 256, size=(24, 32, 32, 3), dtype=np.uint8)
+    dataset = ArrayDataset(pixels, labels=np.arange(24), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    path = tmp_path / "u.h5"
+    Experiment(model=tiny(seed=5), dataset=dataset, store=path, progress=True,
+               topk={"layers": ["c3"], "k": 8},
+               relevance={"targets": [{"layer": "c3", "neurons": NEURONS, "attribution_layers": ["c2"]}], "n_refs": 8},
+               cluster={"methods": [{"name": "kmeans", "n_clusters": 2}]},
+               evaluate={"ground_truth": ["class"]}).run(["topk", "relevance", "cluster", "evaluate"])
+    text = capsys.readouterr().out
+    assert "unique-labels" in text and "0.000 ±" not in block(text, "c3 (3 neurons), clusters: kmeans")
+    with h5py.File(path, "r") as f:
+        assert f["metrics/c3/unique_labels/class"][()].all()
+        assert np.isnan(f["metrics/c3/ari/class/c2/kmeans"][()]).all()
+    with open_results(path) as results:
+        ari = results.metrics("c3").query("metric == 'ARI' and of == 'class'")
+    assert len(ari) == 3 * 2 and set(ari["skipped"]) == {"unique-labels"}       # c2 and activation

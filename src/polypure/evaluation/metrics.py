@@ -25,7 +25,9 @@ A score is only a score where there was something to split and something was spl
 * a clustering is :data:`ALL_NOISE` when every reference is labelled noise (-1), and :data:`ONE_CLUSTER`
   when the references it did not call noise all share one cluster;
 * a label set is :data:`ONE_LABEL` for the neuron when all its references carry the same value: there is
-  no split to recover, and ARI / NMI would be 0 or 1 by convention.
+  no split to recover, and ARI / NMI would be 0 or 1 by convention; it is :data:`UNIQUE_LABELS` when every
+  reference carries a value of its own (one photo per class, an id as label): no two references agree, so
+  no clustering can recover anything, and ARI would be 0 whatever the clustering.
 
 Example
 -------
@@ -103,8 +105,9 @@ def cluster_distances(reference: np.ndarray, labels: np.ndarray) -> tuple[float,
 TOLERANCE = 1e-6
 #: Reasons a neuron gets no score (see the module's section *Non-results*).
 CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL = "constant", "one-hot", "all-noise", "one-cluster", "one-label"
+UNIQUE_LABELS = "unique-labels"
 #: Every reason, in the order they are reported.
-REASONS = (CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL)
+REASONS = (CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL, UNIQUE_LABELS)
 
 
 def degenerate(features: np.ndarray) -> np.ndarray:
@@ -179,6 +182,24 @@ def single_label(labels: np.ndarray) -> np.ndarray:
     single = labels.ndim == 1
     labels = labels[None] if single else labels
     out = (labels == labels[:, :1]).all(axis=1)
+    return out[0] if single else out
+
+
+def unique_labels(labels: np.ndarray) -> np.ndarray:
+    """Whether every reference of each neuron carries a label value of its own: (M, n_refs) -> (M,) bool.
+
+    One reference is no split either way, so it is not counted here (:func:`single_label` says it).
+
+    Examples
+    --------
+    >>> unique_labels(np.array([[3, 1, 2], [1, 1, 2], [5, 5, 5]]))
+    array([ True, False, False])
+    """
+    labels = np.asarray(labels)
+    single = labels.ndim == 1
+    labels = labels[None] if single else labels
+    ordered = np.sort(labels, axis=1)
+    out = (ordered[:, 1:] != ordered[:, :-1]).all(axis=1) & (labels.shape[1] > 1)
     return out[0] if single else out
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polypure.evaluation.metrics import ALL_NOISE, CONSTANT, ONE_CLUSTER, ONE_HOT, ONE_LABEL, REASONS
+from polypure.evaluation.metrics import ALL_NOISE, CONSTANT, ONE_CLUSTER, ONE_HOT, ONE_LABEL, REASONS, UNIQUE_LABELS
 from polypure.store.schema import SELECTIVITY as SELECTIVITY_KIND
 from polypure.store.schema import SELECTIVITY_NULL, STR, planted_layer
 
@@ -168,7 +168,7 @@ def reasons(store, target: str, *, space: str, method: str | None = None, refere
     reference : str, optional
         The reference space, for distance correlations and cluster distances (its degeneracy applies too).
     labels : str, optional
-        The label set, for ARI / NMI (``single_label``).
+        The label set, for ARI / NMI (``single_label``, ``unique_labels``).
 
     Returns
     -------
@@ -190,6 +190,9 @@ def reasons(store, target: str, *, space: str, method: str | None = None, refere
     single = store.metric(target, "single_label", labels) if labels else None
     if single is not None:
         out[ONE_LABEL] |= single.astype(bool)
+    unique = store.metric(target, "unique_labels", labels) if labels else None
+    if unique is not None:
+        out[UNIQUE_LABELS] |= unique.astype(bool)
     return out
 
 

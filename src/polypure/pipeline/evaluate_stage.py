@@ -14,7 +14,7 @@ writes ``/metrics``:
 * ``/metrics/<target>/mixture/<labels>`` (M,) int64: how many label values each make up at least
   ``evaluate.mixture_share`` of the neuron's top-K (2 or more: polysemantic by that label);
 * ``/metrics/<target>/degenerate/<space>`` (M,) UTF-8, ``/metrics/<target>/cluster_status/<space>/<method id>``
-  (M,) UTF-8 and ``/metrics/<target>/single_label/<labels>`` (M,) bool: the checks of
+  (M,) UTF-8, ``/metrics/<target>/single_label/<labels>`` and ``unique_labels/<labels>`` (M,) bool: the checks of
   :mod:`polypure.evaluation.metrics` (``constant``, ``one-hot``; ``all-noise``, ``one-cluster``; one label value)
   that make a neuron's score a non-result. Such a score is stored as NaN, never as a number, and the
   summary counts the neurons left out per reason;
@@ -103,10 +103,11 @@ def ground_truth_metrics(ctx: StageContext, store) -> None:
     """ARI / NMI of every stored clustering against every wanted label set, and mixtures.
 
     A neuron gets NaN, not a score, where :func:`checks` found its space degenerate or its clustering no
-    split, or where its references all carry the same label value (``/metrics/<target>/single_label``).
+    split, or where its references all carry the same label value (``/metrics/<target>/single_label``) or
+    each a value of its own (``/metrics/<target>/unique_labels``).
     """
     from polypure.evaluation import summary
-    from polypure.evaluation.metrics import agreement, mixture, single_label
+    from polypure.evaluation.metrics import agreement, mixture, single_label, unique_labels
 
     wanted = wanted_labels(ctx, store)
     share = ctx.config.evaluate.mixture_share
@@ -118,6 +119,7 @@ def ground_truth_metrics(ctx: StageContext, store) -> None:
                                attrs={"share": share})
         for name, values in labels.items():
             store.write_metric(target, "single_label", [name], single_label(values))
+            store.write_metric(target, "unique_labels", [name], unique_labels(values))
         for space, method_id in store.clusterings(target):
             predicted = store.cluster_labels(target, space, method_id)
             for name, truth in labels.items():

@@ -212,7 +212,7 @@ class Results:
               same size instead);
             - ``metric``: one of :data:`METRICS`; ``value``: float, NaN where there is no score;
             - ``skipped``: why there is none, from the stored checks (``constant``, ``one-hot``,
-              ``all-noise``, ``one-cluster``, ``one-label``, comma-separated; ``undefined`` for a NaN no check
+              ``all-noise``, ``one-cluster``, ``one-label``, ``unique-labels``, comma-separated; ``undefined`` for a NaN no check
               explains), ``""`` for a score. Counted per group, these are the summary's ``skipped``.
 
             String columns hold ``""``, never a missing value, so that ``groupby`` keeps every row.
