@@ -138,8 +138,10 @@ def test_cli_writes_the_files_and_exit_codes(stores, tmp_path, capsys):
     shutil.copy(stores["a"], named)
     out = tmp_path / "out"
     assert main(["compare", str(named), str(stores["b"]), "--out", str(out), "--metric", "corr labels"]) == 0
-    printed = capsys.readouterr().out.split()
-    assert printed == [str(out / "comparison.csv"), str(out / "summaries.csv"), str(out / "index.html")]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:3] == [str(out / "comparison.csv"), str(out / "summaries.csv"), str(out / "index.html")]
+    # and one line on what was found
+    assert len(printed) == 4 and printed[3].startswith("x<b>y.h5 against b.h5: 2 comparisons, ")
     table = pd.read_csv(out / "comparison.csv", **READ_BACK)
     assert list(table.columns) == list(COMPARISON_COLUMNS) and len(table) == 2
     assert set(table.store_a) == {"x<b>y.h5"} and set(table.test) == {PAIRED}

@@ -149,7 +149,8 @@ def test_the_stage_prints_the_comparisons_and_saves_them_beside_the_store(path, 
     out = capsys.readouterr().out
     head, _, printed = out.partition("comparisons with the baseline, paired over neurons")
     assert "c3@planted (max) (2 neurons), clusters: kmeans" in head
-    lines = printed.strip().splitlines()[1:]
+    table, _, found = printed.partition("what was found")
+    lines = table.strip().splitlines()[1:]
     assert lines[0].split() == ["group", "metric", "method", "space", "vs", "baseline", "n", "difference", "[CI]",
                                 "p_holm", "effect"]
     saved = pd.read_csv(copy.with_suffix(".comparisons.csv"), **READ_BACK)
@@ -159,6 +160,20 @@ def test_the_stage_prints_the_comparisons_and_saves_them_beside_the_store(path, 
     assert tuple(saved.columns) == COMPARISON_COLUMNS
     np.testing.assert_allclose(saved["p_holm"], stored["p_holm"])
     assert lines[1].startswith("c3@planted (sum)") and "c1 vs c2" in lines[1]
+    # the headline: one line per planted group and clusterer, judged by the planted truth
+    headline = [line.strip() for line in found.strip().splitlines()[1:] if line.startswith("  ")]
+    assert headline and all(line.startswith("c3@planted (") and ", ARI planted (" in line for line in headline)
+    assert len(headline) == len({(r.group, r.method) for r in stored.itertuples() if r.metric == "ARI planted"
+                                 and np.isfinite(r.mean_b)})
+
+
+def test_a_run_shows_a_screenful_of_comparisons_and_points_to_the_csv_for_the_rest():
+    from polypure.evaluation.comparisons import SCREENFUL, format_table
+
+    row = {"target": "c3", "group": "c3", "metric": "ARI class", "method": "kmeans", "space_a": "c2", "space_b": "c1",
+           "n": 8, "mean_diff": 0.25, "ci_low": 0.1, "ci_high": 0.4, "p_holm": 0.0078, "effect": 1.0}
+    text = format_table([row] * (SCREENFUL + 5), top=SCREENFUL).splitlines()
+    assert len(text) == 2 + SCREENFUL + 1 and text[-1] == "... 5 more lines in the comparisons CSV"
 
 
 def test_a_leaderboard_compares_every_space_and_method_with_the_baseline_clustering(path, tmp_path, capsys):

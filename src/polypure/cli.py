@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             result = compare_stores(args.stores, metric=args.metric, paired=paired, seed=args.seed)
             for path in write_comparison(result, args.out):
                 print(path)
+            print(result.summary_line())
             return 0
         if args.command == "demo-train":
             if args.model == "demo_vit":

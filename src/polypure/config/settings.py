@@ -636,7 +636,8 @@ class CompareSection(_Section):
     confidence: float = Field(0.95, gt=0, lt=1)
     """Coverage of the bootstrap intervals."""
     top: int | None = Field(None, ge=1)
-    """Lines per leaderboard on screen (the baseline's always); ``null`` = all. The CSV has every line."""
+    """Lines per leaderboard on screen (the baseline's always), or of the comparisons table under the summary;
+    ``null`` = all of a leaderboard, a screenful (24) of the comparisons. The CSV has every line."""
 
     @model_validator(mode="after")
     def _leaderboard(self):

@@ -275,8 +275,65 @@ def _diff(row: dict) -> str:
     return f"{row['mean_diff']:+.3f}{interval}"
 
 
-def format_table(rows: list[dict], confidence: float = 0.95) -> str:
+#: Comparison lines ``polypure run`` prints under the summary: a screenful; the CSV beside the store has all.
+SCREENFUL = 24
+
+
+def headline(rows: list[dict]) -> list[str]:
+    r"""What a run found, one line per group of neurons and cluster method: the space that splits best.
+
+    Each group is judged by its own known truth: planted neurons by ``ARI planted``, a group polysemantic by
+    a label by the ARI against that label (``block_3 [polysemantic by shape]``: ``ARI shape``); a plain group
+    is left out where the run has such a polysemantic group of its target, else judged by its first ARI. The
+    line names the space with the highest mean over its neurons (the baseline included) and, where it is not
+    the baseline, its difference from the baseline with the interval and Holm's p; where the baseline is
+    best, the runner-up's.
+
+    Examples
+    --------
+    >>> rows = [{"target": "c3", "group": "c3", "metric": "ARI class", "method": "kmeans", "space_a": "c2",
+    ...          "space_b": s, "n": 8, "mean_a": 0.5, "mean_b": m, "mean_diff": m - 0.5, "ci_low": m - 0.6,
+    ...          "ci_high": m - 0.4, "p_holm": 0.02} for s, m in [("c1", 0.75), ("activation", 0.25)]]
+    >>> print("\n".join(headline(rows)))
+    c3, ARI class (kmeans): c1 splits best (0.750), +0.250 [+0.150, +0.350] over c2, p_holm 0.020
+    """
+    ari = [r for r in rows if r["metric"].startswith("ARI ") and np.isfinite(r.get("mean_b", np.nan))]
+    polysemantic = {r["target"] for r in ari if "[polysemantic by " in r["group"]}
+    out = []
+    for target, group, method in dict.fromkeys((r["target"], r["group"], r["method"]) for r in ari):
+        metrics = list(dict.fromkeys(r["metric"] for r in ari if (r["target"], r["group"]) == (target, group)))
+        if "@planted" in target:
+            wanted = "ARI planted"
+        elif "[polysemantic by " in group:
+            wanted = "ARI " + group.rsplit("[polysemantic by ", 1)[1].rstrip("]")
+        elif target in polysemantic:
+            continue
+        else:
+            wanted = metrics[0]
+        lines = [r for r in ari if (r["target"], r["group"], r["method"], r["metric"]) == (target, group, method, wanted)]
+        if not lines:
+            continue
+        best = max(lines, key=lambda r: r["mean_b"])
+        base = lines[0]["space_a"]
+        where = f"{group}, {wanted} ({method})"
+        if best["mean_b"] > base_mean(lines):
+            out.append(f"{where}: {best['space_b']} splits best ({best['mean_b']:.3f}), {_diff(best)} over {base}, "
+                       f"p_holm {format_p(best['p_holm'])}")
+        else:
+            out.append(f"{where}: the baseline {base} splits best ({base_mean(lines):.3f}); next {best['space_b']} "
+                       f"{_diff(best)}, p_holm {format_p(best['p_holm'])}")
+    return out
+
+
+def base_mean(lines: list[dict]) -> float:
+    """The baseline's mean over the neurons of the comparison that has the most of them."""
+    return float(max(lines, key=lambda r: r["n"])["mean_a"])
+
+
+def format_table(rows: list[dict], confidence: float = 0.95, top: int | None = None) -> str:
     """The comparisons as aligned text, one line each: group, metric, method, spaces, n, difference, p, effect.
+
+    ``top`` shows the first that many lines and says how many are left out.
 
     Examples
     --------
@@ -289,6 +346,8 @@ def format_table(rows: list[dict], confidence: float = 0.95) -> str:
     c3     ARI class  kmeans  c1 vs c2           8  +0.250 [+0.100, +0.400]  0.008   +1.00
     """
     header = ("group", "metric", "method", "space vs baseline", "n", "difference [CI]", "p_holm", "effect")
+    left = rows[top:] if top is not None else []
+    rows = rows[:top] if top is not None else rows
     lines = [[r["group"], r["metric"], r["method"], f"{r['space_b']} vs {r['space_a']}", str(r["n"]), _diff(r),
               format_p(r["p_holm"]), f"{r['effect']:+.2f}" if np.isfinite(r["effect"]) else "n/a"] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -296,6 +355,8 @@ def format_table(rows: list[dict], confidence: float = 0.95) -> str:
              f"{confidence:.0%} bootstrap interval)").replace("%", " %")
     text = [title] + ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
                       for line in [list(header), *lines]]
+    if left:
+        text.append(f"... {len(left)} more lines in the comparisons CSV")
     return "\n".join(text)
 
 

@@ -79,6 +79,27 @@ class StoreComparison:
     summaries: pd.DataFrame
     pairing: dict = field(default_factory=dict)
 
+    def summary_line(self, alpha: float = 0.05) -> str:
+        """One line on what the comparison found: how many differences hold after Holm, and in which direction.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> table = pd.DataFrame({"store_b": ["b.h5"] * 3, "mean_diff": [0.2, -0.1, 0.05],
+        ...                       "p_holm": [0.001, 0.01, 0.6]})
+        >>> StoreComparison(["a.h5", "b.h5"], [], table, pd.DataFrame()).summary_line()
+        'a.h5 against b.h5: 3 comparisons, 2 differ at p_holm < 0.05 (1 higher in b.h5, 1 lower), 1 do not'
+        """
+        frame = self.comparison
+        if frame.empty:
+            return f"{self.stores[0]} against {', '.join(self.stores[1:])}: nothing in common to compare"
+        significant = frame[frame["p_holm"] < alpha]
+        higher = int((significant["mean_diff"] > 0).sum())
+        return (f"{self.stores[0]} against {', '.join(self.stores[1:])}: {len(frame)} comparisons, "
+                f"{len(significant)} differ at p_holm < {alpha:g} ({higher} higher in "
+                f"{'the others' if len(self.stores) > 2 else self.stores[1]}, {len(significant) - higher} lower), "
+                f"{len(frame) - len(significant)} do not")
+
 
 def compare_stores(paths, *, metric: str | None = None, paired: bool | None = None, n_resamples: int = 2000,
                    confidence: float = 0.95, seed: int = 0) -> StoreComparison:

@@ -238,6 +238,13 @@ def run(ctx: StageContext) -> list[dict]:
     elif ctx.progress:
         print(summary.format_table(records, [m.method_id for m in ctx.config.cluster.methods]))
         if compared:
-            print("\n" + comparisons.format_table(compared, section.confidence))
+            # a screenful of them: a run with many groups and label sets has hundreds, all in the CSV
+            print("\n" + comparisons.format_table(compared, section.confidence, section.top or comparisons.SCREENFUL))
+    if ctx.progress and compared:
+        found = comparisons.headline(compared)
+        if found:
+            print("\nwhat was found (ARI against known labels, space - baseline, "
+                  f"{section.confidence:.0%} interval, Holm over the run):".replace("%", " %"))
+            print("\n".join(f"  {line}" for line in found))
     ctx.log(f"summary: {paths[0]} and {paths[1]}; comparisons: {paths[2]}")
     return records
