@@ -183,6 +183,18 @@ def _run(args) -> int:
     return 0
 
 
+def _describe_canonizers(registry, broken) -> None:
+    """One line per canonizer: the network families and module types it covers."""
+    from polypure.attribution.composites import canonizer_families
+
+    names = [n for n in registry.names() if n not in broken]
+    width = max(map(len, names), default=0)
+    for name in names:
+        families = canonizer_families(name)
+        if families:
+            print(f"  {name.ljust(width)}  {families}")
+
+
 def _check_rules(args) -> int:
     from polypure.attribution.rule_checks import check_config
     from polypure.config.settings import load_config
@@ -272,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     # a plugin whose entry point fails to import is listed as such; the other names still work
                     broken = registry.broken()
                     print(f"{kind}: {', '.join(f'{n} (broken)' if n in broken else n for n in registry.names())}")
+                    if kind == "canonizers":
+                        _describe_canonizers(registry, broken)
                     for message in broken.values():
                         print(f"polypure: warning: {message}", file=sys.stderr)
             return 0

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from polypure.attribution.canonizers import CANONIZER_TOLERANCE
 from polypure.attribution.composites import CANONIZERS, GRADIENT_COMPOSITES, GRADIENT_LRP_COMPOSITES, warn_uncanonized
 from polypure.attribution.hooks import probe_layers, tap_layers
 from polypure.attribution.relevance_plan import Rule, TargetPlan, rules_from_config, select_neurons
@@ -49,12 +50,6 @@ from polypure.config.settings import Config
 from polypure.experiment import resolve_device
 from polypure.models.factory import ExplainedModel
 from polypure.pipeline.work_units import build_data, build_model
-
-#: The largest change of a layer's output, relative to its largest absolute value, that canonizers may
-#: cause. Merging a batch norm into a convolution is exact in real arithmetic; in float32 it moved the demo
-#: ResNet's outputs by 3e-5 and those of ResNet-50 / ResNet-152 with random batch-norm statistics by 2e-4 /
-#: 7e-4, while a canonizer that misses or mangles a module changes them by percents.
-CANONIZER_TOLERANCE = 1e-3
 
 #: The largest median conservation ratio of a layer. zennit's rules do not conserve exactly: biases (large
 #: once batch norms are merged into them), the epsilon stabiliser and the flat / box / alpha-beta rules
