@@ -8,7 +8,7 @@
     polypure report STORE                         the browsable HTML report of a store
     polypure export STORE DIR [--format parquet]  metrics, summary and comparisons as CSV or Parquet tables
     polypure compare A.h5 B.h5 [...] --out DIR    stores compared with the first one (CSV and an HTML page)
-    polypure check-rules CONFIG                   check composites and canonizers on a few samples
+    polypure check-rules CONFIG [--ideal]         check composites and canonizers on a few samples
     polypure list [KIND]                          registered models, composites, canonizers, ...
 
 Exit status: 0 success, 1 runtime failure, 2 bad input (``InputError``: a usage or config error, or a file,
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override config keys, values read as YAML")
     rules.add_argument("--samples", type=int, default=8, help="the first N samples of the data (default 8)")
     rules.add_argument("--neurons", type=int, default=4, help="the first M neurons of each target (default 4)")
+    rules.add_argument("--ideal", action="store_true",
+                       help="check a copy of the model with every bias and normalisation shift set to zero, on "
+                            "which LRP composites conserve relevance exactly: a median off 1 is a canonizer gap")
     rules.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     inspect = sub.add_parser("inspect", help="show what a store holds", description="Show a store's layers, "
@@ -202,7 +205,8 @@ def _check_rules(args) -> int:
     for option in ("samples", "neurons"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option}: must be at least 1, not {getattr(args, option)}")
-    report = check_config(load_config(args.config, args.overrides), samples=args.samples, neurons=args.neurons)
+    report = check_config(load_config(args.config, args.overrides), samples=args.samples, neurons=args.neurons,
+                          ideal=args.ideal)
     print(report.table())
     for failure in report.failures:
         print(f"polypure: error: {failure}", file=sys.stderr)

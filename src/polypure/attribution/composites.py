@@ -408,9 +408,13 @@ def canonizer_advice(module: nn.Module, composite: str, canonizers: list[str] | 
     for kind, where in by_kind.items():
         more = f" and {len(where) - _NAMED} more" if len(where) > _NAMED else ""
         parts.append(f"{kind} in {', '.join(where[:_NAMED])}{more}")
+    missing = [name for name in choose_canonizers(module) if name not in (canonizers or [])]
+    hint = (f"the canonizers for this network's module types are {', '.join(choose_canonizers(module))}: leave "
+            "relevance.canonizers out to have them chosen" if missing else
+            "no registered canonizer rewrites these module types")
     return (f"composite {composite!r} with {with_canonizers} leaves {len(found.gaps)} operation(s) to the plain "
-            f"gradient, where relevance is not conserved: {'; '.join(parts)} (no registered canonizer rewrites "
-            "these module types; `polypure check-rules` measures the damage)")
+            f"gradient, where relevance is not conserved: {'; '.join(parts)} ({hint}; `polypure check-rules "
+            "--ideal` measures the damage)")
 
 
 def warn_uncanonized(module: nn.Module, composite: str, canonizers: list[str] | None, sample: torch.Tensor,
