@@ -353,7 +353,9 @@ def automatic_canonizers(model, composite: str) -> list[str]:
     return chosen
 
 
+#: Networks warned about (once each), and the rules checked on each: a forward pass per rule, not per call.
 _ADVISED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
 
 #: Gaps named per kind in the warning before the rest is counted.
 _NAMED = 3
@@ -419,9 +421,12 @@ def canonizer_advice(module: nn.Module, composite: str, canonizers: list[str] | 
 
 def warn_uncanonized(module: nn.Module, composite: str, canonizers: list[str] | None, sample: torch.Tensor,
                      params: dict[str, Any] | None = None) -> None:
-    """Log :func:`canonizer_advice` as a warning, once per network."""
-    if module in _ADVISED:
+    """Log :func:`canonizer_advice` as a warning, once per network (each rule is checked once)."""
+    rule = (composite, tuple(canonizers or ()), repr(sorted((params or {}).items())))
+    checked = _CHECKED.setdefault(module, set())
+    if module in _ADVISED or rule in checked:
         return
+    checked.add(rule)
     advice = canonizer_advice(module, composite, canonizers, sample, params)
     if advice is not None:
         _ADVISED.add(module)
