@@ -33,8 +33,8 @@ Example
 -------
 >>> from polypure.config.settings import load_config
 >>> from polypure.attribution.rule_checks import check_config
->>> cfg = load_config("demo", ["data.synthetic={n: 2, size: 32}", "relevance.composite=epsilon_plus", "device=cpu"])
->>> report = check_config(cfg, samples=2, neurons=1)
+>>> cfg = load_config("demo", ["data.synthetic={n: 4, size: 32}", "relevance.composite=epsilon_plus", "device=cpu"])
+>>> report = check_config(cfg, samples=4, neurons=2)
 >>> report.passed, [check.layer for check in report.checks[:3]]
 (True, ['output', 'logits', 'block_0'])
 """
