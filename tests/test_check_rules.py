@@ -9,10 +9,19 @@ from torch import nn
 from zennit.canonizers import Canonizer
 from zennit.composites import LayerMapComposite
 from zennit.core import Hook
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Norm, Pass, ZPlus
 
 from polypure.attribution.composites import CANONIZERS, COMPOSITES
 from polypure.attribution.relevance_plan import Rule, TargetPlan
-from polypure.attribution.rule_checks import CANONIZER_TOLERANCE, CONSERVATION_LIMIT, canonizer_change, check_rules
+from polypure.attribution.rule_checks import (
+    CANONIZER_TOLERANCE,
+    CONSERVATION_LIMIT,
+    IDEAL_TOLERANCE,
+    canonizer_change,
+    check_rules,
+    ideal_model,
+)
 from polypure.cli import main
 from polypure.config.settings import config_from_dict
 from polypure.errors import ConfigError
@@ -188,6 +197,66 @@ def test_all_zero_relevance_fails_but_a_silent_neuron_does_not(broken_rules):
                                "whose neuron fired (at most 50%)"]
 
 
+class ScaledEpsilon(Epsilon):
+    """The epsilon rule with its result multiplied by ``factor``: -1 flips the relevance, 1e-30 makes it vanish."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def backward(self, module, grad_input, grad_output):
+        return tuple(None if g is None else g * self.factor for g in super().backward(module, grad_input, grad_output))
+
+    def copy(self):
+        return ScaledEpsilon(self.factor)
+
+
+@pytest.mark.parametrize("factor,verdict", [(-1.0, "relevance flips sign"), (1e-30, "relevance vanishes")])
+def test_flipped_or_vanishing_relevance_fails_naming_the_layer(demo, monkeypatch, factor, verdict):
+    """epsilon_plus whose classifier rule scales its relevance: below the logits the sum has the wrong sign or is gone."""
+    model, images, _ = demo
+    monkeypatch.setitem(COMPOSITES._entries, "scaled", lambda canonizers=None: LayerMapComposite(
+        [(nn.Linear, ScaledEpsilon(factor)), (nn.Conv2d, ZPlus()), (Sum, Norm()), (nn.ReLU, Pass()),
+         (nn.AdaptiveAvgPool2d, Norm())], canonizers=canonizers))
+    plan = TargetPlan("logits", "logits", torch.tensor([0, 1, 2]).numpy(), ["block_3"])
+    report = check_rules(model, images, [("scaled", Rule("scaled", ("resnet",), False))], [plan])
+    row = next(c for c in report.checks if c.layer == "block_3")
+    assert (row.conservation_median < 0) if factor < 0 else (abs(row.conservation_median) < 1e-20)
+    assert report.failures == [f"variant 'scaled', target 'logits', layer 'block_3': the median row has "
+                               f"{row.conservation_median:.3g} times the target's relevance"
+                               + (" (at least 0.001 in size): " if factor > 0 else ": ") + verdict]
+    assert row.passed is False and "FAIL" in report.table().splitlines()[-1]
+
+
+def test_ideal_mode_zeroes_biases_and_shifts_on_a_copy(demo):
+    model, _, _ = demo
+    ideal = ideal_model(model)
+    assert ideal.layers == model.layers and ideal.module is not model.module
+    norms = [m for m in ideal.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.running_mean.any() and not m.bias.any() for m in norms)
+    assert all(not m.bias.any() for m in ideal.module.modules() if isinstance(m, nn.Linear))
+    # the model itself keeps its shifts
+    assert any(m.running_mean.any() for m in model.module.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_ideal_mode_conserves_exactly_with_the_right_canonizer_and_names_a_gap_without(demo):
+    """Without biases each residual addition left to the gradient doubles the relevance: 2 at block_2, 4 at block_1."""
+    model, images, plan = demo
+    before = state(model.module)
+    variants = [("resnet", Rule("epsilon_plus", ("resnet",), False)), ("bn", Rule("epsilon_plus", ("merge_bn",), False))]
+    report = check_rules(model, images, variants, [plan], ideal=True)
+    assert_same_state(before, state(model.module))
+    rows = {(c.variant, c.layer): c for c in report.checks}
+    for layer in ("block_1", "block_2"):
+        assert abs(rows["resnet", layer].conservation_median - 1) < IDEAL_TOLERANCE
+    assert abs(rows["bn", "block_2"].conservation_median - 2) < 0.05
+    assert abs(rows["bn", "block_1"].conservation_median - 4) < 0.1
+    assert [f.split(":")[0] for f in report.failures] == [
+        f"variant 'bn', target 'block_3', layer '{layer}'" for layer in ("block_1", "block_2")]
+    assert report.failures[1].endswith("but without biases and normalisation shifts the rule conserves it "
+                                       "(within 0.01 of 1): a canonizer gap between this layer and the target")
+
+
 def write_config(tmp_path, **relevance) -> str:
     config = {**DEMO, "relevance": {**DEMO["relevance"], **relevance}}
     path = tmp_path / "rules.yaml"
@@ -224,6 +293,15 @@ def test_cli_names_each_failure_on_one_line_and_exits_1(tmp_path, capsys, broken
     assert lines[0].startswith("polypure: error: variant 'default', layer 'output': canonizers resnet, "
                                "scale_first_conv change its output by")
     assert all(line.startswith("polypure: error: variant 'default'") for line in lines) and len(lines) >= 4
+
+
+def test_cli_ideal_mode_fails_on_a_canonizer_gap(tmp_path, capsys):
+    config = write_config(tmp_path, composite="epsilon_plus", canonizers=["merge_bn"])
+    assert main(["check-rules", config, "--samples", "2", "--neurons", "1", "-q", "--ideal"]) == 1
+    err = capsys.readouterr().err
+    assert "a canonizer gap between this layer and the target" in err or "relevance is created" in err
+    assert main(["check-rules", write_config(tmp_path, composite="epsilon_plus"), "--samples", "2", "--neurons",
+                 "1", "-q", "--ideal"]) == 0
 
 
 @pytest.mark.parametrize("argv,message", [

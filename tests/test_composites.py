@@ -1,4 +1,4 @@
-"""Composites: every listed one runs, composites take parameters, and batch norms without a canonizer are named."""
+"""Composites: every listed one runs, composites take parameters, canonizers are chosen and their gaps named."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from polypure import Experiment
 from polypure.attribution.composites import (
     COMPOSITES,
     GRADIENT_COMPOSITES,
+    automatic_canonizers,
     canonizer_advice,
     input_bounds,
     make_composite,
@@ -175,14 +176,17 @@ def test_a_per_channel_bound_must_fit_the_data(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# batch norms without a canonizer
+# canonizers chosen by module type, and what they leave to the plain gradient
 
 
-def bn_net(after_linear: bool = True) -> nn.Module:
-    first = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()] if after_linear else \
-        [nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU()]
-    return nn.Sequential(*first, nn.Conv2d(4, 5, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(5, 2)).eval()
+def bn_net() -> nn.Module:
+    """Convolution, batch norm with statistics of its own (not the identity a fresh one is), ReLU, ..."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2)).eval()
+    with torch.no_grad():
+        net[1].running_mean.fill_(0.2)
+        net[1].running_var.fill_(2.0)
+    return net
 
 
 class ConcatNorm(nn.Module):
@@ -191,54 +195,109 @@ class ConcatNorm(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b, self.norm = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(4)
+        self.norm.running_var.fill_(3.0)
+        self.eval()
 
     def forward(self, x):
         return self.norm(torch.cat([self.a(x), self.b(x)], 1))
 
 
-def test_canonizer_advice_names_the_canonizer_or_says_none_fits():
+class Misordered(nn.Module):
+    """A batch norm registered after ``b`` but fed by ``a``: a merge by module order puts it in the wrong layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.norm = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.norm.running_var.fill_(3.0)
+        self.eval()
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def test_canonizer_advice_names_each_gap_with_its_module_path_and_type():
     import torchvision
 
-    assert "set relevance.canonizers: [merge_bn] (it merges all of them" in canonizer_advice(
-        bn_net(), "epsilon_plus", [])
-    assert "no registered canonizer fits this network" in canonizer_advice(bn_net(False), "epsilon_plus", [])
-    sample = torch.rand(1, 3, 8, 8)
-    assert "set relevance.canonizers: [merge_bn]" in canonizer_advice(bn_net(), "epsilon_plus", [], sample)
-    assert "merge_bn would merge 1 of them into a layer that does not feed them" in canonizer_advice(
-        ConcatNorm().eval(), "epsilon_plus", [], sample)
-    assert canonizer_advice(torchvision.models.resnet18(), "epsilon_plus_flat", []).endswith(
-        "set relevance.canonizers: [resnet]")
-    assert canonizer_advice(bn_net(), "epsilon_plus", ["merge_bn"]) is None
-    assert canonizer_advice(bn_net(), "gradient", []) is None
-    assert canonizer_advice(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "epsilon_plus", []) is None
+    from .nets import tiny
+
+    sample = torch.rand(1, 3, 16, 16)
+    advice = canonizer_advice(bn_net(), "epsilon_plus", [], sample)
+    assert advice.startswith("composite 'epsilon_plus' with no canonizer leaves 1 operation(s) to the plain gradient")
+    assert "normalisation in 1 (BatchNorm2d)" in advice
+    assert canonizer_advice(bn_net(), "epsilon_plus", ["batch_norm"], sample) is None
+    assert canonizer_advice(bn_net(), "gradient", [], sample) is None
+    # a norm after a concatenation has no layer to merge into: it is named, not merged into ``b``
+    assert "normalisation in norm (BatchNorm2d)" in canonizer_advice(ConcatNorm(), "epsilon_plus", ["batch_norm"],
+                                                                      sample)
+    assert "residual addition in (the model) (TinyNet)" in canonizer_advice(tiny(bypass=True).module, "epsilon_plus",
+                                                                             [], sample)
+    resnet = torchvision.models.resnet18().eval()
+    assert "residual addition in layer1.0 (BasicBlock), layer1.1 (BasicBlock), layer2.0 (BasicBlock) and 5 more" in \
+        canonizer_advice(resnet, "epsilon_plus_flat", [], sample)
+    assert canonizer_advice(resnet, "epsilon_plus_flat", ["resnet"], sample) is None
 
 
-def test_an_lrp_composite_on_uncanonized_batch_norms_warns_once(tmp_path, caplog):
+def test_canonizers_that_change_the_output_are_named_first():
+    advice = canonizer_advice(Misordered(), "epsilon_plus", ["batch_norm"], torch.rand(1, 3, 8, 8))
+    assert "the canonizers change the model's output by" in advice and "(at most 0.001)" in advice
+
+
+def test_lrp_composites_get_the_canonizers_of_the_module_types_found():
     import torchvision
 
-    net = torchvision.models.mobilenet_v3_small(weights=None).eval()
-    model = ExplainedModel(net, layers={"mid": "features.6", "late": "features.9", "low": "features.3"})
-    relevance = {"targets": [{"layer": "mid", "neurons": [0, 1], "attribution_layers": ["low"]},
-                             {"layer": "late", "neurons": [2], "attribution_layers": ["low", "mid"]}],
+    small = torchvision.models.mobilenet_v3_small()
+    assert automatic_canonizers(small, "epsilon_plus") == ["mbconv", "se_gate", "batch_norm"]
+    # guided backprop carries a gradient: the gate canonizer would cut it
+    assert automatic_canonizers(small, "guided_backprop") == ["mbconv", "batch_norm"]
+    assert automatic_canonizers(small, "gradient") == []
+    assert automatic_canonizers(torchvision.models.resnet18(), "epsilon_plus") == ["resnet"]
+    assert automatic_canonizers(torchvision.models.regnet_y_400mf(), "epsilon_plus") == [
+        "regnet", "se_gate", "batch_norm"]
+    # a model that names its canonizers keeps them
+    assert automatic_canonizers(ExplainedModel(small, canonizers=["merge_bn"]), "epsilon_plus") == ["merge_bn"]
+    assert automatic_canonizers(ExplainedModel(bn_net()), "epsilon_plus") == ["batch_norm"]
+
+
+def test_an_lrp_composite_with_gaps_warns_once_naming_them(tmp_path, caplog):
+    from .nets import tiny
+
+    model = tiny(bypass=True)
+    relevance = {"targets": [{"layer": "c3", "neurons": [0, 1], "attribution_layers": ["c1"]},
+                             {"layer": "logits", "neurons": [2], "attribution_layers": ["c1", "c2"]}],
                  "n_refs": 2, "composite": "epsilon_plus_flat"}
     with caplog.at_level(logging.WARNING, logger="polypure"):
-        Experiment(model=model, dataset=random_images(6, 32), store=tmp_path / "a.h5", progress=False,
-                   topk={"layers": ["mid", "late"], "k": 2}, relevance=relevance).run(["topk", "relevance"])
-    warned = [r.getMessage() for r in caplog.records if "batch norm" in r.getMessage()]
+        Experiment(model=model, dataset=random_images(6, 16), store=tmp_path / "a.h5", progress=False,
+                   topk={"layers": ["c3", "logits"], "k": 2}, relevance=relevance).run(["topk", "relevance"])
+    warned = [r.getMessage() for r in caplog.records if "plain gradient" in r.getMessage()]
     assert len(warned) == 1, warned
-    assert "composite 'epsilon_plus_flat'" in warned[0] and "relevance.canonizers: [merge_bn]" in warned[0]
+    assert "composite 'epsilon_plus_flat' with no canonizer" in warned[0]
+    assert "residual addition in (the model) (TinyNet)" in warned[0]
 
 
-
-@pytest.mark.parametrize("canonizers,warned", [([], True), (["merge_bn"], False)])
-def test_the_relevance_stage_warns_only_without_a_canonizer(tmp_path, caplog, canonizers, warned):
+@pytest.mark.parametrize("canonizers,stored,warned", [([], ["batch_norm"], False), (["se_gate"], ["se_gate"], True)])
+def test_the_relevance_stage_picks_canonizers_and_warns_about_what_is_left(tmp_path, caplog, canonizers, stored,
+                                                                          warned):
     model = ExplainedModel(bn_net(), layers={"a": "2", "b": "4"})
     with caplog.at_level(logging.WARNING, logger="polypure"):
         Experiment(model=model, dataset=random_images(6, 16), store=tmp_path / "s.h5", progress=False,
                    topk={"layers": ["b"], "k": 2},
                    relevance={"target_layer": "b", "neurons": [0, 1], "attribution_layers": ["a"], "n_refs": 2,
                               "composite": "epsilon_plus", "canonizers": canonizers}).run(["topk", "relevance"])
-    assert bool([r for r in caplog.records if "batch norm" in r.getMessage()]) is warned
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert list(f["relevance/b"].attrs["canonizers"]) == stored
+    messages = [r.getMessage() for r in caplog.records if "plain gradient" in r.getMessage()]
+    assert bool(messages) is warned
+    assert all("normalisation in 1 (BatchNorm2d)" in m for m in messages)
+
+
+def test_list_canonizers_shows_the_families_each_covers(capsys):
+    assert main(["list", "canonizers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("canonizers: ") and "mbconv" in lines[0] and "densenet" in lines[0]
+    described = {line.split()[0]: line for line in lines[1:]}
+    assert "EfficientNet" in described["mbconv"] and "MobileNetV2" in described["mbconv"]
+    assert "DenseNet-121" in described["densenet"] and "SqueezeExcitation" in described["se_gate"]
+    assert "zennit" in described["merge_bn"]
 
 
 def test_other_composite_parameters_make_a_stored_target_stale(tmp_path):

@@ -20,7 +20,7 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.layer import Sum
 
 from polypure import Experiment
-from polypure.attribution.composites import ResNetCanonizer
+from polypure.attribution.canonizers import ResNetCanonizer
 from polypure.cli import main
 from polypure.config.settings import DataSection, load_config
 from polypure.data.datasets import build_dataset, prefix_labels

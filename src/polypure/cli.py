@@ -8,7 +8,7 @@
     polypure report STORE                         the browsable HTML report of a store
     polypure export STORE DIR [--format parquet]  metrics, summary and comparisons as CSV or Parquet tables
     polypure compare A.h5 B.h5 [...] --out DIR    stores compared with the first one (CSV and an HTML page)
-    polypure check-rules CONFIG                   check composites and canonizers on a few samples
+    polypure check-rules CONFIG [--ideal]         check composites and canonizers on a few samples
     polypure list [KIND]                          registered models, composites, canonizers, ...
 
 Exit status: 0 success, 1 runtime failure, 2 bad input (``InputError``: a usage or config error, or a file,
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--neurons", type=int, default=None,
                        help="the first M selected neurons of each target (default: 4, or all of fewer; at most "
                             "the largest target's)")
+    rules.add_argument("--ideal", action="store_true",
+                       help="check a copy of the model with every bias and normalisation shift set to zero, on "
+                            "which LRP composites conserve relevance exactly: a median off 1 is a canonizer gap")
     rules.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     inspect = sub.add_parser("inspect", help="show what a store holds", description="Show a store's layers, "
@@ -192,6 +195,18 @@ def _run(args) -> int:
     return 0
 
 
+def _describe_canonizers(registry, broken) -> None:
+    """One line per canonizer: the network families and module types it covers."""
+    from polypure.attribution.composites import canonizer_families
+
+    names = [n for n in registry.names() if n not in broken]
+    width = max(map(len, names), default=0)
+    for name in names:
+        families = canonizer_families(name)
+        if families:
+            print(f"  {name.ljust(width)}  {families}")
+
+
 def _check_rules(args) -> int:
     from polypure.attribution.rule_checks import check_config
     from polypure.config.settings import load_config
@@ -199,7 +214,8 @@ def _check_rules(args) -> int:
     for option in ("samples", "neurons"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ConfigError(f"--{option}: must be at least 1, not {getattr(args, option)}")
-    report = check_config(load_config(args.config, args.overrides), samples=args.samples, neurons=args.neurons)
+    report = check_config(load_config(args.config, args.overrides), samples=args.samples, neurons=args.neurons,
+                          ideal=args.ideal)
     print(report.table())
     for failure in report.failures:
         print(f"polypure: error: {failure}", file=sys.stderr)
@@ -287,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                     # a plugin whose entry point fails to import is listed as such; the other names still work
                     broken = registry.broken()
                     print(f"{kind}: {', '.join(f'{n} (broken)' if n in broken else n for n in registry.names())}")
+                    if kind == "canonizers":
+                        _describe_canonizers(registry, broken)
                     for message in broken.values():
                         print(f"polypure: warning: {message}", file=sys.stderr)
             return 0

@@ -3,19 +3,25 @@
 ``gradient`` is the empty composite: the plain gradient, which times the activation gives Gradient x
 Activation (the seed paper's relevance). Every name in ``zennit.composites.COMPOSITES``
 (``epsilon_plus_flat``, ``epsilon_gamma_box``, ...) is available as well. Canonizers rewrite the network
-so that LRP rules apply cleanly (``resnet`` merges batch norms and gives residual additions a module of
-their own), for torchvision and timm ResNets alike.
+so that LRP rules apply cleanly (:mod:`polypure.attribution.canonizers`: residual additions as ``Sum``
+modules, batch norms merged, squeeze-excitation gates passed as signal only, DenseNet's norms after
+concatenations); an LRP composite without canonizers in the config gets those whose module types the
+network has (:func:`automatic_canonizers`), and passes relevance through timm's activations and layer norms
+(:func:`~polypure.attribution.canonizers.canonical_rules`).
 
 A composite may take parameters (the keyword arguments of its class besides ``canonizers``). Those that
 bound the model input, ``low`` and ``high`` of ``epsilon_gamma_box``'s ZBox rule, default to the data's
 normalised pixel range: per channel ``(0 - mean) / std`` and ``(1 - mean) / std``. An LRP composite on
-a network whose batch norms no canonizer merges gets a warning naming the canonizer to use
-(:func:`canonizer_advice`).
+a network with residual additions, gates or normalisations that its canonizers leave to the plain gradient
+gets one warning naming their modules (:func:`canonizer_advice`).
 
 Example
 -------
 >>> from polypure.attribution.composites import make_composite
 >>> composite = make_composite("epsilon_plus_flat", ["resnet"])
+>>> import torchvision
+>>> automatic_canonizers(torchvision.models.efficientnet_b0(), "epsilon_plus")
+['mbconv', 'se_gate', 'batch_norm']
 >>> box = make_composite("epsilon_gamma_box", bounds=([-1.2, -1.2, -1.2], [2.8, 2.8, 2.8]))
 """
 
@@ -30,12 +36,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
+from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm
 from zennit.composites import COMPOSITES as ZENNIT_COMPOSITES
-from zennit.core import Composite, collect_leaves
-from zennit.layer import Sum
-from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, VGGCanonizer
+from zennit.core import Composite
+from zennit.torchvision import VGGCanonizer
 
+from polypure.attribution.canonizers import (
+    AUTOMATIC,
+    CANONIZER_TOLERANCE,
+    canonical_rules,
+    choose_canonizers,
+)
+from polypure.attribution.lrp_gaps import find_gaps
 from polypure.errors import ConfigError
 from polypure.registry import Registry
 
@@ -252,8 +264,12 @@ def make_composite(name: str, canonizers: list[str] | None = None, params: dict[
     kwargs = composite_kwargs(name, params, bounds, key)
     factory = COMPOSITES.get(name)
     chosen = [CANONIZERS.get(c)() for c in canonizers or []]
-    return factory(canonizers=[LastFirst(chosen)] if chosen else [],
-                   **{key: _as_argument(key, value) for key, value in kwargs.items()})
+    composite = factory(canonizers=[LastFirst(chosen)] if chosen else [],
+                        **{key: _as_argument(key, value) for key, value in kwargs.items()})
+    if name not in GRADIENT_COMPOSITES and callable(getattr(composite, "module_map", None)):
+        # the rules canonized modules ask for, and Pass for timm's activations and for layer norms
+        canonical_rules(composite)
+    return composite
 
 
 class LastFirst(CompositeCanonizer):
@@ -282,159 +298,136 @@ def times_activation(composite: str, setting="auto") -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# batch norms an LRP composite would leave alone
+# canonizers by name, chosen automatically, and what they leave out
 
-_ADVISED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+for _name, _cls in AUTOMATIC.items():
+    CANONIZERS.register(_name, _cls)
+# zennit's own, as zennit-crp applies them (``batch_norm`` merges more exactly and more kinds of norm)
+CANONIZERS.register("merge_bn", SequentialMergeBatchNorm)
+CANONIZERS.register("vgg", VGGCanonizer)
+#: What the zennit canonizers registered by name cover.
+_ZENNIT_FAMILIES = {
+    "merge_bn": "zennit's SequentialMergeBatchNorm: every batch norm right after a convolution or linear layer "
+                "in module order (as zennit-crp merges them)",
+    "vgg": "zennit's VGGCanonizer: torchvision VGG with batch norms (the same merge)",
+}
 
 
-def _has_resnet_blocks(module: nn.Module) -> bool:
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-    blocks = (BasicBlock, Bottleneck, *(t for t in _timm_block_types() if t is not None))
-    return any(isinstance(m, blocks) for m in module.modules())
+def canonizer_families(name: str) -> str:
+    """What a registered canonizer covers, for ``polypure list canonizers`` (empty for a plugin that does not say).
 
-
-def _merged_batch_norms(module: nn.Module, sample: torch.Tensor | None) -> tuple[int, int]:
-    """How many batch norms ``merge_bn`` merges into the layer that feeds them, and how many into another.
-
-    ``merge_bn`` (zennit's SequentialMergeBatchNorm) merges a batch norm into the linear layer right before
-    it in module order. Given a sample, a forward pass checks that this layer's output is the batch norm's
-    input; a batch norm after a concatenation (DenseNet) would otherwise be merged into the wrong layer.
+    Raises
+    ------
+    ConfigError
+        For an unknown canonizer name.
     """
-    merge = SequentialMergeBatchNorm
-    leaves = list(collect_leaves(module))
-    pairs = [(before, leaf) for before, leaf in zip(leaves, leaves[1:])
-             if isinstance(before, merge.linear_type) and isinstance(leaf, merge.batch_norm_type)]
-    if sample is None or not pairs:
-        return len(pairs), 0
-    outputs, inputs = {}, {}
-    handles = [m.register_forward_hook(lambda m, args, out: outputs.__setitem__(m, out)) for m, _ in pairs]
-    handles += [m.register_forward_hook(lambda m, args, out: inputs.__setitem__(m, args[0])) for _, m in pairs]
-    try:
-        with torch.no_grad():
-            module(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    right = sum(norm in inputs and inputs[norm] is outputs.get(linear) for linear, norm in pairs)
-    return right, len(pairs) - right
+    factory = CANONIZERS.get(name)
+    return _ZENNIT_FAMILIES.get(name, "") if factory in (SequentialMergeBatchNorm, VGGCanonizer) else \
+        getattr(factory, "families", "") or ""
 
 
-def canonizer_advice(module: nn.Module, composite: str, canonizers: list[str] | None,
-                     sample: torch.Tensor | None = None) -> str | None:
-    """What to do when an LRP composite meets batch norms that no canonizer merges; None when all is well.
+def automatic_canonizers(model, composite: str) -> list[str]:
+    """The canonizers a composite gets when the config names none.
 
-    zennit's LRP rules have no rule for a batch norm: without a canonizer that merges it into the layer
-    before, the backward pass goes through it as a plain gradient, and the result is not LRP.
+    The model's own (:attr:`~polypure.models.factory.ExplainedModel.canonizers`), or else those whose module
+    types the network has (:func:`~polypure.attribution.canonizers.choose_canonizers`). None for the plain
+    gradient. The other gradient-type composites (guided backprop, deconvnet) get those that leave the
+    gradient as it is, which is all but ``se_gate`` (it cuts the gradient through the gate).
+
+    Parameters
+    ----------
+    model : ExplainedModel or torch.nn.Module
+    composite : str
+        The composite's name.
+
+    Returns
+    -------
+    list of str
+    """
+    if composite == "gradient":
+        return []
+    module = getattr(model, "module", model)
+    chosen = list(getattr(model, "canonizers", None) or choose_canonizers(module))
+    if composite in GRADIENT_COMPOSITES:
+        chosen = [name for name in chosen if name != "se_gate"]
+    return chosen
+
+
+#: Networks warned about (once each), and the rules checked on each: a forward pass per rule, not per call.
+_ADVISED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+
+#: Gaps named per kind in the warning before the rest is counted.
+_NAMED = 3
+
+
+def canonizer_advice(module: nn.Module, composite: str, canonizers: list[str] | None, sample: torch.Tensor,
+                     params: dict[str, Any] | None = None) -> str | None:
+    """What an LRP composite and its canonizers leave to the plain gradient, as one line; None when nothing.
+
+    A residual addition, a gate, a normalisation or a scale outside every module with a rule gets the plain
+    gradient, which creates or destroys relevance (:mod:`polypure.attribution.lrp_gaps`). Canonizers that
+    change the model's output by more than :data:`~polypure.attribution.canonizers.CANONIZER_TOLERANCE` are
+    named first: they do not fit the network.
 
     Parameters
     ----------
     module : torch.nn.Module
         The network.
     composite : str
-        The composite's name; gradient-type composites need no canonizer.
+        The composite's name; gradient-type composites are never advised.
     canonizers : list of str, optional
         The canonizers that will be applied.
-    sample : Tensor, optional
-        A model input (batch of one); with it, ``merge_bn`` is advised only where a forward pass shows
-        that it would merge each batch norm into the layer that feeds it.
+    sample : Tensor
+        A model input (a batch of one), for one forward pass.
+    params : dict, optional
+        The composite's parameters.
 
     Returns
     -------
     str or None
-        One line naming the canonizer to use, or saying that none fits.
+        The output change, or the gaps by kind, each with the module path and type of the first few.
     """
-    if composite in GRADIENT_COMPOSITES or canonizers:
+    if composite in GRADIENT_COMPOSITES:
         return None
-    norms = [m for m in module.modules() if isinstance(m, SequentialMergeBatchNorm.batch_norm_type)]
-    if not norms:
+    try:
+        built = make_composite(composite, list(canonizers or []), params)
+    except ConfigError:
+        return None  # the config check names what is wrong with the composite
+    found = find_gaps(module, built, sample)
+    with_canonizers = f"canonizers {', '.join(canonizers)}" if canonizers else "no canonizer"
+    if found.change > CANONIZER_TOLERANCE:
+        return (f"composite {composite!r} with {with_canonizers}: the canonizers change the model's output by "
+                f"{found.change:.3g} of its largest value (at most {CANONIZER_TOLERANCE:g}), so they do not fit "
+                "this network (a batch norm merged into a layer that does not feed it?); `polypure check-rules` "
+                "names the layers")
+    if not found.gaps:
         return None
-    found = (f"composite {composite!r} on a network with {len(norms)} batch norm(s) and no canonizer: zennit "
-             "passes the plain gradient through them, so the relevance is not LRP")
-    if _has_resnet_blocks(module):
-        return f"{found}; set relevance.canonizers: [resnet]"
-    right, wrong = _merged_batch_norms(module, sample)
-    if wrong:
-        return (f"{found}; no registered canonizer fits this network (merge_bn would merge {wrong} of them into "
-                "a layer that does not feed them)")
-    if right == len(norms):
-        return f"{found}; set relevance.canonizers: [merge_bn] (it merges all of them into the layers before)"
-    if right:
-        return (f"{found}; relevance.canonizers: [merge_bn] merges {right} of them, no registered canonizer "
-                f"merges the other {len(norms) - right}")
-    return f"{found}; no registered canonizer fits this network (none of its batch norms follows a linear layer)"
+    by_kind: dict[str, list[str]] = {}
+    for gap in found.gaps:
+        by_kind.setdefault(gap.kind, []).append(gap.describe())
+    parts = []
+    for kind, where in by_kind.items():
+        more = f" and {len(where) - _NAMED} more" if len(where) > _NAMED else ""
+        parts.append(f"{kind} in {', '.join(where[:_NAMED])}{more}")
+    missing = [name for name in choose_canonizers(module) if name not in (canonizers or [])]
+    hint = (f"the canonizers for this network's module types are {', '.join(choose_canonizers(module))}: leave "
+            "relevance.canonizers out to have them chosen" if missing else
+            "no registered canonizer rewrites these module types")
+    return (f"composite {composite!r} with {with_canonizers} leaves {len(found.gaps)} operation(s) to the plain "
+            f"gradient, where relevance is not conserved: {'; '.join(parts)} ({hint}; `polypure check-rules "
+            "--ideal` measures the damage)")
 
 
-def warn_uncanonized(module: nn.Module, composite: str, canonizers: list[str] | None,
-                     sample: torch.Tensor | None = None) -> None:
-    """Log :func:`canonizer_advice` as a warning, once per network."""
-    if module in _ADVISED:
+def warn_uncanonized(module: nn.Module, composite: str, canonizers: list[str] | None, sample: torch.Tensor,
+                     params: dict[str, Any] | None = None) -> None:
+    """Log :func:`canonizer_advice` as a warning, once per network (each rule is checked once)."""
+    rule = (composite, tuple(canonizers or ()), repr(sorted((params or {}).items())))
+    checked = _CHECKED.setdefault(module, set())
+    if module in _ADVISED or rule in checked:
         return
-    advice = canonizer_advice(module, composite, canonizers, sample)
+    checked.add(rule)
+    advice = canonizer_advice(module, composite, canonizers, sample, params)
     if advice is not None:
         _ADVISED.add(module)
         log.warning(advice)
-
-
-# ---------------------------------------------------------------------------------------------------
-# timm ResNet blocks, canonized like zennit does for torchvision: the in-place residual addition
-# becomes a Sum module that LRP rules can attach to.
-
-
-def _timm_block_types():
-    try:
-        from timm.models.resnet import BasicBlock, Bottleneck
-    except ImportError:  # timm is optional for canonizing
-        return None, None
-    return BasicBlock, Bottleneck
-
-
-def _timm_residual(block, x, shortcut, act):
-    if block.se is not None:
-        x = block.se(x)
-    if block.drop_path is not None:
-        x = block.drop_path(x)
-    if block.downsample is not None:
-        shortcut = block.downsample(shortcut)
-    return act(block.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
-
-
-def _timm_basic_forward(self, x):
-    shortcut = x
-    x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-    return _timm_residual(self, self.bn2(self.conv2(x)), shortcut, self.act2)
-
-
-def _timm_bottleneck_forward(self, x):
-    shortcut = x
-    x = self.act1(self.bn1(self.conv1(x)))
-    x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-    return _timm_residual(self, self.bn3(self.conv3(x)), shortcut, self.act3)
-
-
-class TimmResNetBlockCanonizer(AttributeCanonizer):
-    """Gives timm ResNet BasicBlocks and Bottlenecks a Sum module for their residual addition."""
-
-    def __init__(self):
-        super().__init__(self._attribute_map)
-
-    @staticmethod
-    def _attribute_map(name, module):
-        basic, bottleneck = _timm_block_types()
-        if basic is not None and type(module) is basic:
-            return {"forward": _timm_basic_forward.__get__(module), "canonizer_sum": Sum()}
-        if bottleneck is not None and type(module) is bottleneck:
-            return {"forward": _timm_bottleneck_forward.__get__(module), "canonizer_sum": Sum()}
-        return None
-
-
-class ResNetCanonizer(CompositeCanonizer):
-    """Merge batch norms and canonize residual blocks of torchvision and timm ResNets."""
-
-    def __init__(self):
-        super().__init__((SequentialMergeBatchNorm(), ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer(),
-                          TimmResNetBlockCanonizer()))
-
-
-CANONIZERS.register("resnet", ResNetCanonizer)
-CANONIZERS.register("merge_bn", SequentialMergeBatchNorm)
-CANONIZERS.register("vgg", VGGCanonizer)

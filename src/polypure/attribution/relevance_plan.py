@@ -28,7 +28,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from polypure.attribution.composites import composite_kwargs, input_bounds, make_composite, times_activation
+from polypure.attribution.composites import (
+    automatic_canonizers,
+    composite_kwargs,
+    input_bounds,
+    make_composite,
+    times_activation,
+)
 from polypure.attribution.engine import ConditionalRelevance, channel_init
 from polypure.attribution.planted import VirtualNeurons
 from polypure.attribution.precision import auto_batch_size, to_device
@@ -114,7 +120,9 @@ class Rule:
 def rules_from_config(config, model, dataset=None) -> dict[str, Rule]:
     """The rule of every variant of ``relevance.variants`` (or the one ``relevance.composite`` describes), by id.
 
-    An LRP composite without canonizers gets the model's default ones (the ResNet canonizer for ResNets).
+    A composite without canonizers gets the model's own, or those whose module types the network has
+    (:func:`~polypure.attribution.composites.automatic_canonizers`: ``resnet`` for ResNets, ``mbconv``,
+    ``se_gate`` and ``batch_norm`` for EfficientNets, ...).
     Input bounds the composite takes and the config leaves out (the ZBox rule's ``low`` / ``high``) are
     the data's normalised pixel range.
 
@@ -144,9 +152,7 @@ def rules_from_config(config, model, dataset=None) -> dict[str, Rule]:
     named = config.relevance.variants is not None
     for i, variant in enumerate(config.relevance.variant_list):
         name = variant.composite_name
-        canonizers = list(variant.canonizers)
-        if not canonizers and name != "gradient":
-            canonizers = list(model.canonizers)
+        canonizers = list(variant.canonizers) or automatic_canonizers(model, name)
         key = f"relevance.variants[{i}] ({variant.id}).composite" if named else "relevance.composite"
         params = composite_kwargs(name, variant.composite_params, bounds, key=key)
         rules[variant.id] = Rule(name, tuple(canonizers), times_activation(name, variant.times_activation),

@@ -87,5 +87,5 @@ def efficientnet_lite0(weights: str | None = None, **kwargs) -> ExplainedModel:
         module.load_state_dict(map_by_position(state, module.state_dict(), str(path)))
     layers = {f"block_{i}": f"blocks.{i}" for i in range(len(module.blocks))}
     layers.update({"head": "bn2", "logits": "classifier"})
-    return ExplainedModel(module, layers=layers, preprocessing={"mean": list(MEAN), "std": list(STD)},
-                          canonizers=["merge_bn"])
+    # canonizers by module type: mbconv for the residual additions of the blocks, batch_norm for their norms
+    return ExplainedModel(module, layers=layers, preprocessing={"mean": list(MEAN), "std": list(STD)})

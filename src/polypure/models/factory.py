@@ -71,7 +71,8 @@ class ExplainedModel:
         Input preparation that belongs to the weights: ``mean``, ``std`` and optionally ``image_size``;
         used when ``data.normalize`` is ``auto``.
     canonizers : list of str
-        Canonizer names applied automatically when an LRP composite is asked for.
+        Canonizer names applied automatically when an LRP composite is asked for; empty: those whose module
+        types the network has (:func:`polypure.attribution.canonizers.choose_canonizers`).
     channel_axes : dict of str to int
         Channel axes of layers (aliases or module paths) whose outputs are not channels first, such as
         ``-1`` for (B, T, D) tokens; declared on their modules by :meth:`declare_channel_axes`. Transformer
@@ -214,7 +215,9 @@ def default_layers(module: nn.Module) -> dict[str, str]:
 
 
 def _default_canonizers(module: nn.Module) -> list[str]:
-    return ["resnet"] if "layer1" in default_layers(module).values() else []
+    # by the module types found: resnet for ResNets, mbconv, se_gate and batch_norm for EfficientNets, ...
+    from polypure.attribution.canonizers import choose_canonizers
+    return choose_canonizers(module)
 
 
 # ---------------------------------------------------------------------------------------------------

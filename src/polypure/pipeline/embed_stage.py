@@ -73,6 +73,7 @@ def run(ctx: StageContext) -> None:
     """Embed the references of every target with every evaluator the config uses."""
     from tqdm.auto import tqdm
 
+    from polypure.attribution.composites import automatic_canonizers
     from polypure.attribution.crops import crop, crop_heatmaps
     from polypure.evaluation.evaluators import as_rgb, evaluator_names, make_evaluator
     from polypure.pipeline.relevance_stage import plans as target_plans
@@ -122,7 +123,8 @@ def run(ctx: StageContext) -> None:
                     plans = plans or {p.name: p for p in target_plans(ctx, store)}
                     plan = plans[target]
                     plan.neurons = store.neurons(target)
-                    canonizers = list(ctx.config.relevance.canonizers) or list(ctx.model.canonizers)
+                    canonizers = list(ctx.config.relevance.canonizers) or automatic_canonizers(
+                        ctx.model, evaluator.settings.crop_composite)
                     boxes = crop_heatmaps(ctx.model, ctx.dataset, plan, refs, evaluator.settings.crop_composite,
                                           canonizers, batch_size=ctx.config.relevance.rows_per_pass, device=ctx.device,
                                           key=f"evaluate.{name}.crop_composite")

@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> None:
                         ctx.log(f"relevance {plan.name}: batch_size auto -> {batch} rows per backward pass")
                 if rule not in warned:
                     warn_uncanonized(ctx.model.module, rule.composite, list(rule.canonizers),
-                                     sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device))
+                                     sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device), params=dict(rule.params))
                     warned.add(rule)
 
                 def write(rows, arrays, name=plan.name, variant=variant):
