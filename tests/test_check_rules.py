@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -313,3 +314,20 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, capsys, argv, message)
     assert main(["check-rules", write_config(tmp_path), "-q", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("polypure: config error: ") and message in err and err.count("\n") == 1
+
+
+def test_an_experiment_checks_its_rules_on_an_in_memory_model():
+    from polypure import Experiment
+
+    from .helpers import random_images
+
+    exp = Experiment(model=tiny(seed=1), dataset=random_images(6, 32, seed=2), store="unused.h5", progress=False,
+                     relevance={"targets": [{"layer": "c3", "neurons": "0:3", "attribution_layers": ["c1", "c2"]}],
+                                "variants": [{"id": "gxa", "composite": "gradient"},
+                                             {"id": "lrp", "composite": "epsilon_plus"}]})
+    report = exp.check_rules(samples=3, neurons=2)
+    rows = {(c.variant, c.layer) for c in report.checks}
+    assert {("gxa", "c1"), ("lrp", "c1"), ("lrp", "c2")} <= rows
+    lrp = next(c for c in report.checks if (c.variant, c.layer) == ("lrp", "c2"))
+    assert lrp.conservation_median is not None and np.isfinite(lrp.conservation_median)
+    assert "lrp" in report.table() and not (exp.config.store_path).exists()       # nothing is written

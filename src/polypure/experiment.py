@@ -147,9 +147,9 @@ class Experiment:
                 from polypure.models.factory import attach_layers
                 model = attach_layers(arg, self.config.model.layers)
             elif isinstance(arg, nn.Module):
-                from polypure.models.factory import _default_canonizers, attach_layers
+                from polypure.models.factory import attach_layers, default_canonizers
                 model = attach_layers(ExplainedModel(arg, name=self.config.model.name,
-                                                     canonizers=_default_canonizers(arg)), self.config.model.layers)
+                                                     canonizers=default_canonizers(arg)), self.config.model.layers)
             else:
                 model = build_model(self.config)
             model.module.eval().to(self.device)
@@ -299,6 +299,30 @@ class Experiment:
             check_experiment(self, stages)
             self._validated = True
         return self
+
+    def check_rules(self, samples: int | None = None, neurons: int | None = None, ideal: bool = False):
+        """Check the config's relevance rules on this experiment's model and first samples, before computing.
+
+        What ``polypure check-rules`` does for a config file, for any model and data an ``Experiment`` holds
+        (an in-memory network included): per rule variant and layer, conservation of relevance, canonizer
+        output changes, silent and non-finite rows.
+
+        Parameters
+        ----------
+        samples : int, optional
+            The first this many samples (default 8, or all where there are fewer).
+        neurons : int, optional
+            The first this many selected neurons of each target (default 4).
+        ideal : bool
+            Check a copy without biases and normalisation shifts, where LRP composites conserve exactly.
+
+        Returns
+        -------
+        polypure.attribution.rule_checks.RuleReport
+            ``table()`` formats it; ``passed`` and ``failures`` say what failed.
+        """
+        from polypure.attribution.rule_checks import check_model
+        return check_model(self.config, self.model, self.dataset, samples, neurons, ideal)
 
     def log(self, message: str) -> None:
         """Report a line of progress through the ``polypure`` logger."""

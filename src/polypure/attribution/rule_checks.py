@@ -588,7 +588,29 @@ def check_config(config: Config, samples: int | None = None, neurons: int | None
     """
     device = resolve_device(config.device)
     model = build_model(config, device)
-    dataset = build_data(config, model)
+    return check_model(config, model, build_data(config, model), samples, neurons, ideal)
+
+
+def check_model(config: Config, model: ExplainedModel, dataset, samples: int | None = None,
+                neurons: int | None = None, ideal: bool = False) -> RuleReport:
+    """:func:`check_config` for a model and data already built (an in-memory network, an ``Experiment``'s).
+
+    Parameters
+    ----------
+    config : Config
+        Its relevance section gives the rule variants and targets.
+    model : ExplainedModel
+        The network, on the device the check runs on.
+    dataset : PolypureDataset
+        Its first ``samples`` items are the images.
+    samples, neurons, ideal
+        As for :func:`check_config`.
+
+    Returns
+    -------
+    RuleReport
+    """
+    device = next(iter(model.module.parameters()), torch.empty(0)).device
     if samples is None:
         samples = min(DEFAULT_SAMPLES, len(dataset))
     else:

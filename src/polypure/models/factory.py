@@ -214,8 +214,12 @@ def default_layers(module: nn.Module) -> dict[str, str]:
     return {}
 
 
-def _default_canonizers(module: nn.Module) -> list[str]:
-    # by the module types found: resnet for ResNets, mbconv, se_gate and batch_norm for EfficientNets, ...
+def default_canonizers(module: nn.Module) -> list[str]:
+    """The canonizers an LRP composite gets on this network: those whose module types it has.
+
+    ``resnet`` for ResNets, ``mbconv``, ``se_gate`` and ``batch_norm`` for EfficientNets, ...
+    (:func:`polypure.attribution.canonizers.choose_canonizers`).
+    """
     from polypure.attribution.canonizers import choose_canonizers
     return choose_canonizers(module)
 
@@ -454,7 +458,7 @@ def create_model(name: str, weights: str | None = None, layers: dict[str, Any] |
         apply_state_dict(model.module, state, str(weight_file))
     attach_layers(model, layers)
     if not model.canonizers:
-        model.canonizers = _default_canonizers(model.module)
+        model.canonizers = default_canonizers(model.module)
     model.module.eval()
     return model
 
