@@ -15,8 +15,9 @@
 #
 # No config file and no download: a torchvision ResNet-18 and images held in memory. The images here are
 # synthetic concept images (known shape, colour and texture) so that the result can be scored; any torch
-# dataset of `(image, label)` items works the same way. The network is trained for a minute on them so that
-# its neurons mean something.
+# dataset of `(image, label)` items works the same way. The network is trained for under a minute on them, so
+# its neurons mean something, if not much: a network this briefly trained splits its neurons by class only
+# weakly (the bundled demo model, trained properly, is the one to learn what the numbers can look like).
 
 # %%
 import tempfile
@@ -48,9 +49,9 @@ dataset = torch.utils.data.TensorDataset(x, y)
 
 # %%
 net = torchvision.models.resnet18(weights=None, num_classes=4)
-optimiser = torch.optim.Adam(net.parameters(), lr=2e-3)
-for _ in range(4):
-    for batch in torch.randperm(len(x)).split(50):
+optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+for _ in range(8):
+    for batch in torch.randperm(len(x)).split(32):
         optimiser.zero_grad()
         loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
         loss.backward()
