@@ -25,9 +25,11 @@ conservation ratios.
 Biases and normalisation shifts absorb relevance by design, so a median of 0.3 may be the rule or a
 canonizer gap. **Ideal mode** (``ideal=True``, ``polypure check-rules --ideal``) tells them apart: it checks
 a copy of the model with every bias and every normalisation shift set to zero (:func:`ideal_model`), on
-which a zennit LRP composite (epsilon, z+, alpha-beta, gamma, flat, box) conserves relevance exactly, so
-every median further than :data:`IDEAL_TOLERANCE` from 1 fails and points at a layer the canonizers leave
-to the plain gradient. The canonizers' output change is shown there but judged on the model itself only.
+which a zennit LRP composite of epsilon and z+ rules (``epsilon_plus``, ``epsilon_plus_flat``,
+``excitation_backprop``) conserves relevance exactly, so every median further than :data:`IDEAL_TOLERANCE`
+from 1 fails and points at a layer the canonizers leave to the plain gradient. Alpha-beta rules conserve only
+where a neuron has contributions of both signs (``alpha2_beta1`` doubles the relevance of a neuron without
+negative ones), and the gamma rule up to its stabiliser, so their ideal medians may be off 1 without a gap. The canonizers' output change is shown there but judged on the model itself only.
 
 Example
 -------
