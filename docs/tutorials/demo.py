@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Tutorial 1: the demo, from `Experiment` to the report
+# # Tutorial 1: the demo, from Experiment to the report
 #
 # The bundled demo explains a small ResNet trained on synthetic concept images whose four classes each
 # merge two unrelated shapes, so every logit is polysemantic with a known split (see
@@ -19,8 +19,11 @@
 # on two CPU cores), reads the results as pandas tables, draws a figure and writes the report.
 
 # %%
-import tempfile
 import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without widgets
+
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -28,7 +31,6 @@ import matplotlib.pyplot as plt
 import polypure
 from polypure import Experiment, open_results, write_report
 
-warnings.filterwarnings("ignore", message="IProgress not found")
 folder = Path(tempfile.mkdtemp(prefix="polypure-tutorial-"))
 store = folder / "demo.h5"
 

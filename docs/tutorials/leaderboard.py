@@ -20,8 +20,11 @@
 # clusterers on planted neurons of the demo network, then reads the paired statistics line by line.
 
 # %%
-import tempfile
 import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without widgets
+
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,6 @@ import numpy as np
 from polypure import Experiment, open_results
 from polypure.evaluation.comparisons import format_leaderboard
 
-warnings.filterwarnings("ignore", message="IProgress not found")
 store = Path(tempfile.mkdtemp(prefix="polypure-tutorial-")) / "leaderboard.h5"
 
 # %% [markdown]

@@ -20,8 +20,11 @@
 # weakly (the bundled demo model, trained properly, is the one to learn what the numbers can look like).
 
 # %%
-import tempfile
 import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without widgets
+
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,7 +33,6 @@ import torchvision
 from polypure import Experiment, open_results
 from polypure.data.synthetic import class_of_shape, render
 
-warnings.filterwarnings("ignore", message="IProgress not found")
 torch.manual_seed(0)
 store = Path(tempfile.mkdtemp(prefix="polypure-tutorial-")) / "resnet18.h5"
 
