@@ -367,6 +367,40 @@ def plan_unit(samples: np.ndarray, chunk_sizes: list[int], n_refs: int, batch_si
     return batches
 
 
+def plan_passes(refs: np.ndarray, todo: np.ndarray, batch_size: int, backward_cost: float,
+                share_rows: int | None = None) -> Iterator[tuple[np.ndarray, SharedBatch, bool]]:
+    """The passes :func:`compute_target` runs for rows ``todo``, planned one group of chunks at a time.
+
+    Parameters
+    ----------
+    refs : ndarray (M, n_refs)
+    todo : ndarray
+    batch_size : int
+    backward_cost : float
+        :attr:`ConditionalRelevance.backward_cost`.
+    share_rows : int, optional
+        As for :func:`compute_target`.
+
+    Yields
+    ------
+    neurons : ndarray
+        The rows of ``todo`` the pass's group of chunks explains; ``batch.rows`` index their
+        (neuron, reference) rows, neuron-major.
+    batch : SharedBatch
+    last : bool
+        Whether it is the group's last pass.
+    """
+    n_refs = refs.shape[1]
+    share_rows = SHARE_ROWS if share_rows is None else share_rows
+    chunks = list(_chunks(todo, neurons_per_chunk(batch_size, n_refs)))
+    for unit in _units(chunks, n_refs, share_rows):
+        neurons = np.concatenate(unit)
+        planned = plan_unit(refs[neurons].reshape(-1), [len(c) for c in unit], n_refs, batch_size, backward_cost,
+                            share=share_rows > 0)
+        for number, batch in enumerate(planned):
+            yield neurons, batch, number == len(planned) - 1
+
+
 def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, engine: ConditionalRelevance,
                    write: Callable[[np.ndarray, dict[str, np.ndarray]], None], *, batch_size: int = 64,
                    num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = False,
@@ -410,24 +444,10 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
     SharingStats
     """
     n_refs = refs.shape[1]
-    share_rows = SHARE_ROWS if share_rows is None else share_rows
-    chunks = list(_chunks(todo, neurons_per_chunk(batch_size, n_refs)))
-    units = list(_units(chunks, n_refs, share_rows))
     stats = SharingStats()
-
-    def passes():
-        # (unit, its rows' samples, pass, last pass of the unit), planned one unit at a time
-        for unit in units:
-            neurons = np.concatenate(unit)
-            samples = refs[neurons].reshape(-1)
-            planned = plan_unit(samples, [len(c) for c in unit], n_refs, batch_size, engine.backward_cost,
-                                share=share_rows > 0)
-            for number, batch in enumerate(planned):
-                yield neurons, batch, number == len(planned) - 1
-
     loader = _ImageLoader(dataset, num_workers)
     bar = tqdm(total=len(todo), desc=desc or f"relevance {plan.name}", unit="neuron", disable=not progress, leave=False)
-    work = passes()
+    work = plan_passes(refs, todo, batch_size, engine.backward_cost, share_rows)
     try:
         current = next(work, None)
         pending = loader.submit(current[1].samples) if current else None

@@ -110,7 +110,8 @@ def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, batch: int
     """Rows ``todo`` of a target on the executor's actors, in ranges of whole neurons, written as they arrive.
 
     A range holds whole chunks of the local computation (:func:`polypure.attribution.relevance_plan.neurons_per_chunk`), so
-    each backward pass a worker runs is one the local stage runs.
+    every row runs in passes of the size the local stage gives it, and its relevance is the local stage's (a worker
+    shares forward passes among the rows of its own ranges only).
     """
     from tqdm.auto import tqdm
 
