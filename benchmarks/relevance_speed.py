@@ -18,7 +18,8 @@ demo config's relevance stage (its three targets) and on ``benchmarks/scale.py -
 another pair computed, then the whole stage (``Experiment.relevance()``) with sharing and without it (the
 old path: every pair its own forward row) against the per-pair floor on the same rows, all in this process,
 interleaved, best of ``--repeats``. Goal: stage / floor <= 0.8, and no slower than without sharing where
-nothing is shared.
+nothing is shared. On a machine other work shares, ``--threads 1`` gives steadier timings (two threads waiting
+for each other at every operation suffer most from a third process).
 """
 
 from __future__ import annotations
@@ -105,7 +106,11 @@ def main():
     parser.add_argument("--cli", action="store_true", help="also time the stage through the command line")
     parser.add_argument("--sharing", action="store_true",
                         help="time shared forward passes on the demo and scale.py's small size instead")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 times a machine shared with other work steadily")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.sharing:
         sharing(args.repeats)
         return
@@ -229,8 +234,15 @@ def cli(args, floor_seconds_for):
           "the fresh one (goal <= 1.1, below 1.0 where neurons share references)")
 
 
-def _stage_timings(config, repeats: int) -> tuple[dict[str, float], dict]:
-    """Best-of seconds of the relevance stage with sharing, without, and of the floor; per-target sharing."""
+def _timed(fn) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of ``fn()`` (CPU: this process's, all its threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _stage_timings(config, repeats: int) -> tuple[dict[str, tuple[float, float]], dict]:
+    """Best-of (wall, CPU) seconds of the relevance stage with sharing, without, and of the floor; the sharing."""
     from polypure.attribution import relevance_plan
     from polypure.attribution.relevance_plan import SharingStats, plan_passes
 
@@ -249,9 +261,8 @@ def _stage_timings(config, repeats: int) -> tuple[dict[str, float], dict]:
         relevance_plan.SHARE_ROWS = share_rows
         try:
             run = Experiment(config, progress=False)
-            start = time.perf_counter()
-            run.relevance()
-            seconds = time.perf_counter() - start
+            _ = run.model, run.dataset      # built outside the timing, as the floor's are
+            seconds = _timed(run.relevance)
             run.close()
         finally:
             relevance_plan.SHARE_ROWS = saved
@@ -276,19 +287,18 @@ def _stage_timings(config, repeats: int) -> tuple[dict[str, float], dict]:
     net = copy.deepcopy(model.module).requires_grad_(False)
 
     def floor():
-        start = time.perf_counter()
         for name, (neurons, refs, depth) in targets.items():
             # a planted target's virtual neurons cost what as many channels cost
             resnet_floor(net, decoded, refs, neurons, batch, name.split("@")[0], depth)
-        return time.perf_counter() - start
 
     for repeat in range(repeats):
         # interleaved, so that a busy moment of the machine does not fall on one of them only
         if repeat:
             times["shared"].append(stage(relevance_plan.SHARE_ROWS))
         times["old"].append(stage(0))
-        times["floor"].append(floor())
-    return {key: min(value) for key, value in times.items()}, stats
+        times["floor"].append(_timed(floor))
+    best = {key: (min(t[0] for t in value), min(t[1] for t in value)) for key, value in times.items()}
+    return best, stats
 
 
 def sharing(repeats: int) -> None:
@@ -303,26 +313,32 @@ def sharing(repeats: int) -> None:
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="polypure-sharing-"))
-    cases = {"demo (demo.yaml)": load_config("demo", [f"store={tmp / 'demo.h5'}"])}
+    logits = "relevance.targets=[{layer: logits, neurons: all, attribution_layers: [block_0, block_1, block_2, block_3]}]"
+    cases = {"demo (demo.yaml)": load_config("demo", [f"store={tmp / 'demo.h5'}"]),
+             "demo, logits only (nothing shared)": load_config("demo", [f"store={tmp / 'logits.h5'}", logits,
+                                                                        "relevance.planted=null"])}
     make_images(tmp / "images", SIZES["small"]["images"])
     small = scale_config(tmp / "images", tmp / "small.h5", SIZES["small"], "local", 1, "cpu")
     small["data"]["num_workers"] = 0
     cases["scale.py --size small"] = config_from_dict(small)
-    print(f"{torch.get_num_threads()} threads, best of {repeats}; 'old': every pair its own forward row")
-    header = (f"{'case / target':<34} {'pairs':>6} {'fwd rows':>8} {'shared':>7} {'floor s':>8} {'old s':>7} "
-              f"{'shared s':>8} {'old/floor':>9} {'new/floor':>9} {'new/old':>7}")
+    print(f"{torch.get_num_threads()} thread(s), best of {repeats}, interleaved; old: every pair its own forward "
+          "row; floor: a bare per-pair forward + autograd.grad on the same rows")
+    header = (f"{'case / target':<36} {'pairs':>6} {'fwd rows':>8} {'shared':>6} | {'floor s':>7} {'old s':>7} "
+              f"{'new s':>7} {'old/fl':>6} {'new/fl':>6} {'new/old':>7} | CPU: {'old/fl':>6} {'new/fl':>6} "
+              f"{'new/old':>7}")
     print(header)
     print("-" * len(header))
     for label, config in cases.items():
         times, stats = _stage_timings(config, repeats)
         for name, stat in stats.items():
-            print(f"  {name:<32} {stat.pairs:6d} {stat.forward_rows:8d} {stat.shared:7.0%}")
+            print(f"  {name:<34} {stat.pairs:6d} {stat.forward_rows:8d} {stat.shared:6.0%} |")
         pairs = sum(stat.pairs for stat in stats.values())
         forward = sum(stat.forward_rows for stat in stats.values())
-        print(f"{label:<34} {pairs:6d} {forward:8d} {1 - forward / pairs:7.0%} {times['floor']:8.2f} "
-              f"{times['old']:7.2f} {times['shared']:8.2f} {times['old'] / times['floor']:9.2f} "
-              f"{times['shared'] / times['floor']:9.2f} {times['shared'] / times['old']:7.2f}")
-    print("goal: new/floor <= 0.8; new/old <= 1 where nothing is shared")
+        (floor, floor_cpu), (old, old_cpu), (new, new_cpu) = times["floor"], times["old"], times["shared"]
+        print(f"{label:<36} {pairs:6d} {forward:8d} {1 - forward / pairs:6.0%} | {floor:7.2f} {old:7.2f} {new:7.2f} "
+              f"{old / floor:6.2f} {new / floor:6.2f} {new / old:7.2f} | CPU: {old_cpu / floor_cpu:6.2f} "
+              f"{new_cpu / floor_cpu:6.2f} {new_cpu / old_cpu:7.2f}")
+    print("goal: new / floor <= 0.8; new / old <= 1 where nothing is shared")
 
 
 if __name__ == "__main__":
