@@ -253,22 +253,22 @@ def _stage_timings(config, repeats: int) -> tuple[dict[str, tuple[float, float]]
     exp.close()
     batch = int(config.relevance.batch_size)
 
-    def stage(share_rows):
+    def stage(share_passes):
         with h5py.File(store, "a") as f:
             if "relevance" in f:
                 del f["relevance"]
-        saved = relevance_plan.SHARE_ROWS
-        relevance_plan.SHARE_ROWS = share_rows
+        saved = relevance_plan.SHARE_PASSES
+        relevance_plan.SHARE_PASSES = share_passes
         try:
             run = Experiment(config, progress=False)
             _ = run.model, run.dataset      # built outside the timing, as the floor's are
             seconds = _timed(run.relevance)
             run.close()
         finally:
-            relevance_plan.SHARE_ROWS = saved
+            relevance_plan.SHARE_PASSES = saved
         return seconds
 
-    times = {"shared": [stage(relevance_plan.SHARE_ROWS)], "old": [], "floor": []}
+    times = {"shared": [stage(relevance_plan.SHARE_PASSES)], "old": [], "floor": []}
     # the targets as the stage laid them out: neurons in store order, their references, attribution layers
     targets, stats = {}, {}
     with h5py.File(store, "r") as f:
@@ -294,7 +294,7 @@ def _stage_timings(config, repeats: int) -> tuple[dict[str, tuple[float, float]]
     for repeat in range(repeats):
         # interleaved, so that a busy moment of the machine does not fall on one of them only
         if repeat:
-            times["shared"].append(stage(relevance_plan.SHARE_ROWS))
+            times["shared"].append(stage(relevance_plan.SHARE_PASSES))
         times["old"].append(stage(0))
         times["floor"].append(_timed(floor))
     best = {key: (min(t[0] for t in value), min(t[1] for t in value)) for key, value in times.items()}

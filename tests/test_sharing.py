@@ -91,7 +91,7 @@ def _refs(neurons: int, n_refs: int, pool: int, seed: int = 0) -> np.ndarray:
     return np.stack([rng.choice(pool, n_refs, replace=False) for _ in range(neurons)])
 
 
-def _run(model, rule, plan, dataset, refs, batch, share_rows):
+def _run(model, rule, plan, dataset, refs, batch, share_passes):
     out = {}
 
     def write(rows, arrays):
@@ -100,7 +100,7 @@ def _run(model, rule, plan, dataset, refs, batch, share_rows):
 
     with rule.engine(model, plan) as engine:
         stats = compute_target(dataset, plan, refs, np.arange(len(plan.neurons)), engine, write, batch_size=batch,
-                               share_rows=share_rows)
+                               share_passes=share_passes)
     return out, stats
 
 
@@ -133,8 +133,8 @@ def test_shared_forward_passes_give_the_relevance_of_unshared_ones_bit_for_bit(c
     else:
         plan = TargetPlan(layer, layer, np.array([0, 3, 1, 7, 2, 5, 6][:neurons]), layers)
     refs = _refs(neurons, 6, pool=10)
-    alone, plain = _run(model, rule, plan, dataset, refs, batch, share_rows=0)
-    shared, stats = _run(model, rule, plan, dataset, refs, batch, share_rows=1024)
+    alone, plain = _run(model, rule, plan, dataset, refs, batch, share_passes=0)
+    shared, stats = _run(model, rule, plan, dataset, refs, batch, share_passes=64)
     assert plain.forward_rows == plain.pairs == stats.pairs == neurons * 6
     assert stats.shared > 0.2, stats                      # the forward passes were shared
     assert set(shared) == set(alone) == {*layers, "activation"}
@@ -150,8 +150,8 @@ def test_attnlrp_shared_forward_passes_equal_unshared_ones_bit_for_bit():
     plan = TargetPlan("block_2", "block_2", np.arange(0, 24, 2), ["block_0", "mlp_1"])
     dataset = random_images(8, 32, seed=2)
     refs = _refs(12, 4, pool=8, seed=3)
-    alone, _ = _run(model, rule, plan, dataset, refs, 8, share_rows=0)
-    shared, stats = _run(model, rule, plan, dataset, refs, 8, share_rows=1024)
+    alone, _ = _run(model, rule, plan, dataset, refs, 8, share_passes=0)
+    shared, stats = _run(model, rule, plan, dataset, refs, 8, share_passes=64)
     assert stats.shared > 0.2, stats
     for name, value in alone.items():
         np.testing.assert_array_equal(shared[name], value, err_msg=name)

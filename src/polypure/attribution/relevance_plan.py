@@ -249,9 +249,10 @@ def neurons_per_chunk(batch_size: int, n_refs: int) -> int:
     return max(1, batch_size // n_refs)
 
 
-#: Rows (neuron x reference) whose forward passes :func:`compute_target` shares, as whole chunks: the more
-#: neurons, the more references they share; written to the store together.
-SHARE_ROWS = 8192
+#: Passes' worth of rows (``SHARE_PASSES * batch_size``, whole chunks) whose forward passes :func:`compute_target`
+#: shares and writes to the store together: the more neurons, the more references they share; the fewer, the less
+#: an interrupted run has to do again.
+SHARE_PASSES = 32
 
 
 def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -368,7 +369,7 @@ def plan_unit(samples: np.ndarray, chunk_sizes: list[int], n_refs: int, batch_si
 
 
 def plan_passes(refs: np.ndarray, todo: np.ndarray, batch_size: int, backward_cost: float,
-                share_rows: int | None = None) -> Iterator[tuple[np.ndarray, SharedBatch, bool]]:
+                share_passes: int | None = None) -> Iterator[tuple[np.ndarray, SharedBatch, bool]]:
     """The passes :func:`compute_target` runs for rows ``todo``, planned one group of chunks at a time.
 
     Parameters
@@ -378,7 +379,7 @@ def plan_passes(refs: np.ndarray, todo: np.ndarray, batch_size: int, backward_co
     batch_size : int
     backward_cost : float
         :attr:`ConditionalRelevance.backward_cost`.
-    share_rows : int, optional
+    share_passes : int, optional
         As for :func:`compute_target`.
 
     Yields
@@ -391,12 +392,12 @@ def plan_passes(refs: np.ndarray, todo: np.ndarray, batch_size: int, backward_co
         Whether it is the group's last pass.
     """
     n_refs = refs.shape[1]
-    share_rows = SHARE_ROWS if share_rows is None else share_rows
+    share_passes = SHARE_PASSES if share_passes is None else share_passes
     chunks = list(_chunks(todo, neurons_per_chunk(batch_size, n_refs)))
-    for unit in _units(chunks, n_refs, share_rows):
+    for unit in _units(chunks, n_refs, share_passes * batch_size):
         neurons = np.concatenate(unit)
         planned = plan_unit(refs[neurons].reshape(-1), [len(c) for c in unit], n_refs, batch_size, backward_cost,
-                            share=share_rows > 0)
+                            share=share_passes > 0)
         for number, batch in enumerate(planned):
             yield neurons, batch, number == len(planned) - 1
 
@@ -404,14 +405,15 @@ def plan_passes(refs: np.ndarray, todo: np.ndarray, batch_size: int, backward_co
 def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, engine: ConditionalRelevance,
                    write: Callable[[np.ndarray, dict[str, np.ndarray]], None], *, batch_size: int = 64,
                    num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = False,
-                   desc: str | None = None, share_rows: int | None = None) -> SharingStats:
+                   desc: str | None = None, share_passes: int | None = None) -> SharingStats:
     """Explain rows ``todo`` of a target and hand each finished group of whole neurons to ``write``.
 
     ``todo`` is cut into chunks of whole neurons (:func:`neurons_per_chunk`), and each chunk into passes of
-    ``batch_size`` (neuron, reference) rows. Chunks of up to ``share_rows`` rows together share forward passes:
-    an image several of their neurons use as a reference is forwarded once, and the backward passes of all its
-    rows run on that graph (:mod:`polypure.attribution.sharing`). Every pass that computes a row has the size
-    the row's pass has without sharing, so the relevance is the same float32 numbers either way.
+    ``batch_size`` (neuron, reference) rows. Chunks of up to ``share_passes`` passes' worth of rows together
+    share forward passes: an image several of their neurons use as a reference is forwarded once, and the
+    backward passes of all its rows run on that graph (:mod:`polypure.attribution.sharing`). Every pass that
+    computes a row has the size the row's pass has without sharing, so the relevance is the same float32
+    numbers either way.
 
     Parameters
     ----------
@@ -435,9 +437,9 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
         Show a progress bar.
     desc : str, optional
         Its label (``relevance <target>`` by default).
-    share_rows : int, optional
-        Rows whose forward passes are shared (whole chunks; 0: no sharing, every pair has a forward row of its
-        own); :data:`SHARE_ROWS` by default.
+    share_passes : int, optional
+        Passes' worth of rows whose forward passes are shared, whole chunks, written together (0: no sharing,
+        every pair has a forward row of its own); :data:`SHARE_PASSES` by default.
 
     Returns
     -------
@@ -447,7 +449,7 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
     stats = SharingStats()
     loader = _ImageLoader(dataset, num_workers)
     bar = tqdm(total=len(todo), desc=desc or f"relevance {plan.name}", unit="neuron", disable=not progress, leave=False)
-    work = plan_passes(refs, todo, batch_size, engine.backward_cost, share_rows)
+    work = plan_passes(refs, todo, batch_size, engine.backward_cost, share_passes)
     try:
         current = next(work, None)
         pending = loader.submit(current[1].samples) if current else None
