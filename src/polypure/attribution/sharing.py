@@ -130,8 +130,11 @@ def _served(remaining: np.ndarray, size: int, slots: int) -> int:
     return whole * slots + int((taken * values).sum())
 
 
-def _greedy(samples: np.ndarray, size: int, value_cost: float) -> list[SharedBatch]:
-    """Passes one at a time, each with the slots that serve most rows per unit of cost (``value_cost`` per slot)."""
+def _greedy(samples: np.ndarray, size: int, value_cost: float, first_slots: int | None = None) -> list[SharedBatch]:
+    """Passes one at a time, each with the slots that serve most rows per unit of cost (``value_cost`` per slot).
+
+    ``first_slots`` fixes the slots of the first pass instead.
+    """
     samples = np.asarray(samples)
     order = np.argsort(samples, kind="stable")
     images, first, counts = np.unique(samples[order], return_index=True, return_counts=True)
@@ -144,6 +147,8 @@ def _greedy(samples: np.ndarray, size: int, value_cost: float) -> list[SharedBat
             value = _served(remaining[live], size, candidate) / (1.0 + value_cost * candidate)
             if value > best * (1 + 1e-9):
                 best, slots = value, candidate
+        if first_slots is not None and not batches:
+            slots = min(first_slots, int(remaining[live].max()))
         # whole copies (slots rows each) of the images with most rows left, then one of each with rows left over
         live = live[np.lexsort((images[live], -remaining[live]))]
         copies = np.repeat(live, remaining[live] // slots)[:size]
@@ -176,6 +181,10 @@ def _batch(images, copies, rows, forward_rows, slots) -> SharedBatch:
                        np.asarray(slots, np.int64))
 
 
+#: The slots of the first pass the greedy plans of :func:`plan_batches` are also tried with.
+_FIRST_SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
 def plan_batches(samples: np.ndarray, size: int, backward_cost: float) -> list[SharedBatch]:
     """Forward passes of exactly ``size`` rows, and their slots, that serve every row of ``samples``.
 
@@ -187,7 +196,8 @@ def plan_batches(samples: np.ndarray, size: int, backward_cost: float) -> list[S
     * greedy: one pass at a time, with the ``S`` that serves most rows per unit of cost, its forward rows
       whole copies (``S`` rows each) of the images with most rows left, then one copy of each image with rows
       left over; an image's rows may spread over passes. Run with the slot cost at 1/2, 1 and 2 times
-      ``backward_cost``.
+      ``backward_cost``, and with the first pass's ``S`` fixed at each of :data:`_FIRST_SLOTS` (what that pass
+      leaves decides how well the last passes fill).
 
     Forward rows a pass leaves free are copies whose slots stay empty. An image forwarded alone is listed
     twice in ``samples`` of its pass, so that the layers below the lowest attribution layer never run on one
@@ -209,4 +219,6 @@ def plan_batches(samples: np.ndarray, size: int, backward_cost: float) -> list[S
     """
     plans = [_runs(samples, size, backward_cost)]
     plans += [_greedy(samples, size, factor * backward_cost) for factor in (0.5, 1.0, 2.0)]
+    most = int(np.unique(np.asarray(samples), return_counts=True)[1].max()) if len(samples) else 1
+    plans += [_greedy(samples, size, backward_cost, first_slots=slots) for slots in _FIRST_SLOTS if slots <= most]
     return min(plans, key=lambda plan: sum(batch.cost(backward_cost) for batch in plan))
