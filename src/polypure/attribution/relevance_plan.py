@@ -357,8 +357,12 @@ def plan_unit(samples: np.ndarray, chunk_sizes: list[int], n_refs: int, batch_si
         offset += neurons * n_refs
     for size, parts in pools.items():
         rows = np.concatenate(parts)
-        planned = plan_batches(samples[rows], size, backward_cost)
         alone = [unshared(samples[part], part) for part in parts]
+        if len(np.unique(samples[rows])) == len(rows):
+            # no image serves two rows: nothing to share
+            batches.extend(alone)
+            continue
+        planned = plan_batches(samples[rows], size, backward_cost)
         if sum(b.cost(backward_cost) for b in planned) >= sum(b.cost(backward_cost) for b in alone):
             batches.extend(alone)
             continue
