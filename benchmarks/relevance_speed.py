@@ -11,6 +11,15 @@ block_3 x R references each. Three timings of the same work:
 
 Run: ``python benchmarks/relevance_speed.py [--neurons 8] [--refs 16] [--repeats 2]``. The printed ratios
 are the result; this machine is noisy, so each timing is the best of ``--repeats`` runs.
+
+``--sharing`` times instead what sharing forward passes gains (:mod:`polypure.attribution.sharing`), on the
+demo config's relevance stage (its three targets) and on ``benchmarks/scale.py --size small``'s (ResNet-34,
+16 neurons x 16 references of 256 images): per target the share of (neuron, reference) pairs whose forward row
+another pair computed, then the whole stage (``Experiment.relevance()``) with sharing and without it (the
+old path: every pair its own forward row) against the per-pair floor on the same rows, all in this process,
+interleaved, best of ``--repeats``. Goal: stage / floor <= 0.8, and no slower than without sharing where
+nothing is shared. On a machine other work shares, ``--threads 1`` gives steadier timings (two threads waiting
+for each other at every operation suffer most from a third process).
 """
 
 from __future__ import annotations
@@ -54,6 +63,30 @@ def bare_pass(m, images, refs, neurons, batch):
         torch.autograd.grad(a4, [a1, a2, a3], grad)
 
 
+def resnet_floor(net, images, refs, neurons, batch, target, depth):
+    """The per-pair floor on a torchvision-style ResNet, as :func:`bare_pass`.
+
+    Per batch of rows a bare forward from the input to ``target`` (``block_3`` or ``logits``), cut at
+    block_0, and one autograd.grad to the first ``depth`` blocks.
+    """
+    rows = torch.as_tensor(refs.reshape(-1))
+    row_neurons = torch.as_tensor(np.repeat(neurons, refs.shape[1]))
+    for start in range(0, len(rows), batch):
+        x = images[rows[start:start + batch]]
+        k = row_neurons[start:start + batch]
+        with torch.no_grad():
+            h = net.relu(net.bn1(net.conv1(x)))
+            h = net.maxpool(h) if hasattr(net, "maxpool") else h
+        blocks = [net.layer1(h).requires_grad_(True)]
+        for layer in (net.layer2, net.layer3, net.layer4):
+            blocks.append(layer(blocks[-1]))
+        out = blocks[-1] if target == "block_3" else net.fc(torch.flatten(net.avgpool(blocks[-1]), 1))
+        grad = torch.zeros_like(out)
+        index = torch.arange(len(x))
+        grad[index, k] = out.detach()[index, k].clamp(min=0)
+        torch.autograd.grad(out, blocks[:depth], grad)
+
+
 def best_of(repeats, fn):
     times = []
     for _ in range(repeats):
@@ -71,7 +104,16 @@ def main():
     parser.add_argument("--batch", type=int, default=64, help="rows per backward pass")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cli", action="store_true", help="also time the stage through the command line")
+    parser.add_argument("--sharing", action="store_true",
+                        help="time shared forward passes on the demo and scale.py's small size instead")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 times a machine shared with other work steadily")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.sharing:
+        sharing(args.repeats)
+        return
     torch.manual_seed(0)
     model = torchvision.models.resnet34().eval()
     rng = np.random.default_rng(0)
@@ -190,6 +232,114 @@ def cli(args, floor_seconds_for):
     print(f"CLI relevance stage (start-up subtracted): {stage:7.2f} s; floor on the same images {floor:.2f} s "
           f"warm, {cold:.2f} s in a fresh process -> {stage / floor:.2f} of the warm floor, {stage / cold:.2f} of "
           "the fresh one (goal <= 1.1, below 1.0 where neurons share references)")
+
+
+def _timed(fn) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of ``fn()`` (CPU: this process's, all its threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _stage_timings(config, repeats: int) -> tuple[dict[str, tuple[float, float]], dict]:
+    """Best-of (wall, CPU) seconds of the relevance stage with sharing, without, and of the floor; the sharing."""
+    from polypure.attribution import relevance_plan
+    from polypure.attribution.relevance_plan import SharingStats, plan_passes
+
+    store = Path(config.store)
+    exp = Experiment(config, progress=False)
+    exp.topk()
+    model, dataset = exp.model, exp.dataset
+    exp.close()
+    batch = int(config.relevance.batch_size)
+
+    def stage(share_passes):
+        with h5py.File(store, "a") as f:
+            if "relevance" in f:
+                del f["relevance"]
+        saved = relevance_plan.SHARE_PASSES
+        relevance_plan.SHARE_PASSES = share_passes
+        try:
+            run = Experiment(config, progress=False)
+            _ = run.model, run.dataset      # built outside the timing, as the floor's are
+            seconds = _timed(run.relevance)
+            run.close()
+        finally:
+            relevance_plan.SHARE_PASSES = saved
+        return seconds
+
+    times = {"shared": [stage(relevance_plan.SHARE_PASSES)], "old": [], "floor": []}
+    # the targets as the stage laid them out: neurons in store order, their references, attribution layers
+    targets, stats = {}, {}
+    with h5py.File(store, "r") as f:
+        for name in f["relevance"]:
+            neurons = f[f"relevance/{name}/neurons"][()]
+            refs = f[f"topk/{name}/indices"][()][neurons, :config.relevance.n_refs]
+            depth = sum(key.startswith("block_") for key in f[f"relevance/{name}"])
+            targets[name] = (neurons, refs, depth)
+            stats[name] = SharingStats()
+            for _, planned, _ in plan_passes(refs, np.arange(len(neurons)), batch, backward_cost=1.25):
+                stats[name].add(planned)
+    unique = np.unique(np.concatenate([refs.reshape(-1) for _, refs, _ in targets.values()]))
+    decoded = torch.zeros((int(unique.max()) + 1, *dataset[int(unique[0])][0].shape))
+    for i in unique:
+        decoded[int(i)] = dataset[int(i)][0]
+    net = copy.deepcopy(model.module).requires_grad_(False)
+
+    def floor():
+        for name, (neurons, refs, depth) in targets.items():
+            # a planted target's virtual neurons cost what as many channels cost
+            resnet_floor(net, decoded, refs, neurons, batch, name.split("@")[0], depth)
+
+    for repeat in range(repeats):
+        # interleaved, so that a busy moment of the machine does not fall on one of them only
+        if repeat:
+            times["shared"].append(stage(relevance_plan.SHARE_PASSES))
+        times["old"].append(stage(0))
+        times["floor"].append(_timed(floor))
+    best = {key: (min(t[0] for t in value), min(t[1] for t in value)) for key, value in times.items()}
+    return best, stats
+
+
+def sharing(repeats: int) -> None:
+    """The table of ``--sharing``: shared forward passes against the old path and the floor."""
+    import sys
+
+    from polypure.config.settings import config_from_dict, load_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import SIZES, make_images
+    from scale import config as scale_config
+
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="polypure-sharing-"))
+    logits = "relevance.targets=[{layer: logits, neurons: all, attribution_layers: [block_0, block_1, block_2, block_3]}]"
+    cases = {"demo (demo.yaml)": load_config("demo", [f"store={tmp / 'demo.h5'}"]),
+             "demo, logits only (nothing shared)": load_config("demo", [f"store={tmp / 'logits.h5'}", logits,
+                                                                        "relevance.planted=null"])}
+    make_images(tmp / "images", SIZES["small"]["images"])
+    small = scale_config(tmp / "images", tmp / "small.h5", SIZES["small"], "local", 1, "cpu")
+    small["data"]["num_workers"] = 0
+    cases["scale.py --size small"] = config_from_dict(small)
+    print(f"{torch.get_num_threads()} thread(s), best of {repeats}, interleaved; old: every pair its own forward "
+          "row; floor: a bare per-pair forward + autograd.grad on the same rows")
+    header = (f"{'case / target':<36} {'pairs':>6} {'fwd rows':>8} {'shared':>6} | {'floor s':>7} {'old s':>7} "
+              f"{'new s':>7} {'old/fl':>6} {'new/fl':>6} {'new/old':>7} | CPU: {'old/fl':>6} {'new/fl':>6} "
+              f"{'new/old':>7}")
+    print(header)
+    print("-" * len(header))
+    for label, config in cases.items():
+        # the case of 200 pairs takes a fifth of a second: more repeats, for a steady best
+        times, stats = _stage_timings(config, repeats * 5 if "logits only" in label else repeats)
+        for name, stat in stats.items():
+            print(f"  {name:<34} {stat.pairs:6d} {stat.forward_rows:8d} {stat.shared:6.0%} |")
+        pairs = sum(stat.pairs for stat in stats.values())
+        forward = sum(stat.forward_rows for stat in stats.values())
+        (floor, floor_cpu), (old, old_cpu), (new, new_cpu) = times["floor"], times["old"], times["shared"]
+        print(f"{label:<36} {pairs:6d} {forward:8d} {1 - forward / pairs:6.0%} | {floor:7.2f} {old:7.2f} {new:7.2f} "
+              f"{old / floor:6.2f} {new / floor:6.2f} {new / old:7.2f} | CPU: {old_cpu / floor_cpu:6.2f} "
+              f"{new_cpu / floor_cpu:6.2f} {new_cpu / old_cpu:7.2f}")
+    print("goal: new / floor <= 0.8; new / old <= 1 where nothing is shared")
 
 
 if __name__ == "__main__":

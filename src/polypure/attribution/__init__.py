@@ -6,6 +6,7 @@ The engines that read a model, none of which touches the store:
 - :mod:`~polypure.attribution.topk`: each channel's top-K reference samples;
 - :mod:`~polypure.attribution.planted`: virtual neurons made of two real channels, with a known split;
 - :mod:`~polypure.attribution.engine`: conditional relevance of lower layers, many pairs per backward pass;
+- :mod:`~polypure.attribution.sharing`: which pairs share a forward pass of their image;
 - :mod:`~polypure.attribution.composites`: attribution rules by name (zennit composites and canonizers);
 - :mod:`~polypure.attribution.transformer_rules`: AttnLRP for vision transformers;
 - :mod:`~polypure.attribution.precision`: numeric precision, devices and batch sizes;

@@ -10,7 +10,10 @@ then ``R / (sum_i |R_i| + 1e-10)``. This is zennit-crp's ``CondAttribution`` wit
 * every attribution layer is recorded by one backward pass (crp's users ran one per layer),
 * the backward stops at the lowest attribution layer instead of running down to the input,
 * each image is forwarded once up to the lowest attribution layer, however many neurons use it as a
-  reference; only above it does every (neuron, image) pair get a row of its own,
+  reference,
+* above it, :meth:`ConditionalRelevance.explain` forwards rows that several (neuron, image) pairs share and runs
+  one backward pass per *slot* over that graph (the rows to share are planned by
+  :mod:`polypure.attribution.sharing`); :meth:`ConditionalRelevance.__call__` gives every pair a row of its own,
 * the forward stops at the target layer.
 
 Example
@@ -133,6 +136,11 @@ class ConditionalRelevance:
         self.relevance_init = relevance_init
         self.order: list[str] | None = None
         self.share_forward = True
+        #: A backward row's cost in forward rows, for planning which rows share a forward pass: about 1 for
+        #: gradients, plain or modified as AttnLRP's (a convolution's input gradient costs its forward), about 3.5
+        #: for zennit's rules (each hooked layer runs its modified forward again in the backward pass); measured on
+        #: CPU ResNets.
+        self.backward_cost = 1.25 if composite is None or relevance_init else 3.5
         self._entered = 0
         self._grad_flags: list[bool] = []
 
@@ -181,12 +189,12 @@ class ConditionalRelevance:
     def _lowest_layer_dominates(self, sample: torch.Tensor) -> bool:
         return passes_through(self.model, self.layers[self.order[0]], self.target_module, sample)
 
-    # -- computation -------------------------------------------------------------------------------
+    # -- computation -------------------------------------------------------------------------------------
 
     def __call__(self, images: torch.Tensor, rows: torch.Tensor,
                  init: Callable[[torch.Tensor], torch.Tensor],
                  keep_maps: tuple[str, ...] = ()) -> RelevanceBatch:
-        """Relevance for P rows, row j explaining image ``images[rows[j]]``.
+        """Relevance for P rows, row j explaining image ``images[rows[j]]``, in one pass of P rows.
 
         Parameters
         ----------
@@ -204,26 +212,67 @@ class ConditionalRelevance:
         -------
         RelevanceBatch
         """
+        count = len(rows)
+        return self.explain(images, rows, torch.arange(count), torch.zeros(count, dtype=torch.int64), init,
+                            keep_maps)
+
+    def explain(self, images: torch.Tensor, forward: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                init: Callable[[torch.Tensor], torch.Tensor], keep_maps: tuple[str, ...] = ()) -> RelevanceBatch:
+        """Relevance for P rows from one forward pass of F rows and one backward pass per slot.
+
+        Row j explains forward row ``rows[j]`` (image ``images[forward[rows[j]]]``) in backward pass
+        ``slots[j]``; each backward pass starts from the initial relevance of its own rows and zero on the
+        other forward rows. Every pass runs on F rows, so a row's relevance does not depend on how many rows
+        share its forward pass (:mod:`polypure.attribution.sharing`). ``explain(images, rows, arange(P),
+        zeros(P), ...)`` is the plain pass of :meth:`__call__`.
+
+        Parameters
+        ----------
+        images : Tensor, shape (U, C, H, W)
+            Each image once (already on the model's device).
+        forward : Tensor, shape (F,)
+            Image index of every forward row.
+        rows : Tensor, shape (P,)
+            Forward row of every row.
+        slots : Tensor, shape (P,)
+            Backward pass of every row; a (forward row, slot) pair holds one row at most.
+        init : callable
+            ``init(target_output) -> initial relevance`` for the (P, ...) target output of the P rows.
+        keep_maps : tuple of str
+            Attribution layers whose unreduced relevance maps are returned too.
+
+        Returns
+        -------
+        RelevanceBatch
+            For the P rows, in their order.
+        """
         if self._entered == 0:
             raise RuntimeError("use the engine inside 'with engine:'")
         if self.order is None:
             self.prepare(images)
-        return self._compute(images, rows.to(images.device), init, keep_maps, share=self.share_forward)
+        device = images.device
+        forward, rows, slots = forward.to(device), rows.to(device), slots.to(device)
+        count = int(slots.max()) + 1 if len(slots) else 1
+        if len(torch.unique(rows * count + slots)) != len(rows):
+            raise ValueError("two rows share a forward row and a backward pass")
+        return self._compute(images, forward, rows, slots, count, init, keep_maps)
 
-    def _compute(self, images, rows, init, keep_maps, share: bool) -> RelevanceBatch:
-        lowest = self.order[0]
-        x = images if share else images[rows]
+    def _compute(self, images, forward, rows, slots, count, init, keep_maps) -> RelevanceBatch:
+        lowest, share = self.order[0], self.share_forward
+        x = images if share else images[forward]
 
         def expand(output):
             # cut the graph here: nothing below the lowest attribution layer is needed for the backward
             output = output.detach()
-            return (output[rows] if share else output).requires_grad_(True)
+            return (output[forward] if share else output).requires_grad_(True)
 
         taps = {**self._module_taps(), _TARGET: self.target_module}
         transforms = {} if lowest == INPUT else {lowest: expand}
         if lowest == INPUT:
             x = expand(x)
         device = images.device
+        relevance: dict[str, torch.Tensor] = {}
+        maps: dict[str, torch.Tensor] = {}
         with flags(device, self.precision), torch.enable_grad(), tap_layers(taps, transforms=transforms) as outputs:
             with autocast(device, self.precision):
                 forward_to(self.model, x, outputs)
@@ -233,22 +282,32 @@ class ConditionalRelevance:
             if not target.requires_grad:
                 raise PolypureError(f"target layer {self.target_name!r} does not depend on the attribution layers")
             inputs = {name: (x if name == INPUT else outputs[name]) for name in self.layers}
-            start = init(target.detach())
+            # element-wise per row: the same numbers whichever forward row a row's target output comes from
+            start_rows = init(target.detach()[rows])
             if self.relevance_init:
                 # relevance R at the target is gradient x activation there: the gradient to start from is R / A
                 # (zero where A is: R, a clamped share of A, is zero there too)
-                activation = target.detach()
-                start = torch.where(activation != 0, start / torch.where(activation != 0, activation, 1), 0)
-            grads = torch.autograd.grad(target, list(inputs.values()), start, allow_unused=True)
-        relevance, maps = {}, {}
-        for (name, activation), grad in zip(inputs.items(), grads):
-            if grad is None:
-                raise ConfigError(f"attribution layer {name!r} does not lie on a path to the target "
-                                  f"{self.target_name!r}")
-            # in float32 whatever the passes computed in: the sums over positions are where bf16 would lose most
-            grad = grad.float()
-            rel_map = grad * activation.detach().float() if self.times_activation else grad
-            relevance[name] = normalize_l1(rel_map)
-            if name in keep_maps:
-                maps[name] = rel_map.detach()
-        return RelevanceBatch(relevance, spatial_mean(target.detach().float()), maps)
+                activation = target.detach()[rows]
+                start_rows = torch.where(activation != 0, start_rows / torch.where(activation != 0, activation, 1), 0)
+            for slot in range(count):
+                mine = torch.nonzero(slots == slot).squeeze(1)
+                start = torch.zeros_like(target)
+                start[rows[mine]] = start_rows[mine]
+                grads = torch.autograd.grad(target, list(inputs.values()), start, allow_unused=True,
+                                            retain_graph=slot < count - 1)
+                for (name, activation), grad in zip(inputs.items(), grads):
+                    if grad is None:
+                        raise ConfigError(f"attribution layer {name!r} does not lie on a path to the target "
+                                          f"{self.target_name!r}")
+                    # in float32 whatever the passes computed in: the sums over positions are where bf16 would
+                    # lose most; reduced over all forward rows, the shapes a pass without sharing reduces
+                    grad = grad.float()
+                    rel_map = grad * activation.detach().float() if self.times_activation else grad
+                    if name not in relevance:
+                        relevance[name] = torch.empty((len(rows), rel_map.shape[1]), device=device)
+                    relevance[name][mine] = normalize_l1(rel_map)[rows[mine]]
+                    if name in keep_maps:
+                        if name not in maps:
+                            maps[name] = torch.empty((len(rows), *rel_map.shape[1:]), device=device)
+                        maps[name][mine] = rel_map.detach()[rows[mine]]
+        return RelevanceBatch(relevance, spatial_mean(target.detach().float())[rows], maps)

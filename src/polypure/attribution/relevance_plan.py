@@ -3,8 +3,9 @@
 A :class:`TargetPlan` names a target (a layer's real channels, or its planted virtual neurons), its
 neurons and attribution layers; a :class:`Rule` names the composite, canonizers and the activation
 product and builds the engine (:class:`polypure.attribution.engine.ConditionalRelevance`);
-:func:`compute_target` explains any subset of a target's rows with one backward pass per batch and hands
-each finished chunk of whole neurons to a writer. All three are plain data or plain functions, so a
+:func:`compute_target` explains any subset of a target's rows, forwarding an image once for all the rows
+of neighbouring neurons that use it (:mod:`polypure.attribution.sharing`), and hands each finished group of
+whole neurons to a writer. All three are plain data or plain functions, so a
 range of neurons can be computed in another process (:func:`polypure.pipeline.work_units.relevance_rows`); the stage
 that writes the store is :mod:`polypure.pipeline.relevance_stage`.
 
@@ -38,6 +39,7 @@ from polypure.attribution.composites import (
 from polypure.attribution.engine import ConditionalRelevance, channel_init
 from polypure.attribution.planted import VirtualNeurons
 from polypure.attribution.precision import auto_batch_size, to_device
+from polypure.attribution.sharing import SharedBatch, plan_batches, unshared
 from polypure.config.selection import select_neurons
 from polypure.errors import ConfigError
 from polypure.store.schema import planted_target
@@ -226,8 +228,18 @@ def resolve_batch_size(config, model, plan: TargetPlan, dataset, device: str | t
 
 
 def neurons_per_chunk(batch_size: int, n_refs: int) -> int:
-    """Whole neurons :func:`compute_target` explains per chunk: as many as ``batch_size`` rows hold (at least one)."""
+    """Whole neurons in a chunk of :func:`compute_target`: as many as ``batch_size`` rows hold (at least one).
+
+    A chunk's rows are cut into passes of ``batch_size`` rows; the size of the pass a row falls in is the size
+    of every pass that computes it, shared or not (:mod:`polypure.attribution.sharing`).
+    """
     return max(1, batch_size // n_refs)
+
+
+#: Passes' worth of rows (``SHARE_PASSES * batch_size``, whole chunks) whose forward passes :func:`compute_target`
+#: shares and writes to the store together: the more neurons, the more references they share; the fewer, the less
+#: an interrupted run has to do again.
+SHARE_PASSES = 32
 
 
 def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -236,7 +248,7 @@ def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 
 class _ImageLoader:
-    """Loads model inputs by sample index on worker threads, one chunk ahead of the computation."""
+    """Loads model inputs by sample index on worker threads, one pass ahead of the computation."""
 
     def __init__(self, dataset, workers: int):
         self.dataset = dataset
@@ -255,11 +267,144 @@ class _ImageLoader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass
+class SharingStats:
+    """What :func:`compute_target` ran: rows explained and rows forwarded and propagated back.
+
+    Attributes
+    ----------
+    pairs : int
+        (neuron, reference) rows explained.
+    forward_rows : int
+        Rows the forward passes above the lowest attribution layer ran (``pairs`` without sharing).
+    backward_rows : int
+        Rows the backward passes ran (``pairs`` without sharing; more where slots stay empty).
+    """
+
+    pairs: int = 0
+    forward_rows: int = 0
+    backward_rows: int = 0
+
+    @property
+    def shared(self) -> float:
+        """The share of pairs whose forward row another pair computed: ``1 - forward_rows / pairs``."""
+        return 1.0 - self.forward_rows / self.pairs if self.pairs else 0.0
+
+    def add(self, batch: SharedBatch) -> None:
+        """Count one pass."""
+        self.pairs += len(batch.rows)
+        self.forward_rows += len(batch.forward)
+        self.backward_rows += len(batch.forward) * batch.slots_count
+
+
+def _units(chunks: list[np.ndarray], n_refs: int, share_rows: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive chunks of at most ``share_rows`` rows together (one chunk at least)."""
+    unit: list[np.ndarray] = []
+    for chunk in chunks:
+        if unit and (sum(len(c) for c in unit) + len(chunk)) * n_refs > share_rows:
+            yield unit
+            unit = []
+        unit.append(chunk)
+    if unit:
+        yield unit
+
+
+def plan_unit(samples: np.ndarray, chunk_sizes: list[int], n_refs: int, batch_size: int,
+              backward_cost: float, share: bool = True) -> list[SharedBatch]:
+    """The passes that explain the rows of consecutive chunks, each row at the pass size it has unshared.
+
+    Parameters
+    ----------
+    samples : ndarray (R,)
+        Sample index of every row, chunk after chunk, neuron-major within a chunk.
+    chunk_sizes : list of int
+        Neurons of each chunk.
+    n_refs, batch_size : int
+    backward_cost : float
+        A backward row's cost in forward rows (:attr:`ConditionalRelevance.backward_cost`).
+    share : bool
+        False: the passes without sharing, those of :meth:`ConditionalRelevance.__call__`.
+
+    Returns
+    -------
+    list of SharedBatch
+        Their ``rows`` index ``samples``.
+    """
+    pools: dict[int, list[np.ndarray]] = {}
+    batches = []
+    offset = 0
+    for neurons in chunk_sizes:
+        for start in range(0, neurons * n_refs, batch_size):
+            rows = np.arange(offset + start, offset + min(start + batch_size, neurons * n_refs))
+            if not share or len(np.unique(samples[rows])) == 1:
+                # a pass of one image ran its layers below the lowest attribution layer on that image alone
+                batches.append(unshared(samples[rows], rows))
+            else:
+                pools.setdefault(len(rows), []).append(rows)
+        offset += neurons * n_refs
+    for size, parts in pools.items():
+        rows = np.concatenate(parts)
+        alone = [unshared(samples[part], part) for part in parts]
+        if len(np.unique(samples[rows])) == len(rows):
+            # no image serves two rows: nothing to share
+            batches.extend(alone)
+            continue
+        planned = plan_batches(samples[rows], size, backward_cost)
+        if sum(b.cost(backward_cost) for b in planned) >= sum(b.cost(backward_cost) for b in alone):
+            batches.extend(alone)
+            continue
+        for batch in planned:
+            batch.rows = rows[batch.rows]
+        batches.extend(planned)
+    return batches
+
+
+def plan_passes(refs: np.ndarray, todo: np.ndarray, batch_size: int, backward_cost: float,
+                share_passes: int | None = None) -> Iterator[tuple[np.ndarray, SharedBatch, bool]]:
+    """The passes :func:`compute_target` runs for rows ``todo``, planned one group of chunks at a time.
+
+    Parameters
+    ----------
+    refs : ndarray (M, n_refs)
+    todo : ndarray
+    batch_size : int
+    backward_cost : float
+        :attr:`ConditionalRelevance.backward_cost`.
+    share_passes : int, optional
+        As for :func:`compute_target`.
+
+    Yields
+    ------
+    neurons : ndarray
+        The rows of ``todo`` the pass's group of chunks explains; ``batch.rows`` index their
+        (neuron, reference) rows, neuron-major.
+    batch : SharedBatch
+    last : bool
+        Whether it is the group's last pass.
+    """
+    n_refs = refs.shape[1]
+    share_passes = SHARE_PASSES if share_passes is None else share_passes
+    chunks = list(_chunks(todo, neurons_per_chunk(batch_size, n_refs)))
+    for unit in _units(chunks, n_refs, share_passes * batch_size):
+        neurons = np.concatenate(unit)
+        planned = plan_unit(refs[neurons].reshape(-1), [len(c) for c in unit], n_refs, batch_size, backward_cost,
+                            share=share_passes > 0)
+        for number, batch in enumerate(planned):
+            yield neurons, batch, number == len(planned) - 1
+
+
 def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray, engine: ConditionalRelevance,
                    write: Callable[[np.ndarray, dict[str, np.ndarray]], None], *, batch_size: int = 64,
                    num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = False,
-                   desc: str | None = None) -> None:
-    """Explain rows ``todo`` of a target and hand each finished chunk of whole neurons to ``write``.
+                   desc: str | None = None, share_passes: int | None = None) -> SharingStats:
+    """Explain rows ``todo`` of a target and hand each finished group of whole neurons to ``write``.
+
+    ``todo`` is cut into chunks of whole neurons (:func:`neurons_per_chunk`), and each chunk into passes of
+    ``batch_size`` (neuron, reference) rows. Chunks of up to ``share_passes`` passes' worth of rows together
+    share forward passes: an image several of their neurons use as a reference is forwarded once, and the
+    backward passes of all its rows run on that graph (:mod:`polypure.attribution.sharing`). Every pass that
+    computes a row has the size the row's pass has without sharing, so the relevance is the same float32
+    numbers either way.
 
     Parameters
     ----------
@@ -273,46 +418,53 @@ def compute_target(dataset, plan: TargetPlan, refs: np.ndarray, todo: np.ndarray
     engine : ConditionalRelevance
         Entered (``with engine:``), built for ``plan`` on the model.
     write : callable
-        ``write(rows, arrays)`` with arrays shaped (len(rows), n_refs, C).
+        ``write(rows, arrays)`` with arrays shaped (len(rows), n_refs, C), for whole chunks in the order of ``todo``.
     batch_size : int
-        (neuron, reference) rows per backward pass.
+        (neuron, reference) rows per forward and backward pass.
     num_workers : int
-        Threads loading the next chunk's images while one is computed.
+        Threads loading the next pass's images while one is computed.
     device : str or torch.device
     progress : bool
         Show a progress bar.
     desc : str, optional
         Its label (``relevance <target>`` by default).
+    share_passes : int, optional
+        Passes' worth of rows whose forward passes are shared, whole chunks, written together (0: no sharing,
+        every pair has a forward row of its own); :data:`SHARE_PASSES` by default.
+
+    Returns
+    -------
+    SharingStats
     """
     n_refs = refs.shape[1]
-    batch = batch_size
-    per_chunk = neurons_per_chunk(batch, n_refs)
-    chunks = list(_chunks(todo, per_chunk))
+    stats = SharingStats()
     loader = _ImageLoader(dataset, num_workers)
     bar = tqdm(total=len(todo), desc=desc or f"relevance {plan.name}", unit="neuron", disable=not progress, leave=False)
+    work = plan_passes(refs, todo, batch_size, engine.backward_cost, share_passes)
     try:
-        pending = loader.submit(np.unique(refs[chunks[0]])) if chunks else None
-        for number, chunk in enumerate(chunks):
-            unique, images = loader.result(pending)
-            if number + 1 < len(chunks):
-                pending = loader.submit(np.unique(refs[chunks[number + 1]]))
-            images = to_device(images, device)
-            flat_samples = refs[chunk].reshape(-1)
-            flat_neurons = torch.as_tensor(np.repeat(plan.neurons[chunk], n_refs))
-            image_rows = torch.as_tensor(np.searchsorted(unique, flat_samples))
-            parts: dict[str, list[torch.Tensor]] = {}
-            for start in range(0, len(flat_samples), batch):
-                sl = slice(start, start + batch)
-                rows = image_rows[sl]
-                # only the images this sub-batch uses go through the forward pass
-                used, local = torch.unique(rows, return_inverse=True)
-                out = engine(images[used], local, plan.make_init(flat_neurons[sl]))
-                for name, value in {**out.relevance, "activation": out.activation}.items():
-                    parts.setdefault(name, []).append(value.float().cpu())
-            arrays = {name: torch.cat(values).view(len(chunk), n_refs, -1).numpy()
-                      for name, values in parts.items()}
-            write(chunk, arrays)
-            bar.update(len(chunk))
+        current = next(work, None)
+        pending = loader.submit(current[1].samples) if current else None
+        parts: dict[str, np.ndarray] = {}
+        while current is not None:
+            neurons, batch, last = current
+            _, images = loader.result(pending)
+            current = next(work, None)
+            if current is not None:
+                pending = loader.submit(current[1].samples)
+            ids = torch.as_tensor(np.repeat(plan.neurons[neurons], n_refs)[batch.rows])
+            out = engine.explain(to_device(images, device), torch.as_tensor(batch.forward),
+                                 torch.as_tensor(batch.forward_rows), torch.as_tensor(batch.slots),
+                                 plan.make_init(ids))
+            stats.add(batch)
+            for name, value in {**out.relevance, "activation": out.activation}.items():
+                if name not in parts:
+                    parts[name] = np.empty((len(neurons) * n_refs, value.shape[1]), np.float32)
+                parts[name][batch.rows] = value.float().cpu().numpy()
+            if last:
+                write(neurons, {name: value.reshape(len(neurons), n_refs, -1) for name, value in parts.items()})
+                parts = {}
+                bar.update(len(neurons))
     finally:
         loader.close()
         bar.close()
+    return stats

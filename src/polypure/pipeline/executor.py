@@ -11,8 +11,9 @@ back as it arrives:
   stage writes each range's rows and marks them complete;
 * embeddings: chunks of the unique reference images on the same actors.
 
-Units are cut at the boundaries of the local computation's batches and chunks, so each batch a worker
-computes is a batch the local run computes, and the store comes out the same. A task whose worker dies is
+Units are cut at the boundaries of the local computation's batches and chunks, so each row a worker
+computes runs in passes of the size the local run gives it (the size is what a row's numbers can depend on:
+:mod:`polypure.attribution.sharing`), and the store comes out the same. A task whose worker dies is
 retried (Ray's task retries), an actor that dies is restarted with its calls retried. The data and the
 weights must be readable at the same path on every worker (relative paths mean the driver's working
 directory; a worker changes into it where that folder exists).

@@ -2,7 +2,7 @@
 
 For each target (a layer's real channels, or its planted virtual neurons), each rule variant
 (``relevance.variants``) and each selected neuron, the ``n_refs`` first references of its top-K are
-explained at every attribution layer with one backward pass per batch
+explained at every attribution layer, an image several neurons share forwarded once for all their rows
 (:func:`polypure.attribution.relevance_plan.compute_target`). The variants share the rows and the references; a variant
 added to a config later is computed alone. Whole neurons are written at a time and flagged in
 ``/relevance/<target>/complete``, so an interrupted run continues where it stopped; neurons a config adds
@@ -88,15 +88,17 @@ def run(ctx: StageContext) -> None:
                 def write(rows, arrays, name=plan.name, variant=variant):
                     store.write_relevance_rows(name, rows, arrays, variant=variant)
 
+                shared = ""
                 if ctx.executor is not None:
                     _distributed(ctx, plan, refs, todo, rule, batch, write, f"relevance {which}")
                 else:
                     with rule.engine(ctx.model, plan) as engine:
-                        compute_target(ctx.dataset, plan, refs, todo, engine, write, batch_size=batch,
-                                       num_workers=ctx.num_workers, device=ctx.device, progress=ctx.progress,
-                                       desc=f"relevance {which}")
+                        stats = compute_target(ctx.dataset, plan, refs, todo, engine, write, batch_size=batch,
+                                               num_workers=ctx.num_workers, device=ctx.device,
+                                               progress=ctx.progress, desc=f"relevance {which}")
+                    shared = f" ({stats.pairs} pairs from {stats.forward_rows} forward rows, {stats.shared:.0%} shared)"
                 ctx.log(f"relevance {which}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
-                        f"{', '.join(plan.attribution_layers)}")
+                        f"{', '.join(plan.attribution_layers)}{shared}")
             # said once, when the relevance is made: reading every variant back costs time at scale
             for same in identical_variants(store, plan.name, list(rules)) if computed and len(rules) > 1 else []:
                 ctx.log(f"relevance {plan.name}: variants {', '.join(same)} gave the same relevance at every "
@@ -108,7 +110,8 @@ def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, batch: int
     """Rows ``todo`` of a target on the executor's actors, in ranges of whole neurons, written as they arrive.
 
     A range holds whole chunks of the local computation (:func:`polypure.attribution.relevance_plan.neurons_per_chunk`), so
-    each backward pass a worker runs is one the local stage runs.
+    every row runs in passes of the size the local stage gives it, and its relevance is the local stage's (a worker
+    shares forward passes among the rows of its own ranges only).
     """
     from tqdm.auto import tqdm
 
