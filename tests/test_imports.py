@@ -85,3 +85,12 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_cycle_in_polypure():
     cycle = find_cycle(graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_two_modules_share_a_name():
+    # a module's name says what it holds, once: topk.py and a topk stage would be read as one thing
+    stems = [p.stem for p in PACKAGE.rglob("*.py") if p.stem not in ("__init__", "__main__")]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    assert repeated == [], f"module names used twice: {repeated}"
+    packages = {p.parent.name for p in PACKAGE.rglob("__init__.py")} - {PACKAGE.name}
+    assert not packages & set(stems), f"a module named like a subpackage: {sorted(packages & set(stems))}"
