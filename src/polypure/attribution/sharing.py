@@ -86,7 +86,7 @@ def _runs(samples: np.ndarray, size: int, backward_cost: float) -> list[SharedBa
     m = counts[by_rows]
     n = len(m)
     # ends[s - 1][i]: the end of the longest run from image i whose forward rows fit one pass with s slots
-    options = np.arange(1, min(int(m.max()), size * int(m.max())) + 1)
+    options = np.arange(1, int(m.max()) + 1)
     ends = []
     for slots in options:
         used = np.concatenate(([0], np.cumsum(-(-m // slots))))
