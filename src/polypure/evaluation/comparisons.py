@@ -34,7 +34,7 @@ import numpy as np
 from polypure.errors import ConfigError
 from polypure.evaluation import statistics as stats
 from polypure.evaluation import summary
-from polypure.store.schema import STR
+from polypure.store.schema import STR, planted_layer
 
 #: Columns of a comparison table (stored, printed, exported), in order.
 COLUMNS = ("target", "group", "metric", "method", "space_a", "space_b", "method_a", "n", "dropped", "zeros",
@@ -302,7 +302,7 @@ def headline(rows: list[dict]) -> list[str]:
     out = []
     for target, group, method in dict.fromkeys((r["target"], r["group"], r["method"]) for r in ari):
         metrics = list(dict.fromkeys(r["metric"] for r in ari if (r["target"], r["group"]) == (target, group)))
-        if "@planted" in target:
+        if planted_layer(target) is not None:
             wanted = "ARI planted"
         elif "[polysemantic by " in group:
             wanted = "ARI " + group.rsplit("[polysemantic by ", 1)[1].rstrip("]")
