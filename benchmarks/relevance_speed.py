@@ -46,21 +46,7 @@ LAYERS = ["layer1", "layer2", "layer3"]
 
 def bare_pass(m, images, refs, neurons, batch):
     """The floor: per batch of (neuron, reference) rows a bare forward to layer4 and one autograd.grad."""
-    rows = torch.as_tensor(refs.reshape(-1))
-    row_neurons = torch.as_tensor(np.repeat(neurons, refs.shape[1]))
-    for start in range(0, len(rows), batch):
-        x = images[rows[start:start + batch]]
-        k = row_neurons[start:start + batch]
-        with torch.no_grad():
-            stem = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        a1 = m.layer1(stem).requires_grad_(True)
-        a2 = m.layer2(a1)
-        a3 = m.layer3(a2)
-        a4 = m.layer4(a3)
-        grad = torch.zeros_like(a4)
-        index = torch.arange(len(x))
-        grad[index, k] = a4.detach()[index, k].clamp(min=0)
-        torch.autograd.grad(a4, [a1, a2, a3], grad)
+    resnet_floor(m, images, refs, neurons, batch, "block_3", 3)
 
 
 def resnet_floor(net, images, refs, neurons, batch, target, depth):

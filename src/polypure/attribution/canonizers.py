@@ -336,6 +336,25 @@ def pass_norm(rewrite: Rewrite, norm: nn.Module) -> None:
     rewrite.set(norm, RULE_TAG, "pass")
 
 
+class ForwardCanonizer(ModuleCanonizer):
+    """A :class:`ModuleCanonizer` that gives each module type of :attr:`FORWARDS` a canonical forward.
+
+    ``FORWARDS`` maps ``"module.path:Class"`` to the forward function; classes that do not import (an
+    older torchvision, no timm) are left out.
+    """
+
+    FORWARDS: dict[str, Callable] = {}
+
+    @classmethod
+    def _forwards(cls) -> dict[type, Callable]:
+        return {found: forward for path, forward in cls.FORWARDS.items() for found in _classes(path)}
+
+    @classmethod
+    def module_types(cls) -> tuple[type, ...]:
+        """The module types of :attr:`FORWARDS` that import."""
+        return tuple(cls._forwards())
+
+
 class DenseNetCanonizer(ModuleCanonizer):
     """DenseNet's batch norms: merged where a convolution feeds them, the identity rule after a concatenation.
 
@@ -432,7 +451,7 @@ def _timm_edge_residual_forward(self, x):
     return _add(self, shortcut, self.drop_path(x))
 
 
-class MBConvCanonizer(ModuleCanonizer):
+class MBConvCanonizer(ForwardCanonizer):
     """Gives the residual addition of inverted-residual blocks a ``Sum`` module.
 
     torchvision's ``MBConv`` and ``FusedMBConv`` and MobileNet's ``InvertedResidual`` add their input to their
@@ -456,15 +475,6 @@ class MBConvCanonizer(ModuleCanonizer):
         "timm.models._efficientnet_blocks:DepthwiseSeparableConv": _timm_depthwise_separable_forward,
         "timm.models._efficientnet_blocks:EdgeResidual": _timm_edge_residual_forward,
     }
-
-    @classmethod
-    def _forwards(cls) -> dict[type, Callable]:
-        return {found: forward for path, forward in cls.FORWARDS.items() for found in _classes(path)}
-
-    @classmethod
-    def module_types(cls) -> tuple[type, ...]:
-        """The block types of :attr:`FORWARDS` that import."""
-        return tuple(cls._forwards())
 
     def rewrite(self, rewrite: Rewrite, module: nn.Module) -> bool:
         """A ``Sum`` and the canonical forward for a block with a skip."""
@@ -589,7 +599,7 @@ def _timm_se_module_forward(self, x):
     return x * self.gate(x_se).detach()
 
 
-class GateCanonizer(ModuleCanonizer):
+class GateCanonizer(ForwardCanonizer):
     """Squeeze-excitation gates pass all relevance to the signal they gate.
 
     ``x * gate(x)`` multiplies two functions of the input; its gradient hands the signal the relevance
@@ -606,15 +616,6 @@ class GateCanonizer(ModuleCanonizer):
         "timm.models._efficientnet_blocks:SqueezeExcite": _timm_squeeze_excite_forward,
         "timm.layers.squeeze_excite:SEModule": _timm_se_module_forward,
     }
-
-    @classmethod
-    def _forwards(cls) -> dict[type, Callable]:
-        return {found: forward for path, forward in cls.FORWARDS.items() for found in _classes(path)}
-
-    @classmethod
-    def module_types(cls) -> tuple[type, ...]:
-        """The gate types of :attr:`FORWARDS` that import."""
-        return tuple(cls._forwards())
 
     def rewrite(self, rewrite: Rewrite, module: nn.Module) -> bool:
         """Compute the gate without gradient and ask for the ``Pass`` rule."""

@@ -94,24 +94,12 @@ def require_file(path: str | os.PathLike, what: str, error: type[InputError] = C
     InputError
         ``"<what> '<path>' does not exist"``, or ``"<what> '<path>': expected a file, found <kind>"``.
     """
-    path = Path(path)
-    found = kind_of(path)
-    if found is None:
-        raise _missing(path, what, "a file", error)
-    if found != "a regular file":
-        raise error(f"{what} {str(path)!r}: expected a file, found {found}")
-    return path
+    return _require(path, what, error, "a file", output=False)
 
 
 def require_folder(path: str | os.PathLike, what: str, error: type[InputError] = ConfigError) -> Path:
     """``path`` as a Path, if it is an existing folder (see :func:`require_file` for the parameters)."""
-    path = Path(path)
-    found = kind_of(path)
-    if found is None:
-        raise _missing(path, what, "a folder", error)
-    if found != "a folder":
-        raise error(f"{what} {str(path)!r}: expected a folder, found {found}")
-    return path
+    return _require(path, what, error, "a folder", output=False)
 
 
 def require_output_file(path: str | os.PathLike, what: str, error: type[InputError] = ConfigError) -> Path:
@@ -119,15 +107,7 @@ def require_output_file(path: str | os.PathLike, what: str, error: type[InputErr
 
     Nothing is created. See :func:`require_file` for the parameters.
     """
-    path = Path(path)
-    found = kind_of(path)
-    if found is None:
-        blocked = _blocking_ancestor(path)
-        if blocked is not None:
-            raise error(f"{what} {str(path)!r}: expected a folder at {str(blocked[0])!r}, found {blocked[1]}")
-    elif found != "a regular file":
-        raise error(f"{what} {str(path)!r}: expected a file, found {found}")
-    return path
+    return _require(path, what, error, "a file", output=True)
 
 
 def require_output_folder(path: str | os.PathLike, what: str, error: type[InputError] = ConfigError) -> Path:
@@ -135,14 +115,24 @@ def require_output_folder(path: str | os.PathLike, what: str, error: type[InputE
 
     Nothing is created. See :func:`require_file` for the parameters.
     """
+    return _require(path, what, error, "a folder", output=True)
+
+
+def _require(path, what: str, error: type[InputError], expected: str, output: bool) -> Path:
+    """The one check behind the four ``require_*``: ``expected`` is ``"a file"`` or ``"a folder"``.
+
+    An input must exist; an output may be missing as long as nothing but folders stands above it.
+    """
     path = Path(path)
     found = kind_of(path)
     if found is None:
+        if not output:
+            raise _missing(path, what, expected, error)
         blocked = _blocking_ancestor(path)
         if blocked is not None:
             raise error(f"{what} {str(path)!r}: expected a folder at {str(blocked[0])!r}, found {blocked[1]}")
-    elif found != "a folder":
-        raise error(f"{what} {str(path)!r}: expected a folder, found {found}")
+    elif found != {"a file": "a regular file", "a folder": "a folder"}[expected]:
+        raise error(f"{what} {str(path)!r}: expected {expected}, found {found}")
     return path
 
 

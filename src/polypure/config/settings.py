@@ -319,6 +319,15 @@ class CompositeSpec(BaseModel):
 CompositeField = str | CompositeSpec
 
 
+def _group_id(value: str, kind: str, reserved, reserved_as: str) -> str:
+    """A variant or dictionary id: it becomes an HDF5 group name and part of space names, so no '/' or ':'."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", value):
+        raise ValueError(f"{kind} id {value!r}: use letters, digits, '_', '-' and '.', starting with a letter")
+    if value in reserved:
+        raise ValueError(f"{kind} id {value!r} is reserved ({reserved_as})")
+    return value
+
+
 def _composite_form(value: Any) -> Any:
     # one message for a wrong form, instead of one per branch of the union
     if isinstance(value, dict) and "name" not in value:
@@ -389,12 +398,7 @@ class VariantSection(_NamedComposite, _Section):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        # the id becomes an HDF5 group name and the prefix of space names, so no '/' or ':' in it
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", value):
-            raise ValueError(f"variant id {value!r}: use letters, digits, '_', '-' and '.', starting with a letter")
-        if value in _RESERVED_VARIANT_IDS:
-            raise ValueError(f"variant id {value!r} is reserved (a dataset of every relevance target)")
-        return value
+        return _group_id(value, "variant", _RESERVED_VARIANT_IDS, "a dataset of every relevance target")
 
 
 class RelevanceSection(_NamedComposite, _Section):
@@ -796,12 +800,8 @@ class DictionarySection(_Section):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        # the id becomes an HDF5 group name and a space name, so no '/' or ':' in it
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", value):
-            raise ValueError(f"dictionary id {value!r}: use letters, digits, '_', '-' and '.', starting with a letter")
-        if value in _RESERVED_DICTIONARY_IDS:
-            raise ValueError(f"dictionary id {value!r} is reserved (a space or dataset of every relevance target)")
-        return value
+        return _group_id(value, "dictionary", _RESERVED_DICTIONARY_IDS,
+                         "a space or dataset of every relevance target")
 
     @model_validator(mode="after")
     def _counts(self):
