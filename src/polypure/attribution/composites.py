@@ -64,11 +64,15 @@ GRADIENT_LRP_COMPOSITES = frozenset({"attnlrp"})
 
 #: Composites whose backward pass carries a (possibly modified) gradient rather than relevance; their
 #: layer relevance is gradient x activation. All other composites propagate relevance itself.
-GRADIENT_COMPOSITES = frozenset({"gradient", "guided_backprop", "deconvnet"}) | GRADIENT_LRP_COMPOSITES
+GRADIENT_COMPOSITES = frozenset({"gradient", "guided_backprop", "deconvnet", "beta_smooth"}) | GRADIENT_LRP_COMPOSITES
 
 #: Composite parameters that bound the model input; left out of the config they default to the data's
 #: normalised pixel range (:func:`input_bounds`).
 INPUT_BOUNDS = ("low", "high")
+
+#: Composite parameters that take rule objects (zennit's ``layer_map`` and ``first_map``): Python only, not
+#: config values, so they are neither offered nor accepted in a config.
+RULE_PARAMETERS = ("layer_map", "first_map")
 
 #: An input bound: one value for every channel, or one per channel.
 Bound = float | list[float]
@@ -105,16 +109,31 @@ def composite_parameters(name: str) -> tuple[dict[str, inspect.Parameter], bool]
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
         return {}, True
-    named = {key: p for key, p in signature.parameters.items() if key != "canonizers"
+    named = {key: p for key, p in signature.parameters.items()
+             if key != "canonizers" and key not in RULE_PARAMETERS
              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return named, any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _parameter_problem(key: str, value: Any, spec: inspect.Parameter) -> str | None:
+    """What is wrong with a config value for a composite parameter other than an input bound, if anything."""
+    if key == "zero_params":  # zennit: names of parameters set to zero for the rule (``[bias]``)
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return None
+        return f"parameter 'zero_params' must be a parameter name or a list of them (e.g. [bias]), not {value!r}"
+    if _is_number(spec.default) and not _is_number(value):
+        return f"parameter {key!r} must be a number, not {value!r}"
+    return None
+
+
 def _bound_problem(key: str, value: Any) -> str | None:
-    if isinstance(value, Real) and not isinstance(value, bool):
+    if _is_number(value):
         return None
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, Real) and not isinstance(v, bool) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value):
         return None
     return f"parameter {key!r} must be a number or a list of numbers (one per channel), not {value!r}"
 
@@ -153,8 +172,10 @@ def check_composite(name: str, params: dict[str, Any] | None = None, key: str = 
         elif missing:
             problem = f"{name} needs parameter {missing[0]!r}"
         else:
-            problem = next((p for p in (_bound_problem(b, params[b]) for b in INPUT_BOUNDS if b in params) if p),
-                           None)
+            problems = (_bound_problem(key, value) if key in INPUT_BOUNDS
+                        else _parameter_problem(key, value, named[key]) if key in named else None
+                        for key, value in params.items())
+            problem = next((p for p in problems if p), None)
     if problem is not None:
         raise ConfigError(f"{key}: {problem}")
 

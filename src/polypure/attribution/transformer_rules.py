@@ -19,8 +19,8 @@ the process, until the process ends). :class:`AttnLRP` instead replaces the ``fo
 *instances* of the one model it is registered to, and of the attention's query-key-value projection with a
 forward hook, and removes every change in :meth:`AttnLRP.remove`: the relevance engine registers it on
 entering and removes it on leaving, so a ResNet's LRP computed afterwards in the same process is untouched.
-lxt's Gamma rule for linear layers needs zennit >= 1.0 (``zennit.core.ParamMod``), which zennit-crp's pin
-(``zennit<=0.4.6``) rules out; it is not offered.
+lxt's Gamma rule for linear layers (which patches zennit's rules with ``zennit.core.ParamMod``) is not
+offered: the composite is lxt's efficient rules above.
 
 Example
 -------

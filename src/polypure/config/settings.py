@@ -424,8 +424,10 @@ class RelevanceSection(_NamedComposite, _Section):
     (``epsilon_plus_flat``, ...; ``polypure list composites``), ``attnlrp`` (AttnLRP for vision transformers through
     lxt, extra ``polypure[lxt]``; ``{name: attnlrp, attention: cp}`` for CP-LRP inside attention), or a composite
     with parameters: ``{name: epsilon_gamma_box, low: -2.1, high: [2.2, 2.4, 2.6]}``. The parameters are the keyword
-    arguments of the composite's class (unknown ones are errors); the input bounds ``low`` / ``high`` (a number, or
-    one per channel) default to the data's normalised pixel range.
+    arguments of the composite's class (unknown ones are errors), numbers where zennit's default is one
+    (``epsilon``, ``gamma``, ``stabilizer``) and ``zero_params: [bias]`` to set parameters to zero for the rules;
+    the input bounds ``low`` / ``high`` (a number, or one per channel) default to the data's normalised pixel
+    range. ``layer_map`` and ``first_map`` take rule objects and are Python only.
     """
     canonizers: list[str] = Field(default_factory=list)
     """zennit canonizers (``resnet``, ``merge_bn``, ``vgg``); with an LRP composite and none given, the model's own
