@@ -21,7 +21,11 @@ A score is only a score where there was something to split and something was spl
   :data:`TOLERANCE` of its L1 mass on one channel, the same channel for every reference (relevance passed
   straight through, as from a DenseNet concatenation: the space then holds one number per reference, the
   neuron's own strength, not a decomposition). One-hot is checked first, so identical one-hot vectors are
-  ``one-hot``;
+  ``one-hot``. A relevance space (vectors divided by ``sum |R| + 1e-10``, so each row's L1 mass is 1 unless
+  the raw relevance was near that floor) is also degenerate, :data:`VANISHING`, when any of the neuron's
+  references has a row whose mass is below :data:`FLOOR_MASS`: its relevance vanished below the
+  normalisation floor (an EfficientNet whose gates get the plain gradient ends at 1e-27), and what is
+  stored there is rounding, not a direction. Vanishing is checked first;
 * a clustering is :data:`ALL_NOISE` when every reference is labelled noise (-1), and :data:`ONE_CLUSTER`
   when the references it did not call noise all share one cluster;
 * a label set is :data:`ONE_LABEL` for the neuron when all its references carry the same value: there is
@@ -105,18 +109,45 @@ def cluster_distances(reference: np.ndarray, labels: np.ndarray) -> tuple[float,
 TOLERANCE = 1e-6
 #: Reasons a neuron gets no score (see the module's section *Non-results*).
 CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL = "constant", "one-hot", "all-noise", "one-cluster", "one-label"
-UNIQUE_LABELS = "unique-labels"
+UNIQUE_LABELS, VANISHING = "unique-labels", "vanishing"
 #: Every reason, in the order they are reported.
-REASONS = (CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL, UNIQUE_LABELS)
+REASONS = (VANISHING, CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL, UNIQUE_LABELS)
+#: The L1 mass below which a stored relevance row was below the normalisation floor: ``s / (s + 1e-10)`` is
+#: under one half exactly where the raw relevance ``s = sum |R|`` is under the floor 1e-10 (zero included).
+FLOOR_MASS = 0.5
 
 
-def degenerate(features: np.ndarray) -> np.ndarray:
-    """Why each neuron's references cannot be split in a space: ``one-hot``, ``constant`` or ``""``.
+def below_floor(features: np.ndarray) -> np.ndarray:
+    """Which stored relevance rows were below the normalisation floor (L1 mass under :data:`FLOOR_MASS`).
+
+    Parameters
+    ----------
+    features : ndarray, shape (..., D)
+        Normalised relevance vectors.
+
+    Returns
+    -------
+    ndarray of bool, shape (...)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> below_floor(np.array([[0.25, -0.75], [3e-17, 0.0], [0.0, 0.0]]))
+    array([False,  True,  True])
+    """
+    return np.abs(np.asarray(features, np.float64)).sum(axis=-1) < FLOOR_MASS
+
+
+def degenerate(features: np.ndarray, normalised: bool = False) -> np.ndarray:
+    """Why each neuron's references cannot be split in a space: ``vanishing``, ``one-hot``, ``constant`` or ``""``.
 
     Parameters
     ----------
     features : ndarray, shape (M, n_refs, D) or (n_refs, D)
         The vectors of each neuron's references in one space.
+    normalised : bool
+        Whether the space is a relevance space, its rows divided by their L1 norm plus the floor; only then is a
+        neuron with a row below the floor (:func:`below_floor`) ``vanishing``.
 
     Returns
     -------
@@ -127,13 +158,13 @@ def degenerate(features: np.ndarray) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> degenerate(np.array([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]]))
-    array(['one-hot', 'constant', ''], dtype='<U8')
+    array(['one-hot', 'constant', ''], dtype='<U9')
     """
     x = np.asarray(features, np.float64)
     single = x.ndim == 2
     x = x[None] if single else x
     if x.shape[1] == 0:
-        out = np.full(len(x), CONSTANT, dtype="<U8")
+        out = np.full(len(x), CONSTANT, dtype="<U9")
         return out[0] if single else out
     magnitude = np.abs(x)
     scale = magnitude.max(axis=(1, 2))
@@ -143,7 +174,9 @@ def degenerate(features: np.ndarray) -> np.ndarray:
     top = magnitude.argmax(axis=2)
     share = np.divide(magnitude.max(axis=2), mass, out=np.zeros_like(mass), where=mass > 0)
     one_hot = (share >= 1 - TOLERANCE).all(axis=1) & (top == top[:, :1]).all(axis=1)
-    out = np.where(one_hot, ONE_HOT, np.where(constant, CONSTANT, "")).astype("<U8")
+    out = np.where(one_hot, ONE_HOT, np.where(constant, CONSTANT, "")).astype("<U9")
+    if normalised:
+        out[below_floor(x).any(axis=1)] = VANISHING
     return out[0] if single else out
 
 

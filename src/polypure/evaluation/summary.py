@@ -40,7 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
-from polypure.evaluation.metrics import ALL_NOISE, CONSTANT, ONE_CLUSTER, ONE_HOT, ONE_LABEL, REASONS, UNIQUE_LABELS
+from polypure.evaluation.metrics import (
+    ALL_NOISE,
+    CONSTANT,
+    ONE_CLUSTER,
+    ONE_HOT,
+    ONE_LABEL,
+    REASONS,
+    UNIQUE_LABELS,
+    VANISHING,
+)
 from polypure.store.schema import SELECTIVITY as SELECTIVITY_KIND
 from polypure.store.schema import SELECTIVITY_NULL, STR, planted_layer
 
@@ -184,7 +193,7 @@ def reasons(store, target: str, *, space: str, method: str | None = None, refere
                 out[name] |= stored == name
 
     for name in dict.fromkeys(s for s in (space, reference) if s):
-        status(store.metric(target, "degenerate", name), (CONSTANT, ONE_HOT))
+        status(store.metric(target, "degenerate", name), (VANISHING, CONSTANT, ONE_HOT))
     if method:
         status(store.metric(target, "cluster_status", space, method), (ALL_NOISE, ONE_CLUSTER))
     single = store.metric(target, "single_label", labels) if labels else None

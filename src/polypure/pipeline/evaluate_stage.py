@@ -90,8 +90,9 @@ def checks(ctx: StageContext, store) -> None:
     for target in store.relevance_targets():
         clustered = store.clusterings(target)
         references = [r for r in ctx.config.evaluate.references if store.has_embeddings(r, target)]
+        relevance = set(store.relevance_spaces(target))
         for space in dict.fromkeys([*configured.get(target, []), *(s for s, _ in clustered), *references]):
-            status = degenerate(store.features(target, space))
+            status = degenerate(store.features(target, space), normalised=space in relevance)
             store.write_metric(target, "degenerate", [space], _strings(status))
         for space, method_id in clustered:
             store.write_metric(target, "cluster_status", [space, method_id],

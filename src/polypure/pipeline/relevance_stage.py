@@ -7,10 +7,17 @@ explained at every attribution layer, an image several neurons share forwarded o
 added to a config later is computed alone. Whole neurons are written at a time and flagged in
 ``/relevance/<target>/complete``, so an interrupted run continues where it stopped; neurons a config adds
 later are appended and computed alone.
+
+Rows whose relevance vanished below the normalisation floor (``sum |R| < 1e-10``: stored, they are rounding,
+not a direction) are counted as they are written and reported in one warning per target; the evaluate stage
+marks their neurons degenerate (``vanishing``, :func:`polypure.evaluation.metrics.degenerate`) so they are
+not scored.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +30,8 @@ if TYPE_CHECKING:
 NAME = "relevance"
 WRITES = True
 HELP = "compute conditional relevance of the references at the attribution layers"
+
+log = logging.getLogger("polypure")
 
 
 def plans(ctx: StageContext, store) -> list:
@@ -69,6 +78,8 @@ def run(ctx: StageContext) -> None:
                 raise ConfigError(f"target {plan.name!r}: fewer than relevance.n_refs={cfg.n_refs} references")
             computed = False
             batch = None
+            vanished: Counter = Counter()  # (variant, layer) -> rows below the floor
+            flagged: set[int] = set()      # rows (neurons) with any of them
             for variant, rule in rules.items():
                 which = plan.name if len(rules) == 1 else f"{plan.name} [{variant}]"
                 todo = np.flatnonzero(~store.complete(plan.name, variant))
@@ -85,8 +96,10 @@ def run(ctx: StageContext) -> None:
                                      sample=ctx.dataset[0][0].unsqueeze(0).to(ctx.device), params=dict(rule.params))
                     warned.add(rule)
 
-                def write(rows, arrays, name=plan.name, variant=variant):
+                def write(rows, arrays, name=plan.name, variant=variant, layers=tuple(plan.attribution_layers),
+                          vanished=vanished, flagged=flagged):
                     store.write_relevance_rows(name, rows, arrays, variant=variant)
+                    count_vanished(rows, {layer: arrays[layer] for layer in layers}, variant, vanished, flagged)
 
                 shared = ""
                 if ctx.executor is not None:
@@ -99,11 +112,38 @@ def run(ctx: StageContext) -> None:
                     shared = f" ({stats.pairs} pairs from {stats.forward_rows} forward rows, {stats.shared:.0%} shared)"
                 ctx.log(f"relevance {which}: {len(todo)} neuron(s) x {cfg.n_refs} references at "
                         f"{', '.join(plan.attribution_layers)}{shared}")
+            if vanished:
+                warn_vanished(plan.name, vanished, len(flagged), cfg.n_refs)
             # said once, when the relevance is made: reading every variant back costs time at scale
             for same in identical_variants(store, plan.name, list(rules)) if computed and len(rules) > 1 else []:
                 ctx.log(f"relevance {plan.name}: variants {', '.join(same)} gave the same relevance at every "
                         "attribution layer, bit for bit (their rules act alike on the modules between the target "
                         "and its attribution layers)")
+
+
+def count_vanished(rows: np.ndarray, arrays: dict[str, np.ndarray], variant: str, counts: Counter,
+                   flagged: set[int]) -> None:
+    """Count the written rows whose relevance is below the normalisation floor, per (variant, layer).
+
+    ``arrays`` maps each attribution layer to its (neurons, n_refs, channels) block; ``flagged`` collects the
+    neurons (rows of the target) that have any such reference row.
+    """
+    from polypure.evaluation.metrics import below_floor
+
+    for layer, data in arrays.items():
+        below = below_floor(data)
+        if below.any():
+            counts[variant, layer] += int(below.sum())
+            flagged.update(int(r) for r in np.asarray(rows)[below.any(axis=1)])
+
+
+def warn_vanished(target: str, counts: Counter, neurons: int, n_refs: int) -> None:
+    """One warning for a target: how many rows vanished below the floor, where, and what becomes of them."""
+    where = ", ".join(f"{layer} [{variant}]: {n}" for (variant, layer), n in counts.items())
+    log.warning("relevance %s: rows of (neuron, reference) whose relevance is below the normalisation floor "
+                "(sum |R| < 1e-10, %d reference(s) per neuron): %s; their %d neuron(s) are marked degenerate "
+                "('vanishing') in those spaces and not scored (polypure check-rules shows where the relevance "
+                "is lost)", target, n_refs, where, neurons)
 
 
 def _distributed(ctx, plan, refs: np.ndarray, todo: np.ndarray, rule, batch: int, write, desc: str) -> None:

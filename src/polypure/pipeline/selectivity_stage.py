@@ -113,7 +113,7 @@ def _measure_space(ctx: StageContext, store, target: str, space: str, methods: l
     relevance = store.relevance(target, space)
     labels = {method: store.cluster_labels(target, space, method) for method in methods}
     # the checks of the evaluate stage, so that a non-result is NaN here too, never a number
-    space_ok = degenerate(relevance) == ""
+    space_ok = degenerate(relevance, normalised=True) == ""
     ok = {method: space_ok & (clustering_status(labels[method]) == "") for method in methods}
     ablate = Ablation(ctx.model.module, name, ctx.model.submodule(name),
                       ctx.model.submodule(store.target_attrs(target)["layer"]), ctx.device, section.batch_size)
