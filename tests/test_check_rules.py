@@ -338,3 +338,16 @@ def test_an_experiment_checks_its_rules_on_an_in_memory_model():
     lrp = next(c for c in report.checks if (c.variant, c.layer) == ("lrp", "c2"))
     assert lrp.conservation_median is not None and np.isfinite(lrp.conservation_median)
     assert "lrp" in report.table() and not (exp.config.store_path).exists()       # nothing is written
+
+
+def test_alpha_beta_ratios_are_shown_not_judged_in_ideal_mode(demo):
+    """alpha2-beta1 creates relevance without biases wherever a neuron has no negative contribution, by design."""
+    model, images, plan = demo
+    variants = [("ab", Rule("epsilon_alpha2_beta1", ("resnet",), False))]
+    ideal = check_rules(model, images, variants, [plan], ideal=True)
+    measured = [c for c in ideal.checks if c.conservation_median is not None]
+    assert measured and all(c.verdict == "shown" and not c.judged for c in measured)
+    assert "\nshown: ab (alpha-beta) conserve only where" in ideal.table()
+    real = check_rules(model, images, variants, [plan])
+    assert all(c.judged and c.verdict in ("ok", "FAIL") for c in real.checks)
+    assert "shown" not in real.table()
