@@ -14,10 +14,14 @@ of ``L``):
 * the *selectivity* is own drop minus other drop, averaged over the clusters (:func:`score`): near 1
   when each cluster's circuit carries that cluster's references and nothing else (the split is real, in
   the network's own computation), near 0 when a circuit drops every reference alike;
-* its *null* replaces each circuit with a random set of ``m`` channels of ``L``: per cluster, in the order
-  of the cluster labels, ``null_draws`` sets drawn by ``rng.choice(C, m, replace=False)`` from
-  ``numpy.random.default_rng([seed, neuron])`` (:func:`random_sets`), their own and other drops averaged
-  over the draws.
+* its *null* replaces each circuit with a random set of ``m`` channels of ``L``: ``null_draws`` sets drawn
+  by ``rng.choice(C, m, replace=False)`` from ``numpy.random.default_rng([seed, neuron])``
+  (:func:`random_sets`), the same sets for every cluster (and every clustering of the neuron in the space),
+  each cluster's own and other drops averaged over them.
+
+In a dictionary space (:mod:`polypure.dictionaries`) the space's dimensions are the neuron's kept concepts
+instead of channels: the circuit is ``m`` of them, the null draws from them, and ablating them subtracts
+their terms from the dictionary's layer (:class:`~polypure.attribution.ablation.ConceptSubtraction`).
 
 Noise (label -1) is not a cluster: its references are neither own nor other. A cluster is *left out* of
 the averages when it has no reference with ``a > 0`` on its own side, or none on the other side (the
@@ -99,17 +103,16 @@ def circuits(relevance: np.ndarray, labels: np.ndarray, m: int) -> dict[int, np.
             for c in clusters(labels)}
 
 
-def random_sets(seed: int, neuron: int, channels: int, m: int, labels: np.ndarray, draws: int
-                ) -> dict[int, list[np.ndarray]]:
-    """The random channel sets of the null: ``draws`` sets of ``m`` of ``channels`` per cluster.
+def random_sets(seed: int, neuron: int, channels: int, m: int, draws: int) -> list[np.ndarray]:
+    """The random channel sets of the null: ``draws`` sets of ``m`` of ``channels``.
 
-    Drawn from ``numpy.random.default_rng([seed, neuron])``, cluster by cluster in label order, each
-    set by ``rng.choice(channels, m, replace=False)``: the same neuron, seed and clusters give the same
-    sets in every space of the same width and for every clustering with the same labels.
+    Drawn from ``numpy.random.default_rng([seed, neuron])``, each set by ``rng.choice(channels, m,
+    replace=False)``. Every cluster of every clustering of the neuron in a space is measured against the same
+    sets: each cluster's null is still the mean over ``draws`` random sets, the clusters' nulls are paired, and
+    the null costs ``draws`` ablations per neuron instead of ``draws`` per cluster and clustering.
     """
     rng = np.random.default_rng([int(seed), int(neuron)])
-    return {c: [rng.choice(channels, m, replace=False).astype(np.int64) for _ in range(draws)]
-            for c in clusters(labels)}
+    return [rng.choice(channels, m, replace=False).astype(np.int64) for _ in range(draws)]
 
 
 def relative_drops(base: np.ndarray, ablated: np.ndarray) -> np.ndarray:
@@ -187,11 +190,11 @@ def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, c
         ``ablate(keep) -> (A, n_refs)``: the neuron's activation (clamped at 0) on each reference with
         the channels where ``keep`` (A, C) is False zeroed; :class:`polypure.attribution.ablation.Ablation`.
     relevance : ndarray, shape (n_refs, C)
-        The neuron's relevance at the layer.
+        The neuron's relevance at the layer (in a dictionary space: its concepts' contributions).
     clusterings : dict of str to ndarray (n_refs,)
         Labels by name (cluster method id).
     m, draws : int
-        Circuit size (at most ``C``) and random sets per cluster.
+        Circuit size (at most ``C``) and random sets (shared by the clusters).
     seed, neuron : int
         Seed the random sets (:func:`random_sets`).
 
@@ -200,26 +203,24 @@ def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, c
     dict of str to Split
     """
     channels = relevance.shape[1]
-    masks = [np.ones(channels, bool)]
+
+    def mask(channel_set: np.ndarray) -> np.ndarray:
+        keep = np.ones(channels, bool)
+        keep[channel_set] = False
+        return keep
+
+    # the unablated neuron, the random sets (shared by every cluster and clustering), then each circuit
+    masks = [np.ones(channels, bool), *(mask(s) for s in random_sets(seed, neuron, channels, m, draws))]
     plans = {}
     for name, labels in clusterings.items():
         chosen = circuits(relevance, labels, m)
-        sets = random_sets(seed, neuron, channels, m, labels, draws)
-        start = len(masks)
-        for c in chosen:
-            for channel_set in [chosen[c], *sets[c]]:
-                mask = np.ones(channels, bool)
-                mask[channel_set] = False
-                masks.append(mask)
-        plans[name] = (start, chosen)
+        plans[name] = (len(masks), chosen)
+        masks += [mask(chosen[c]) for c in chosen]
     values = ablate(np.stack(masks))
+    null = list(values[1:1 + draws])
     out = {}
     for name, labels in clusterings.items():
         start, chosen = plans[name]
-        ablated, null = {}, {}
-        for position, c in enumerate(chosen):
-            first = start + position * (1 + draws)
-            ablated[c] = values[first]
-            null[c] = list(values[first + 1:first + 1 + draws])
-        out[name] = score(labels, values[0], ablated, null, chosen, m)
+        ablated = {c: values[start + position] for position, c in enumerate(chosen)}
+        out[name] = score(labels, values[0], ablated, {c: null for c in chosen}, chosen, m)
     return out
