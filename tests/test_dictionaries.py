@@ -287,6 +287,30 @@ def test_dictionary_selectivity_is_its_recomputation_with_numpy(selective):
     assert checked >= 16
 
 
+def test_the_report_index_shows_each_dictionary_s_quality_from_the_store(selective, tmp_path):
+    from polypure.viz.report import write_report
+
+    index = write_report(selective, out=tmp_path / "report", dataset=random_images(40, 32, seed=3), max_neurons=1,
+                         progress=False)
+    html = index.read_text(encoding="utf-8")
+    assert '<a href="#dictionaries">dictionaries</a>' in html
+    table = html[html.index('<table id="dictionary-table">'):]
+    table = table[:table.index("</table>")]
+    rows = [re.findall(r"<td>(.*?)</td>", row, flags=re.S) for row in re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)]
+    rows = [row for row in rows if row]
+    with Store(selective) as store:
+        expected = []
+        for dictionary_id in store.dictionary_ids():
+            attrs = store.dictionary_attrs(dictionary_id)
+            n_concepts = len(store.dictionary_arrays(dictionary_id)[0])
+            expected.append([dictionary_id, attrs["kind"], "c3", str(n_concepts), f"{attrs['r2']:.3f}",
+                             f"{100 * attrs['dead_share']:.1f} %", f"{attrs['mean_active']:.1f}",
+                             str(attrs["n_heldout"])])
+    assert rows == expected and len(rows) == 2
+    # the figures are the dictionaries' own: the SAE keeps at most top_k concepts per position
+    assert float(rows[[r[0] for r in rows].index("sae")][6]) <= TOP_K
+
+
 def dominant_loop(features: np.ndarray, n_clusters: int) -> np.ndarray:
     """The rule of ``dominant``, one reference at a time."""
     means = [float(np.mean([row[j] for row in features])) for j in range(features.shape[1])]
