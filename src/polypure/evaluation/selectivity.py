@@ -104,7 +104,7 @@ def circuits(relevance: np.ndarray, labels: np.ndarray, m: int) -> dict[int, np.
 
 
 def random_sets(seed: int, neuron: int, channels: int, m: int, draws: int) -> list[np.ndarray]:
-    """The random channel sets of the null: ``draws`` sets of ``m`` of ``channels``.
+    """The random sets of the null: ``draws`` sets of ``m`` of ``channels`` (a dictionary space's kept concepts).
 
     Drawn from ``numpy.random.default_rng([seed, neuron])``, each set by ``rng.choice(channels, m,
     replace=False)``. Every cluster of every clustering of the neuron in a space is measured against the same
