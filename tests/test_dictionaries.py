@@ -261,15 +261,15 @@ def test_dictionary_selectivity_is_its_recomputation_with_numpy(selective):
                          np.stack([[nnls(dictionary.T, v)[0] for v in image] for image in vectors]))
                 sides = partial(_sides, partial(_neuron_activation, target=target, neuron=neuron, pairs=pairs,
                                                 scales=scales, modes=modes), maps, codes, dictionary, labels=labels)
+                # the null's random sets of kept concepts: drawn cluster by cluster in label order
                 rng = np.random.default_rng([4, int(neuron)])
-                # the null's random sets of kept concepts: drawn once for the neuron, the same for every cluster
-                random_sets = [rng.choice(features.shape[2], SEL_M, replace=False) for _ in range(SEL_DRAWS)]
                 own_other, null_own_other = [], []
                 for cluster in sorted(set(labels.tolist()) - {-1}):
                     circuit = np.argsort(-features[row][labels == cluster].mean(axis=0), kind="stable")[:SEL_M]
                     assert stored["selectivity_circuits"][row, cluster].tolist() == concepts[row][circuit].tolist()
                     own, other = sides(concepts[row][circuit], cluster=cluster)
-                    nulls = np.array([sides(concepts[row][dims], cluster=cluster) for dims in random_sets])
+                    nulls = np.array([sides(concepts[row][rng.choice(features.shape[2], SEL_M, replace=False)],
+                                            cluster=cluster) for _ in range(SEL_DRAWS)])
                     if not (np.isfinite(own) and np.isfinite(other)):
                         # no active reference on one side: the cluster is left out
                         assert np.isnan(stored["selectivity_drops"][row, cluster]).all()

@@ -156,6 +156,28 @@ def test_noise_is_no_cluster_and_a_cluster_without_another_side_is_left_out():
     assert np.isfinite(silent.drops[1]).all() and silent.selectivity == pytest.approx(silent.drops[1, 0] - silent.drops[1, 1])
 
 
+def test_an_ablation_two_clusterings_share_is_computed_once():
+    from polypure.evaluation.selectivity import measure
+
+    rng = np.random.default_rng(0)
+    relevance = rng.random((12, 10))
+    labels = np.repeat([0, 1], 6)
+    calls = []
+
+    def ablate(keep):
+        calls.append(len(keep))
+        # a made-up neuron: the sum of the kept channels' relevance, per reference
+        return (relevance * keep[:, None, :]).sum(axis=2)
+
+    alone = measure(ablate, relevance, {"a": labels}, 3, 4, 0, 5)["a"]
+    # the same labels under two names: the same circuits and random sets, so nothing more to ablate
+    both = measure(ablate, relevance, {"a": labels, "b": labels.copy()}, 3, 4, 0, 5)
+    assert calls == [1 + 2 * (1 + 4)] * 2
+    for split in both.values():
+        assert split.selectivity == alone.selectivity and split.null == alone.null
+        np.testing.assert_array_equal(split.drops, alone.drops)
+
+
 # -- the stage and what it stores -------------------------------------------------------------------------------
 
 
@@ -179,8 +201,6 @@ def test_the_stored_selectivity_equals_a_recomputation_with_plain_torch(store):
 
     base = neuron([])
     rng = np.random.default_rng([SEED, 0])
-    # the random sets of the null: drawn once for the neuron, the same for every cluster
-    random_sets = [rng.choice(WIDTH, M, replace=False) for _ in range(DRAWS)]
     own_other, null_own_other, drops = [], [], []
     for cluster in sorted(set(labels.tolist()) - {-1}):
         circuit = np.argsort(-relevance[labels == cluster].mean(axis=0), kind="stable")[:M]
@@ -191,7 +211,7 @@ def test_the_stored_selectivity_equals_a_recomputation_with_plain_torch(store):
             return drop[labels == cluster].mean(), drop[(labels >= 0) & (labels != cluster)].mean()
 
         own, other = sides(circuit)
-        nulls = [sides(channels) for channels in random_sets]
+        nulls = [sides(rng.choice(WIDTH, M, replace=False)) for _ in range(DRAWS)]
         null_own, null_other = np.mean([n[0] for n in nulls]), np.mean([n[1] for n in nulls])
         own_other.append(own - other)
         null_own_other.append(null_own - null_other)

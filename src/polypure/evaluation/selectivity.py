@@ -14,10 +14,11 @@ of ``L``):
 * the *selectivity* is own drop minus other drop, averaged over the clusters (:func:`score`): near 1
   when each cluster's circuit carries that cluster's references and nothing else (the split is real, in
   the network's own computation), near 0 when a circuit drops every reference alike;
-* its *null* replaces each circuit with a random set of ``m`` channels of ``L``: ``null_draws`` sets drawn
-  by ``rng.choice(C, m, replace=False)`` from ``numpy.random.default_rng([seed, neuron])``
-  (:func:`random_sets`), the same sets for every cluster (and every clustering of the neuron in the space),
-  each cluster's own and other drops averaged over them.
+* its *null* replaces each circuit with a random set of ``m`` channels of ``L``: per cluster, in the order
+  of the cluster labels, ``null_draws`` sets drawn by ``rng.choice(C, m, replace=False)`` from
+  ``numpy.random.default_rng([seed, neuron])`` (:func:`random_sets`), their own and other drops averaged
+  over the draws. (Drawing them per cluster matters: with the same sets for both clusters of a 2-way split,
+  own minus other would cancel exactly and the null would be 0 by construction.)
 
 In a dictionary space (:mod:`polypure.dictionaries`) the space's dimensions are the neuron's kept concepts
 instead of channels: the circuit is ``m`` of them, the null draws from them, and ablating them subtracts
@@ -103,16 +104,18 @@ def circuits(relevance: np.ndarray, labels: np.ndarray, m: int) -> dict[int, np.
             for c in clusters(labels)}
 
 
-def random_sets(seed: int, neuron: int, channels: int, m: int, draws: int) -> list[np.ndarray]:
-    """The random sets of the null: ``draws`` sets of ``m`` of ``channels`` (a dictionary space's kept concepts).
+def random_sets(seed: int, neuron: int, channels: int, m: int, labels: np.ndarray, draws: int
+                ) -> dict[int, list[np.ndarray]]:
+    """The random sets of the null: ``draws`` sets of ``m`` of ``channels`` per cluster.
 
-    Drawn from ``numpy.random.default_rng([seed, neuron])``, each set by ``rng.choice(channels, m,
-    replace=False)``. Every cluster of every clustering of the neuron in a space is measured against the same
-    sets: each cluster's null is still the mean over ``draws`` random sets, the clusters' nulls are paired, and
-    the null costs ``draws`` ablations per neuron instead of ``draws`` per cluster and clustering.
+    Drawn from ``numpy.random.default_rng([seed, neuron])``, cluster by cluster in label order, each
+    set by ``rng.choice(channels, m, replace=False)``: the same neuron, seed and clusters give the same
+    sets in every space of the same width (a dictionary space's width is the concepts each neuron keeps) and
+    for every clustering with the same labels.
     """
     rng = np.random.default_rng([int(seed), int(neuron)])
-    return [rng.choice(channels, m, replace=False).astype(np.int64) for _ in range(draws)]
+    return {c: [rng.choice(channels, m, replace=False).astype(np.int64) for _ in range(draws)]
+            for c in clusters(labels)}
 
 
 def relative_drops(base: np.ndarray, ablated: np.ndarray) -> np.ndarray:
@@ -194,7 +197,7 @@ def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, c
     clusterings : dict of str to ndarray (n_refs,)
         Labels by name (cluster method id).
     m, draws : int
-        Circuit size (at most ``C``) and random sets (shared by the clusters).
+        Circuit size (at most ``C``) and random sets per cluster.
     seed, neuron : int
         Seed the random sets (:func:`random_sets`).
 
@@ -203,24 +206,31 @@ def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, c
     dict of str to Split
     """
     channels = relevance.shape[1]
+    masks: list[np.ndarray] = []            # each distinct keep mask once, in first-seen order
+    rows: dict[bytes, int] = {}             # a mask's row in ``masks`` (and in the ablated values)
 
-    def mask(channel_set: np.ndarray) -> np.ndarray:
+    def row(channel_set: np.ndarray | None) -> int:
         keep = np.ones(channels, bool)
-        keep[channel_set] = False
-        return keep
+        if channel_set is not None:
+            keep[channel_set] = False
+        if keep.tobytes() not in rows:
+            rows[keep.tobytes()] = len(masks)
+            masks.append(keep)
+        return rows[keep.tobytes()]
 
-    # the unablated neuron, the random sets (shared by every cluster and clustering), then each circuit
-    masks = [np.ones(channels, bool), *(mask(s) for s in random_sets(seed, neuron, channels, m, draws))]
+    # the unablated neuron, then per clustering and cluster its circuit and random sets; the same set drawn for
+    # two clusterings with the same labels (or a circuit two clusters share) is ablated once
+    base = row(None)
     plans = {}
     for name, labels in clusterings.items():
         chosen = circuits(relevance, labels, m)
-        plans[name] = (len(masks), chosen)
-        masks += [mask(chosen[c]) for c in chosen]
+        sets = random_sets(seed, neuron, channels, m, labels, draws)
+        plans[name] = (chosen, {c: row(chosen[c]) for c in chosen}, {c: [row(s) for s in sets[c]] for c in chosen})
     values = ablate(np.stack(masks))
-    null = list(values[1:1 + draws])
     out = {}
     for name, labels in clusterings.items():
-        start, chosen = plans[name]
-        ablated = {c: values[start + position] for position, c in enumerate(chosen)}
-        out[name] = score(labels, values[0], ablated, {c: null for c in chosen}, chosen, m)
+        chosen, circuit_rows, null_rows = plans[name]
+        ablated = {c: values[circuit_rows[c]] for c in chosen}
+        null = {c: [values[r] for r in null_rows[c]] for c in chosen}
+        out[name] = score(labels, values[base], ablated, null, chosen, m)
     return out

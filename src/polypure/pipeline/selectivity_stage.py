@@ -57,15 +57,10 @@ def tested_spaces(store, target: str, wanted: list[str] | None) -> list[str]:
     return spaces if wanted is None else [s for s in wanted if s in spaces]
 
 
-#: How the null's random sets are drawn (:func:`polypure.evaluation.selectivity.random_sets`): once per neuron and
-#: space, shared by its clusters. Part of the signature, so that a null drawn per cluster (before) is recomputed.
-NULL_SCHEME = "per-neuron"
-
-
 def signature(section, seed: int, statistic: str, clustering: str) -> str:
     """What a stored selectivity was computed with; another value makes it stale."""
     return json.dumps({"m": section.m, "null_draws": section.null_draws, "seed": seed, "statistic": statistic,
-                       "clustering": clustering, "null": NULL_SCHEME}, sort_keys=True)
+                       "clustering": clustering}, sort_keys=True)
 
 
 def _activations(store, target: str, statistic: str):
