@@ -246,6 +246,34 @@ def test_concepts_subtracted_below_the_target_go_through_the_rest_of_the_network
     assert not ablation.at_target and not np.allclose(found[0], found[1])
 
 
+@pytest.mark.parametrize("bypass", [False, True])
+def test_neurons_batched_together_get_what_each_gets_alone(bypass):
+    """Requests packed into shared passes (and cut where one is too large) equal one call per request."""
+    from polypure.attribution.ablation import ChannelMasks, Request
+
+    from .helpers import random_images
+    from .nets import tiny
+
+    net = tiny(seed=1, bypass=bypass)
+    data = random_images(12, 32, seed=2)
+    rng = np.random.default_rng(4)
+    requests = []
+    for neuron, count in ((0, 5), (3, 7), (5, 2), (9, 6)):
+        images = torch.stack([data[int(i)][0] for i in rng.choice(12, count, replace=False)])
+        keep = rng.random((int(rng.integers(1, 6)), 12)) > 0.3
+        keep[0] = True
+        edits = (ChannelMasks(keep) if neuron % 2 else
+                 ConceptSubtraction(torch.rand(count, 16 * 16, 4), torch.rand(4, 12), keep[:, :4]))
+        requests.append(Request(images, edits, channel_activation(neuron, "max")))
+    ablation = Ablation(net.module, "c2", net.submodule("c2"), net.submodule("c3"), batch_size=20)
+    together = ablation.batch(requests)
+    assert ablation.share is (not bypass)
+    for request, found in zip(requests, together):
+        alone = Ablation(net.module, "c2", net.submodule("c2"), net.submodule("c3"), batch_size=10_000)
+        np.testing.assert_allclose(found, alone(request.images, request.edits, request.activation), rtol=1e-5,
+                                   atol=1e-6)
+
+
 #: A dictionary of ``out`` whose concepts are its two true components: the red route (into neurons 0 and 1) and the
 #: blue one (into neurons 0 and 2). Every activation vector of ``out`` is ``z_red D[0] + z_blue D[1]`` exactly.
 TRUTH = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], np.float32)
@@ -341,13 +369,13 @@ def test_the_stage_skips_what_it_has_and_recomputes_when_m_changes(store, tmp_pa
     path = tmp_path / "copy.h5"
     path.write_bytes(store.read_bytes())
     calls = []
-    original = Ablation.__call__
+    original = Ablation.batch
 
     def counted(self, *args, **kwargs):
         calls.append(self.layer)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Ablation, "__call__", counted)
+    monkeypatch.setattr(Ablation, "batch", counted)
     experiment(path).selectivity()
     assert calls == []
     experiment(path, m=2).selectivity()

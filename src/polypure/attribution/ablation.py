@@ -11,7 +11,9 @@ output applied for the rest of the forward pass, which stops at the target layer
 
 Every image is forwarded once below ``L`` where every path to the target runs through ``L``
 (:func:`polypure.attribution.hooks.passes_through`); above it each (edit, image) pair gets a row of its own,
-the edits stacked in one batch of at most ``batch_size`` rows (always whole edits). Where ``L`` is the target
+the edits stacked in one batch of at most ``batch_size`` rows (always whole edits). :meth:`Ablation.batch`
+does this for several neurons at once, their rows sharing passes where they fit: fewer, larger operations,
+which matters most on a CPU that other processes share. Where ``L`` is the target
 layer itself nothing of the network runs between the edit and the neuron: the unedited output is computed once
 (or given) and the neuron's activation is read from each edited copy of it.
 
@@ -35,6 +37,7 @@ Example
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -144,8 +147,39 @@ class ConceptSubtraction:
         return rows - terms.transpose(1, 2).reshape(rows.shape)
 
 
+@dataclass
+class Request:
+    """One neuron's share of an :meth:`Ablation.batch`: its images, the edits to apply, its activation.
+
+    Attributes
+    ----------
+    images : Tensor (U, ...) or None
+        Model inputs; None only with ``layer_output`` where the edited layer is the target.
+    edits : ChannelMasks or ConceptSubtraction
+    activation : callable
+        ``activation(target_output) -> (rows,)``.
+    layer_output : Tensor (U, C, *positions), optional
+        Where the edited layer is the target: its unedited output on the images, if already computed.
+    """
+
+    images: torch.Tensor | None
+    edits: ChannelMasks | ConceptSubtraction
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    layer_output: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        """Images of the request."""
+        return len(self.layer_output) if self.layer_output is not None else len(self.images)
+
+
+def as_edits(edits) -> ChannelMasks | ConceptSubtraction:
+    """Edits as given, or a keep mask (A, C) of bool as :class:`ChannelMasks`."""
+    return edits if isinstance(edits, (ChannelMasks, ConceptSubtraction)) else ChannelMasks(edits)
+
+
 class Ablation:
-    """The activation of one neuron under stacked edits of one layer.
+    """The activation of neurons under stacked edits of one layer.
 
     Parameters
     ----------
@@ -160,7 +194,8 @@ class Ablation:
     device : torch.device or str
         Where the model computes (in float32, TF32 off on CUDA).
     batch_size : int
-        (edit, image) rows per forward pass at the most; a pass holds at least one whole edit.
+        (edit, image) rows per forward pass at the most; a pass holds at least one whole edit. Several
+        neurons' rows share a pass where they fit (:meth:`batch`): fewer, larger operations.
     """
 
     def __init__(self, model: nn.Module, layer: str, module: nn.Module, target: nn.Module,
@@ -198,33 +233,59 @@ class Ablation:
         -------
         ndarray, shape (A, U), float64
         """
-        if not isinstance(edits, (ChannelMasks, ConceptSubtraction)):
-            edits = ChannelMasks(edits)
-        edits = edits.to(self.device)
-        n = len(layer_output) if layer_output is not None else len(images)
-        count = len(edits)
-        per_pass = max(1, self.batch_size // max(1, n))
-        out = []
+        return self.batch([Request(images, as_edits(edits), activation, layer_output)])[0]
+
+    def batch(self, requests: list[Request]) -> list[np.ndarray]:
+        """:meth:`__call__` for several neurons: each request's activations (A, U), float64.
+
+        Each request is cut into pieces of whole edits with at most ``batch_size`` rows (one edit at least), and
+        consecutive pieces share a forward pass while their rows fit in ``batch_size``.
+        """
+        out = [np.zeros((len(as_edits(r.edits)), r.count)) for r in requests]
+        if self.share is None and not self.at_target and requests:
+            # with autograd, so before inference mode
+            self.share = passes_through(self.model, self.module, self.target, requests[0].images[:1].to(self.device))
         # no autograd at all (inference mode is a third faster than no_grad on a CPU); float32, TF32 off
         with torch.inference_mode(), flags(self.device, "fp32"):
-            if self.at_target:
-                clean = layer_output.to(self.device) if layer_output is not None else self._layer_output(images)
-                for start in range(0, count, per_pass):
-                    part = edits.part(start, start + per_pass)
-                    image_rows, edit_rows = self._rows(len(part), n)
-                    out.append(activation(part(clean[image_rows], image_rows, edit_rows, self.layer)).float())
-            else:
-                images = images.to(self.device)
-                if self.share is None:
-                    self.share = passes_through(self.model, self.module, self.target, images[:1])
-                for start in range(0, count, per_pass):
-                    out.append(self._pass(images, edits.part(start, start + per_pass), activation))
-        return torch.cat(out).view(count, n).double().cpu().numpy()
+            pieces = []
+            for index, request in enumerate(requests):
+                edits = as_edits(request.edits).to(self.device)
+                clean = request.layer_output
+                if self.at_target:
+                    # the edited layer's unedited output, once per request however many pieces it makes
+                    clean = (clean if clean is not None else self._layer_output(request.images)).to(self.device)
+                per_pass = max(1, self.batch_size // max(1, request.count))
+                for start in range(0, len(edits), per_pass):
+                    pieces.append((index, start, Request(request.images, edits.part(start, start + per_pass),
+                                                         request.activation, clean)))
+            packs, rows = [], self.batch_size + 1
+            for piece in pieces:
+                size = len(piece[2].edits) * piece[2].count
+                if rows + size > self.batch_size:
+                    packs.append([])
+                    rows = 0
+                packs[-1].append(piece)
+                rows += size
+            for pack in packs:
+                values = self._at_target(pack) if self.at_target else self._pass([p[2] for p in pack])
+                for (index, start, piece), value in zip(pack, values):
+                    done = len(piece.edits)
+                    out[index][start:start + done] = value.view(done, piece.count).double().cpu().numpy()
+        return out
 
     def _rows(self, edits: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows edit-major: the image and the edit of each of ``edits * n`` rows."""
         return (torch.arange(n, device=self.device).repeat(edits),
                 torch.arange(edits, device=self.device).repeat_interleave(n))
+
+    def _at_target(self, pack: list) -> list[torch.Tensor]:
+        """The edited layer is the target: each piece's activations read from its edited copies of the layer's output."""
+        out = []
+        for _, _, piece in pack:
+            image_rows, edit_rows = self._rows(len(piece.edits), piece.count)
+            edited = piece.edits(piece.layer_output[image_rows], image_rows, edit_rows, self.layer)
+            out.append(piece.activation(edited).float())
+        return out
 
     def _layer_output(self, images: torch.Tensor) -> torch.Tensor:
         """The unedited output of the layer on the images, one forward pass."""
@@ -232,18 +293,25 @@ class Ablation:
             forward_to(self.model, images.to(self.device), outputs)
         return outputs[self.layer]
 
-    def _pass(self, images: torch.Tensor, edits, activation) -> torch.Tensor:
-        """One forward pass: rows edit-major, ``len(edits) * len(images)`` of them."""
-        image_rows, edit_rows = self._rows(len(edits), len(images))
+    def _pass(self, pieces: list[Request]) -> list[torch.Tensor]:
+        """One forward pass of several pieces: per piece its rows edit-major, the pieces one after the other."""
+        images = torch.cat([piece.images for piece in pieces]).to(self.device)
+        offsets = np.cumsum([0] + [piece.count for piece in pieces])
+        layout = [(offset, *self._rows(len(piece.edits), piece.count)) for offset, piece in zip(offsets, pieces)]
+        sizes = [len(image_rows) for _, image_rows, _ in layout]
 
         def edited(output: torch.Tensor) -> torch.Tensor:
-            rows = output[image_rows] if self.share else output
-            return edits(rows, image_rows, edit_rows, self.layer)
+            parts, row = [], 0
+            for piece, (offset, image_rows, edit_rows), size in zip(pieces, layout, sizes):
+                rows = output[image_rows + int(offset)] if self.share else output[row:row + size]
+                parts.append(piece.edits(rows, image_rows, edit_rows, self.layer))
+                row += size
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-        x = images if self.share else images[image_rows]
+        x = images if self.share else images[torch.cat([image_rows + int(offset) for offset, image_rows, _ in layout])]
         with tap_layers({self.layer: self.module, _TARGET: self.target}, transforms={self.layer: edited}) as outputs:
             forward_to(self.model, x, outputs)
             if _TARGET not in outputs:
                 raise PolypureError(f"the target layer did not run in the forward pass ablating {self.layer!r}")
-            values = activation(outputs[_TARGET])
-        return values.float()
+            target = outputs[_TARGET]
+        return [piece.activation(part).float() for piece, part in zip(pieces, target.split(sizes))]

@@ -183,9 +183,74 @@ def score(labels: np.ndarray, base: np.ndarray, ablated: dict[int, np.ndarray],
                  float(np.mean(null_minus_other)) if null_minus_other else np.nan, drops, chosen)
 
 
+@dataclass
+class Plan:
+    """The ablations one neuron's clusterings need in one space, each distinct keep mask once.
+
+    Attributes
+    ----------
+    keep : ndarray of bool, shape (A, C)
+        Row 0 keeps everything (the neuron's own activation); the others each zero one circuit or random set.
+    circuits : dict of str to dict of int to ndarray
+        Per clustering, per cluster, its circuit.
+    circuit_rows, null_rows : dict of str to dict
+        Per clustering, per cluster, the row of ``keep`` of its circuit, and those of its random sets.
+    """
+
+    keep: np.ndarray
+    circuits: dict[str, dict[int, np.ndarray]]
+    circuit_rows: dict[str, dict[int, int]]
+    null_rows: dict[str, dict[int, list[int]]]
+
+
+def plan(relevance: np.ndarray, clusterings: dict[str, np.ndarray], m: int, draws: int, seed: int, neuron: int
+         ) -> Plan:
+    """The ablations of every clustering of one neuron in one space: its circuits and random sets.
+
+    The same set drawn for two clusterings with the same labels, or a circuit two clusters share, is one row.
+    Arguments as :func:`measure`.
+    """
+    channels = relevance.shape[1]
+    masks: list[np.ndarray] = []            # each distinct keep mask once, in first-seen order
+    rows: dict[bytes, int] = {}             # a mask's row in ``masks``
+
+    def row(channel_set: np.ndarray | None) -> int:
+        keep = np.ones(channels, bool)
+        if channel_set is not None:
+            keep[channel_set] = False
+        if keep.tobytes() not in rows:
+            rows[keep.tobytes()] = len(masks)
+            masks.append(keep)
+        return rows[keep.tobytes()]
+
+    row(None)
+    found = Plan(np.zeros((0, channels), bool), {}, {}, {})
+    for name, labels in clusterings.items():
+        chosen = circuits(relevance, labels, m)
+        sets = random_sets(seed, neuron, channels, m, labels, draws)
+        found.circuits[name] = chosen
+        found.circuit_rows[name] = {c: row(chosen[c]) for c in chosen}
+        found.null_rows[name] = {c: [row(s) for s in sets[c]] for c in chosen}
+    found.keep = np.stack(masks)
+    return found
+
+
+def scores(found: Plan, clusterings: dict[str, np.ndarray], values: np.ndarray, m: int) -> dict[str, Split]:
+    """Every clustering's :class:`Split` from the neuron's activations (A, n_refs) under ``found.keep``."""
+    out = {}
+    for name, labels in clusterings.items():
+        chosen = found.circuits[name]
+        ablated = {c: values[found.circuit_rows[name][c]] for c in chosen}
+        null = {c: [values[r] for r in found.null_rows[name][c]] for c in chosen}
+        out[name] = score(labels, values[0], ablated, null, chosen, m)
+    return out
+
+
 def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, clusterings: dict[str, np.ndarray],
             m: int, draws: int, seed: int, neuron: int) -> dict[str, Split]:
     """Every clustering of one neuron at one layer, with all ablations in one call of ``ablate``.
+
+    :func:`plan`, then ``ablate``, then :func:`scores` (the stage plans several neurons before ablating).
 
     Parameters
     ----------
@@ -205,32 +270,5 @@ def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, c
     -------
     dict of str to Split
     """
-    channels = relevance.shape[1]
-    masks: list[np.ndarray] = []            # each distinct keep mask once, in first-seen order
-    rows: dict[bytes, int] = {}             # a mask's row in ``masks`` (and in the ablated values)
-
-    def row(channel_set: np.ndarray | None) -> int:
-        keep = np.ones(channels, bool)
-        if channel_set is not None:
-            keep[channel_set] = False
-        if keep.tobytes() not in rows:
-            rows[keep.tobytes()] = len(masks)
-            masks.append(keep)
-        return rows[keep.tobytes()]
-
-    # the unablated neuron, then per clustering and cluster its circuit and random sets; the same set drawn for
-    # two clusterings with the same labels (or a circuit two clusters share) is ablated once
-    base = row(None)
-    plans = {}
-    for name, labels in clusterings.items():
-        chosen = circuits(relevance, labels, m)
-        sets = random_sets(seed, neuron, channels, m, labels, draws)
-        plans[name] = (chosen, {c: row(chosen[c]) for c in chosen}, {c: [row(s) for s in sets[c]] for c in chosen})
-    values = ablate(np.stack(masks))
-    out = {}
-    for name, labels in clusterings.items():
-        chosen, circuit_rows, null_rows = plans[name]
-        ablated = {c: values[circuit_rows[c]] for c in chosen}
-        null = {c: [values[r] for r in null_rows[c]] for c in chosen}
-        out[name] = score(labels, values[base], ablated, null, chosen, m)
-    return out
+    found = plan(relevance, clusterings, m, draws, seed, neuron)
+    return scores(found, clusterings, ablate(found.keep), m)

@@ -18,9 +18,10 @@ The ablation should silence the neuron on its cluster's references and spare the
 and its null the same for random sets of ``m`` dimensions. The neuron's activation is its top-K statistic
 clamped at 0, or for a planted virtual neuron its definition (sum or max of the scaled pair).
 
-Per neuron, one forward pass (or a few, ``selectivity.batch_size``) carries its references under every
-ablation of every clustering of the space, each image forwarded once below ``L``; a dictionary's layer
-output and codes are computed once per image for a chunk of neurons. Results go to
+The ablations of every clustering of a neuron in a space are stacked, and those of consecutive neurons share
+forward passes of ``selectivity.batch_size`` rows (a pass holds at least one whole ablation of a neuron's
+references), each image forwarded once below ``L``; a dictionary's layer output and codes are computed once
+per image for a chunk of neurons. Results go to
 ``/metrics/<target>/{selectivity, selectivity_null, selectivity_drops, selectivity_circuits}/<space>/<method
 id>`` (:meth:`~polypure.store.hdf5_store.Store.write_selectivity`; the circuits as channel or concept ids),
 one space at a time; a result stored with the same signature (``m``, ``null_draws``, the seed, the top-K
@@ -124,12 +125,14 @@ class _ChannelAblations:
                                  ctx.model.submodule(store.target_attrs(target)["layer"]), ctx.device,
                                  ctx.config.selectivity.batch_size)
 
-    def ablate(self, row: int, activation):
-        """``keep (A, C) -> (A, n_refs)`` for one row: its references with the channels where ``keep`` is False zeroed."""
+    def request(self, row: int, keep: np.ndarray, activation):
+        """One row's references with the channels where ``keep`` (A, C) is False zeroed, for :meth:`Ablation.batch`."""
         import torch
 
+        from polypure.attribution.ablation import ChannelMasks, Request
+
         images = torch.stack([self.ctx.dataset[int(i)][0] for i in self.refs[row]])
-        return lambda keep: self.ablation(images, keep, activation)
+        return Request(images, ChannelMasks(keep), activation)
 
     def circuits(self, row: int, dims: np.ndarray) -> np.ndarray:
         """A circuit's dimensions of the space are the layer's channels."""
@@ -193,23 +196,20 @@ class _ConceptAblations:
                                                    self.ctx.batch_size, self.ctx.num_workers, self.ctx.device)
         self.loaded = set(chunk)
 
-    def ablate(self, row: int, activation):
-        """``keep (A, T) -> (A, n_refs)`` for one row: its references with the concepts where ``keep`` is False removed."""
+    def request(self, row: int, keep: np.ndarray, activation):
+        """One row's references with the concepts where ``keep`` (A, T) is False removed, for :meth:`Ablation.batch`."""
         import torch
 
-        from polypure.attribution.ablation import ConceptSubtraction
+        from polypure.attribution.ablation import ConceptSubtraction, Request
 
         if row not in self.loaded:
             self._load(row)
         local = torch.as_tensor(np.searchsorted(self.samples, self.refs[row]))
         kept = torch.as_tensor(self.concepts[row])
-        codes, dictionary = self.codes[local][:, :, kept], self.dictionary[kept]
+        edits = ConceptSubtraction(self.codes[local][:, :, kept], self.dictionary[kept], keep)
         if self.ablation.at_target:
-            outputs = self.outputs[local]
-            return lambda keep: self.ablation(None, ConceptSubtraction(codes, dictionary, keep), activation,
-                                              layer_output=outputs)
-        images = torch.stack([self.ctx.dataset[int(i)][0] for i in self.refs[row]])
-        return lambda keep: self.ablation(images, ConceptSubtraction(codes, dictionary, keep), activation)
+            return Request(None, edits, activation, self.outputs[local])
+        return Request(torch.stack([self.ctx.dataset[int(i)][0] for i in self.refs[row]]), edits, activation)
 
     def circuits(self, row: int, dims: np.ndarray) -> np.ndarray:
         """A circuit's dimensions of the space are the row's kept concepts: stored as concept ids."""
@@ -221,7 +221,7 @@ def _measure_space(ctx: StageContext, store, target: str, space: str, methods: l
     from tqdm.auto import tqdm
 
     from polypure.evaluation.metrics import clustering_status, degenerate
-    from polypure.evaluation.selectivity import measure
+    from polypure.evaluation.selectivity import plan, scores
 
     section, seed = ctx.config.selectivity, ctx.config.seed
     neurons = store.neurons(target)
@@ -235,14 +235,29 @@ def _measure_space(ctx: StageContext, store, target: str, space: str, methods: l
                  else _ChannelAblations(ctx, store, target, space))
     activation_of = _activations(store, target, statistic)
     results: dict[str, list] = {method: [None] * len(neurons) for method in methods}
-    for row in tqdm(rows, desc=f"selectivity {target} {space}", unit="neuron", disable=not ctx.progress,
-                    leave=False):
-        chosen = {method: labels[method][row] for method in methods if ok[method][row]}
-        ablate = ablations.ablate(row, activation_of(neurons[row]))
-        found = measure(ablate, features[row], chosen, section.m, section.null_draws, seed, int(neurons[row]))
-        for method, split in found.items():
-            split.circuits = ablations.circuits(row, split.circuits)
-            results[method][row] = split
+    pending: list[tuple[int, dict, object, object]] = []
+
+    def flush() -> None:
+        # the planned neurons' ablations together: their rows share forward passes of ``batch_size`` rows
+        values = ablations.ablation.batch([request for _, _, _, request in pending])
+        for (row, chosen, found, _), value in zip(pending, values):
+            for method, split in scores(found, chosen, value, section.m).items():
+                split.circuits = ablations.circuits(row, split.circuits)
+                results[method][row] = split
+            bar.update(1)
+        pending.clear()
+
+    with tqdm(total=len(rows), desc=f"selectivity {target} {space}", unit="neuron", disable=not ctx.progress,
+              leave=False) as bar:
+        for row in rows:
+            chosen = {method: labels[method][row] for method in methods if ok[method][row]}
+            found = plan(features[row], chosen, section.m, section.null_draws, seed, int(neurons[row]))
+            request = ablations.request(row, found.keep, activation_of(neurons[row]))
+            pending.append((row, chosen, found, request))
+            if sum(len(f.keep) for _, _, f, _ in pending) * features.shape[1] >= section.batch_size:
+                flush()
+        if pending:
+            flush()
     return results
 
 
