@@ -9,6 +9,7 @@ extra.
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import sys
@@ -22,6 +23,7 @@ from polypure import Experiment
 from polypure.dictionaries import kinds
 from polypure.errors import ConfigError
 from polypure.evaluation.clustering import make_clusterer
+from polypure.evaluation.metrics import degenerate
 from polypure.store import schema
 from polypure.store.hdf5_store import Store
 
@@ -190,6 +192,123 @@ def test_an_nmf_space_decomposes_by_non_negative_codes(base):
             codes = np.stack([nnls(dictionary.T.astype(np.float64), v)[0] for v in vectors])
             expected = codes * dictionary[:, neuron]
             np.testing.assert_allclose(contributions[row], expected[:, concepts[row]], atol=1e-5)
+
+
+#: Circuit size and null draws of the selectivity tests (the NMF keeps 6 concepts, the SAE 8).
+SEL_M, SEL_DRAWS = 3, 4
+
+
+@pytest.fixture(scope="module")
+def selective(base, workdir):
+    """The base store clustered in the dictionary spaces and causally tested there."""
+    path = workdir / "selective.h5"
+    shutil.copy(base, path)
+    cluster = {"spaces": ["sae", "nmf"],
+               "methods": [{"name": "kmeans", "n_clusters": 2}, {"name": "dominant", "n_clusters": 2}]}
+    experiment(path, cluster=cluster, selectivity={"enabled": True, "m": SEL_M, "null_draws": SEL_DRAWS}).run(
+        ["topk", "dictionary", "relevance", "cluster", "selectivity"])
+    return path
+
+
+def _neuron_activation(maps: np.ndarray, target: str, neuron: int, pairs, scales, modes) -> np.ndarray:
+    """A neuron's activation on each reference from c3 maps (n, C, P): the max over positions, clamped at 0."""
+    if target == "c3":
+        own = maps[:, neuron]
+    else:
+        (a, b), (s_a, s_b) = pairs[neuron % len(pairs)], scales[neuron % len(pairs)]
+        own = np.maximum(maps[:, a] / s_a, maps[:, b] / s_b) if modes[neuron] == "max" \
+            else maps[:, a] / s_a + maps[:, b] / s_b
+    return np.maximum(own.max(axis=1), 0)
+
+
+def _sides(activation, maps, codes, dictionary, chosen, labels, cluster) -> tuple[float, float]:
+    """Own and other mean relative drop with concepts ``chosen`` subtracted at every position (NaN: no one there)."""
+    removed = np.einsum("npk,kc->ncp", codes[:, :, chosen], dictionary[chosen])
+    base, after = activation(maps), activation(maps - removed)
+    active = base > 0
+    drop = (base - after) / np.where(active, base, 1)
+    own = drop[(labels == cluster) & active]
+    other = drop[(labels >= 0) & (labels != cluster) & active]
+    return (own.mean() if own.size else np.nan), (other.mean() if other.size else np.nan)
+
+
+def test_dictionary_selectivity_is_its_recomputation_with_numpy(selective):
+    """Encode the model's c3 maps with the stored dictionary in numpy, subtract each circuit, recompute the neuron."""
+    from functools import partial
+
+    from scipy.optimize import nnls
+
+    exp = experiment(selective)
+    checked = 0
+    with Store(selective) as store:
+        pairs, scales = store.planted_pairs("c3")
+        modes = store.planted_modes("c3")
+        for space, target, method in itertools.product(("sae", "nmf"), ("c3", PLANTED), ("kmeans", "dominant")):
+            dictionary, bias, state = store.dictionary_arrays(space)
+            dictionary = dictionary.astype(np.float64)
+            features = store.features(target, space).astype(np.float64)
+            concepts = store.dictionary_concepts(space, target)
+            stored = {kind: store.metric(target, kind, space, method) for kind in schema.SELECTIVITY_KINDS}
+            for row, neuron in enumerate(store.neurons(target)):
+                labels = store.cluster_labels(target, space, method, row)
+                if degenerate(features[row]) != "" or len(set(labels.tolist()) - {-1}) < 2:
+                    # a degenerate space or no split: no score, no ablation
+                    assert np.isnan(stored["selectivity"][row]) and (stored["selectivity_circuits"][row] == -1).all()
+                    continue
+                maps = _activations(exp, store.reference_indices(target)[row])              # (n, C, P)
+                vectors = maps.transpose(0, 2, 1)                                           # (n, P, C)
+                codes = (_sae_codes(vectors, bias, state) if space == "sae" else
+                         np.stack([[nnls(dictionary.T, v)[0] for v in image] for image in vectors]))
+                sides = partial(_sides, partial(_neuron_activation, target=target, neuron=neuron, pairs=pairs,
+                                                scales=scales, modes=modes), maps, codes, dictionary, labels=labels)
+                # the null's random sets of kept concepts: drawn cluster by cluster in label order
+                rng = np.random.default_rng([4, int(neuron)])
+                own_other, null_own_other = [], []
+                for cluster in sorted(set(labels.tolist()) - {-1}):
+                    circuit = np.argsort(-features[row][labels == cluster].mean(axis=0), kind="stable")[:SEL_M]
+                    assert stored["selectivity_circuits"][row, cluster].tolist() == concepts[row][circuit].tolist()
+                    own, other = sides(concepts[row][circuit], cluster=cluster)
+                    nulls = np.array([sides(concepts[row][rng.choice(features.shape[2], SEL_M, replace=False)],
+                                            cluster=cluster) for _ in range(SEL_DRAWS)])
+                    if not (np.isfinite(own) and np.isfinite(other)):
+                        # no active reference on one side: the cluster is left out
+                        assert np.isnan(stored["selectivity_drops"][row, cluster]).all()
+                        continue
+                    expected = [own, other, *nulls.mean(axis=0)]
+                    np.testing.assert_allclose(stored["selectivity_drops"][row, cluster], expected, atol=1e-4)
+                    own_other.append(own - other)
+                    null_own_other.append(expected[2] - expected[3])
+                if not own_other:
+                    assert np.isnan(stored["selectivity"][row])
+                    continue
+                assert stored["selectivity"][row] == pytest.approx(np.mean(own_other), abs=1e-4)
+                assert stored["selectivity_null"][row] == pytest.approx(np.mean(null_own_other), abs=1e-4)
+                checked += 1
+    assert checked >= 16
+
+
+def test_the_report_index_shows_each_dictionary_s_quality_from_the_store(selective, tmp_path):
+    from polypure.viz.report import write_report
+
+    index = write_report(selective, out=tmp_path / "report", dataset=random_images(40, 32, seed=3), max_neurons=1,
+                         progress=False)
+    html = index.read_text(encoding="utf-8")
+    assert '<a href="#dictionaries">dictionaries</a>' in html
+    table = html[html.index('<table id="dictionary-table">'):]
+    table = table[:table.index("</table>")]
+    rows = [re.findall(r"<td>(.*?)</td>", row, flags=re.S) for row in re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)]
+    rows = [row for row in rows if row]
+    with Store(selective) as store:
+        expected = []
+        for dictionary_id in store.dictionary_ids():
+            attrs = store.dictionary_attrs(dictionary_id)
+            n_concepts = len(store.dictionary_arrays(dictionary_id)[0])
+            expected.append([dictionary_id, attrs["kind"], "c3", str(n_concepts), f"{attrs['r2']:.3f}",
+                             f"{100 * attrs['dead_share']:.1f} %", f"{attrs['mean_active']:.1f}",
+                             str(attrs["n_heldout"])])
+    assert rows == expected and len(rows) == 2
+    # the figures are the dictionaries' own: the SAE keeps at most top_k concepts per position
+    assert float(rows[[r[0] for r in rows].index("sae")][6]) <= TOP_K
 
 
 def dominant_loop(features: np.ndarray, n_clusters: int) -> np.ndarray:

@@ -10,6 +10,7 @@ computation; a split that ignores colour is not.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -18,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 from polypure import Experiment
-from polypure.attribution.ablation import Ablation, channel_activation
+from polypure.attribution.ablation import Ablation, ConceptSubtraction, channel_activation
 from polypure.data.datasets import ArrayDataset
 from polypure.errors import ConfigError
 from polypure.evaluation import comparisons, summary
@@ -82,14 +84,14 @@ def colour_images() -> ArrayDataset:
     return ArrayDataset(pixels, labels=colours, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
-def experiment(path, compare: dict | None = None, **selectivity) -> Experiment:
+def experiment(path, compare: dict | None = None, settings: dict | None = None, **selectivity) -> Experiment:
     return Experiment(model=colour_net(), dataset=colour_images(), store=path, progress=False, seed=SEED,
                       topk={"layers": ["out"], "k": K},
                       relevance={"targets": [{"layer": "out", "neurons": "all",
                                               "attribution_layers": ["rgb", "mix", "mix2"]}],
                                  "n_refs": K, "planted": {"pairs": 1, "layer": "out", "mode": "sum"}},
                       evaluate={"ground_truth": ["class"]}, compare={"n_resamples": 1000, **(compare or {})},
-                      selectivity={"enabled": True, "m": M, "null_draws": DRAWS, **selectivity})
+                      selectivity={"enabled": True, "m": M, "null_draws": DRAWS, **selectivity}, **(settings or {}))
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,28 @@ def test_noise_is_no_cluster_and_a_cluster_without_another_side_is_left_out():
     assert np.isfinite(silent.drops[1]).all() and silent.selectivity == pytest.approx(silent.drops[1, 0] - silent.drops[1, 1])
 
 
+def test_an_ablation_two_clusterings_share_is_computed_once():
+    from polypure.evaluation.selectivity import measure
+
+    rng = np.random.default_rng(0)
+    relevance = rng.random((12, 10))
+    labels = np.repeat([0, 1], 6)
+    calls = []
+
+    def ablate(keep):
+        calls.append(len(keep))
+        # a made-up neuron: the sum of the kept channels' relevance, per reference
+        return (relevance * keep[:, None, :]).sum(axis=2)
+
+    alone = measure(ablate, relevance, {"a": labels}, 3, 4, 0, 5)["a"]
+    # the same labels under two names: the same circuits and random sets, so nothing more to ablate
+    both = measure(ablate, relevance, {"a": labels, "b": labels.copy()}, 3, 4, 0, 5)
+    assert calls == [1 + 2 * (1 + 4)] * 2
+    for split in both.values():
+        assert split.selectivity == alone.selectivity and split.null == alone.null
+        np.testing.assert_array_equal(split.drops, alone.drops)
+
+
 # -- the stage and what it stores -------------------------------------------------------------------------------
 
 
@@ -196,6 +220,108 @@ def test_the_stored_selectivity_equals_a_recomputation_with_plain_torch(store):
     assert stored["selectivity_null"][row] == pytest.approx(np.mean(null_own_other), abs=1e-6)
     np.testing.assert_allclose(stored["selectivity_drops"][row], drops, atol=1e-6)
     assert stored["selectivity"][row] > 0.8
+
+
+def test_concepts_subtracted_below_the_target_go_through_the_rest_of_the_network():
+    """A ConceptSubtraction at ``mix`` against plain torch: subtract the terms, forward mix2 and out by hand."""
+    net, data = ColourNet(), colour_images()
+    images = torch.stack([data[i][0] for i in range(0, 3 * PER_COLOUR, 6)])
+    rng = np.random.default_rng(0)
+    concepts = 5
+    dictionary = torch.tensor(rng.random((concepts, WIDTH)), dtype=torch.float32)
+    codes = torch.tensor(rng.random((len(images), SIZE * SIZE, concepts)), dtype=torch.float32)
+    keep = np.ones((3, concepts), bool)
+    keep[1, [0, 2]] = False
+    keep[2, 4] = False
+    # a batch of 16 rows holds one edit of the 10 images: three passes
+    ablation = Ablation(net, "mix", net.act, net.out, batch_size=16)
+    found = ablation(images, ConceptSubtraction(codes, dictionary, keep), channel_activation(0, "max"))
+    with torch.no_grad():
+        h = net.act(net.mix(net.rgb(images)))
+        for edit in range(3):
+            removed = np.einsum("npt,tc->ncp", codes.numpy() * ~keep[edit], dictionary.numpy()).reshape(h.shape)
+            out = net.out(net.act2(net.mix2(h - torch.from_numpy(removed))))
+            expected = out[:, 0].amax(dim=(1, 2)).clamp(min=0).double().numpy()
+            np.testing.assert_allclose(found[edit], expected, rtol=1e-5, atol=1e-5)
+    assert not ablation.at_target and not np.allclose(found[0], found[1])
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_neurons_batched_together_get_what_each_gets_alone(bypass):
+    """Requests packed into shared passes (and cut where one is too large) equal one call per request."""
+    from polypure.attribution.ablation import ChannelMasks, Request
+
+    from .helpers import random_images
+    from .nets import tiny
+
+    net = tiny(seed=1, bypass=bypass)
+    data = random_images(12, 32, seed=2)
+    rng = np.random.default_rng(4)
+    requests = []
+    for neuron, count in ((0, 5), (3, 7), (5, 2), (9, 6)):
+        images = torch.stack([data[int(i)][0] for i in rng.choice(12, count, replace=False)])
+        keep = rng.random((int(rng.integers(1, 6)), 12)) > 0.3
+        keep[0] = True
+        edits = (ChannelMasks(keep) if neuron % 2 else
+                 ConceptSubtraction(torch.rand(count, 16 * 16, 4), torch.rand(4, 12), keep[:, :4]))
+        requests.append(Request(images, edits, channel_activation(neuron, "max")))
+    ablation = Ablation(net.module, "c2", net.submodule("c2"), net.submodule("c3"), batch_size=20)
+    together = ablation.batch(requests)
+    assert ablation.share is (not bypass)
+    for request, found in zip(requests, together):
+        alone = Ablation(net.module, "c2", net.submodule("c2"), net.submodule("c3"), batch_size=10_000)
+        np.testing.assert_allclose(found, alone(request.images, request.edits, request.activation), rtol=1e-5,
+                                   atol=1e-6)
+
+
+#: A dictionary of ``out`` whose concepts are its two true components: the red route (into neurons 0 and 1) and the
+#: blue one (into neurons 0 and 2). Every activation vector of ``out`` is ``z_red D[0] + z_blue D[1]`` exactly.
+TRUTH = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], np.float32)
+
+
+def test_a_dictionary_of_the_two_true_components_makes_the_colour_split_selective(store, tmp_path):
+    """Subtracting the red concept silences neuron 0 on red references alone; a split blind to colour scores 0."""
+    from polypure.config.settings import DictionarySection
+    from polypure.store import schema
+
+    path = tmp_path / "truth.h5"
+    path.write_bytes(store.read_bytes())
+    entry = {"id": "truth", "layer": "out", "kind": "nmf", "n_concepts": 2, "max_samples": 100}
+    spec = DictionarySection(**entry)
+    with Store(path, "a") as st:
+        # stored as finished with the entry's settings: the dictionary stage only makes its spaces
+        st.write_dictionary_checkpoint("truth", {schema.KIND_ATTR: "nmf", schema.LAYER_ATTR: "out",
+                                                 schema.SIGNATURE_ATTR: json.dumps(spec.signature(SEED), sort_keys=True)},
+                                       {}, spec.epochs)
+        st.write_dictionary("truth", TRUTH, np.zeros(3, np.float32), {},
+                            {"r2": 1.0, "dead_share": 0.0, "mean_active": 2.0, "n_train": 90, "n_heldout": 10})
+    settings = {"dictionaries": [entry], "cluster": {"spaces": ["truth"], "methods": [{"name": "kmeans"}]}}
+    experiment(path, settings=settings, m=1, spaces=["truth"]).run(["dictionary", "cluster"])
+    rng = np.random.default_rng(3)
+    with Store(path, "a") as st:
+        assert np.array_equal(st.dictionary_arrays("truth")[0], TRUTH)
+        # a split blind to colour: each colour's references halved at random between two clusters
+        colours = colours_of_refs(st, "out")
+        blind = np.zeros_like(colours)
+        for row, colour in itertools.product(range(len(colours)), (0, 1, 2)):
+            members = rng.permutation(np.flatnonzero(colours[row] == colour))
+            blind[row, members[:len(members) // 2]] = 1
+        st.write_clusters("out", "truth", "blind", blind, {"method": "blind", "signature": "blind"})
+    experiment(path, settings=settings, m=1, spaces=["truth"]).selectivity()
+    with Store(path) as st:
+        row = int(np.flatnonzero(st.neurons("out") == 0)[0])
+        labels = st.cluster_labels("out", "truth", "kmeans", row)
+        assert abs(adjusted_rand_score(labels, colours[row])) == pytest.approx(1.0)     # k-means finds the colours
+        by_colour = st.metric("out", "selectivity", "truth", "kmeans")[row]
+        assert by_colour > 0.95
+        # each colour's circuit is its own concept: red references drive neuron 0 through concept 0
+        red = int(labels[colours[row] == 0][0])
+        assert st.metric("out", "selectivity_circuits", "truth", "kmeans")[row, red].tolist() == [0]
+        np.testing.assert_allclose(st.metric("out", "selectivity_drops", "truth", "kmeans")[row, :, :2],
+                                   [[1, 0], [1, 0]], atol=1e-3)
+        assert abs(st.metric("out", "selectivity", "truth", "blind")[row]) < 0.15
+        planted = st.metric("out@planted", "selectivity", "truth", "kmeans")[0]
+        assert planted > 0.95
 
 
 def test_the_planted_neuron_of_two_colour_channels_is_split_for_real(store):
@@ -243,13 +369,13 @@ def test_the_stage_skips_what_it_has_and_recomputes_when_m_changes(store, tmp_pa
     path = tmp_path / "copy.h5"
     path.write_bytes(store.read_bytes())
     calls = []
-    original = Ablation.__call__
+    original = Ablation.batch
 
     def counted(self, *args, **kwargs):
         calls.append(self.layer)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Ablation, "__call__", counted)
+    monkeypatch.setattr(Ablation, "batch", counted)
     experiment(path).selectivity()
     assert calls == []
     experiment(path, m=2).selectivity()

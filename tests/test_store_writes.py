@@ -195,6 +195,7 @@ CALLS: dict[str, Callable[[Store], object]] = {
     "dictionary_spaces": lambda s: s.dictionary_spaces("c3"),
     "dictionary_space_attrs": lambda s: s.dictionary_space_attrs("d1", "c3"),
     "dictionary_space": lambda s: s.dictionary_space("d1", "c3"),
+    "dictionary_concepts": lambda s: s.dictionary_concepts("d1", "c3"),
     "write_dictionary_space": lambda s: s.write_dictionary_space("d1", PLANTED, np.arange(2), np.zeros((2, 2)),
                                                                  np.ones((2, N_REFS, 2)), {"signature": "t"}),
     # any path

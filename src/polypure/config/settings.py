@@ -660,7 +660,8 @@ class SelectivitySection(_Section):
     cluster is the ``m`` channels of the layer with the largest mean relevance over its references. Zeroing
     them should silence the neuron on that cluster's references and spare the others': the selectivity is
     the own minus the other relative drop of activation, averaged over the clusters, beside a null from
-    random sets of ``m`` channels.
+    random sets of ``m`` channels. In a dictionary space the circuit is the ``m`` concepts with the largest mean
+    contribution, and ablating it subtracts their terms from the dictionary's layer.
     """
 
     enabled: bool = False
@@ -668,15 +669,18 @@ class SelectivitySection(_Section):
     comparisons and the neuron pages.
     """
     m: int = Field(8, ge=1)
-    """Channels in a cluster's circuit: those of the layer with the largest mean relevance over the cluster's
-    references. A layer with ``m`` channels or fewer is not tested (ablating all of it tells nothing), with a warning.
+    """Channels (or dictionary concepts) in a cluster's circuit: those of the layer with the largest mean relevance
+    (concepts: contribution) over the cluster's references. A layer with ``m`` channels or fewer, or a dictionary
+    space keeping ``m`` concepts per neuron or fewer, is not tested (ablating all of it tells nothing), with a warning.
     """
     null_draws: int = Field(5, ge=1)
-    """Random sets of ``m`` channels per cluster whose ablation gives the null, averaged (seeded with ``seed``).
+    """Random sets of ``m`` channels (concepts among the neuron's kept ones) per cluster whose ablation gives the null,
+    averaged (seeded with ``seed``).
     """
     spaces: list[str] | None = None
-    """Attribution-layer spaces to test (``block_2``, ``lrp:block_2``); ``null`` = every attribution layer of every
-    target and rule variant. Other spaces (``activation``, evaluators) have no channels to ablate.
+    """Spaces to test: attribution layers (``block_2``, ``lrp:block_2``), whose circuits are channels, and dictionaries
+    (``sae``), whose circuits are concepts; ``null`` = every attribution layer of every target and rule variant and
+    every dictionary. Other spaces (``activation``, evaluators) have nothing to ablate.
     """
     batch_size: int = Field(512, ge=1)
     """(reference, ablation) rows per forward pass at the most; a pass always holds one whole ablation of a

@@ -83,9 +83,9 @@ def planted_readout(virtual, ids: np.ndarray, channels: int) -> Readout:
     return Readout(weights, pairs, scales, virtual.is_max(ids))
 
 
-def _layer_vectors(model, dataset, module, samples: np.ndarray, batch_size: int, num_workers: int,
+def _layer_outputs(model, dataset, module, samples: np.ndarray, batch_size: int, num_workers: int,
                    device) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(offset, position vectors (B, P, C))`` of samples, batch by batch (``offset``: into ``samples``)."""
+    """``(offset, channels-first output (B, C, *positions))`` of samples, batch by batch (``offset``: into ``samples``)."""
     cuda = torch.device(device).type == "cuda"
     loader = DataLoader(Subset(dataset, samples.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=cuda)
@@ -93,8 +93,47 @@ def _layer_vectors(model, dataset, module, samples: np.ndarray, batch_size: int,
     with torch.no_grad(), tap_layers({"layer": module}) as outputs:
         for x, _ in loader:
             forward_to(model, x.to(device, non_blocking=cuda), outputs)
-            yield offset, positions_of(outputs["layer"]).float()
+            yield offset, outputs["layer"].float()
             offset += len(x)
+
+
+def _layer_vectors(model, dataset, module, samples: np.ndarray, batch_size: int, num_workers: int,
+                   device) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, position vectors (B, P, C))`` of samples, batch by batch (``offset``: into ``samples``)."""
+    for offset, output in _layer_outputs(model, dataset, module, samples, batch_size, num_workers, device):
+        yield offset, positions_of(output)
+
+
+def encoded_outputs(kind, model, dataset, module, samples: np.ndarray, batch_size: int = 32, num_workers: int = 0,
+                    device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's output on samples and its codes at every position, each sample forwarded once.
+
+    What the ablation of a dictionary's concepts edits (:class:`~polypure.attribution.ablation.ConceptSubtraction`):
+    the unedited output, and the codes ``z(a(x, p))`` of every position of it.
+
+    Parameters
+    ----------
+    kind : DictionaryKind
+        A finished dictionary (rebuilt from the store).
+    model, dataset, module
+        The network, the samples and the dictionary's layer.
+    samples : ndarray of int
+        Sample indices.
+
+    Returns
+    -------
+    outputs : Tensor (U, C, *positions)
+        Channels first, in the order of ``samples``.
+    codes : Tensor (U, P, n_concepts)
+        Positions in the order of :func:`~polypure.dictionaries.samples.positions_of`.
+    """
+    outputs = torch.cat([output for _, output in _layer_outputs(model, dataset, module, np.asarray(samples),
+                                                                batch_size, num_workers, device)])
+    vectors = positions_of(outputs)
+    count, positions, channels = vectors.shape
+    # encoded all at once, in the kind's chunks: an NMF's codes cost a fixed number of sweeps per call
+    codes = kind.encode_all(vectors.reshape(count * positions, channels)).reshape(count, positions, -1)
+    return outputs, codes
 
 
 def codes_at_references(kind, model, dataset, module, readout: Readout, refs: np.ndarray, statistic: str,

@@ -17,7 +17,12 @@ of ``L``):
 * its *null* replaces each circuit with a random set of ``m`` channels of ``L``: per cluster, in the order
   of the cluster labels, ``null_draws`` sets drawn by ``rng.choice(C, m, replace=False)`` from
   ``numpy.random.default_rng([seed, neuron])`` (:func:`random_sets`), their own and other drops averaged
-  over the draws.
+  over the draws. (Drawing them per cluster matters: with the same sets for both clusters of a 2-way split,
+  own minus other would cancel exactly and the null would be 0 by construction.)
+
+In a dictionary space (:mod:`polypure.dictionaries`) the space's dimensions are the neuron's kept concepts
+instead of channels: the circuit is ``m`` of them, the null draws from them, and ablating them subtracts
+their terms from the dictionary's layer (:class:`~polypure.attribution.ablation.ConceptSubtraction`).
 
 Noise (label -1) is not a cluster: its references are neither own nor other. A cluster is *left out* of
 the averages when it has no reference with ``a > 0`` on its own side, or none on the other side (the
@@ -101,11 +106,12 @@ def circuits(relevance: np.ndarray, labels: np.ndarray, m: int) -> dict[int, np.
 
 def random_sets(seed: int, neuron: int, channels: int, m: int, labels: np.ndarray, draws: int
                 ) -> dict[int, list[np.ndarray]]:
-    """The random channel sets of the null: ``draws`` sets of ``m`` of ``channels`` per cluster.
+    """The random sets of the null: ``draws`` sets of ``m`` of ``channels`` per cluster.
 
     Drawn from ``numpy.random.default_rng([seed, neuron])``, cluster by cluster in label order, each
     set by ``rng.choice(channels, m, replace=False)``: the same neuron, seed and clusters give the same
-    sets in every space of the same width and for every clustering with the same labels.
+    sets in every space of the same width (a dictionary space's width is the concepts each neuron keeps) and
+    for every clustering with the same labels.
     """
     rng = np.random.default_rng([int(seed), int(neuron)])
     return {c: [rng.choice(channels, m, replace=False).astype(np.int64) for _ in range(draws)]
@@ -177,9 +183,74 @@ def score(labels: np.ndarray, base: np.ndarray, ablated: dict[int, np.ndarray],
                  float(np.mean(null_minus_other)) if null_minus_other else np.nan, drops, chosen)
 
 
+@dataclass
+class Plan:
+    """The ablations one neuron's clusterings need in one space, each distinct keep mask once.
+
+    Attributes
+    ----------
+    keep : ndarray of bool, shape (A, C)
+        Row 0 keeps everything (the neuron's own activation); the others each zero one circuit or random set.
+    circuits : dict of str to dict of int to ndarray
+        Per clustering, per cluster, its circuit.
+    circuit_rows, null_rows : dict of str to dict
+        Per clustering, per cluster, the row of ``keep`` of its circuit, and those of its random sets.
+    """
+
+    keep: np.ndarray
+    circuits: dict[str, dict[int, np.ndarray]]
+    circuit_rows: dict[str, dict[int, int]]
+    null_rows: dict[str, dict[int, list[int]]]
+
+
+def plan(relevance: np.ndarray, clusterings: dict[str, np.ndarray], m: int, draws: int, seed: int, neuron: int
+         ) -> Plan:
+    """The ablations of every clustering of one neuron in one space: its circuits and random sets.
+
+    The same set drawn for two clusterings with the same labels, or a circuit two clusters share, is one row.
+    Arguments as :func:`measure`.
+    """
+    channels = relevance.shape[1]
+    masks: list[np.ndarray] = []            # each distinct keep mask once, in first-seen order
+    rows: dict[bytes, int] = {}             # a mask's row in ``masks``
+
+    def row(channel_set: np.ndarray | None) -> int:
+        keep = np.ones(channels, bool)
+        if channel_set is not None:
+            keep[channel_set] = False
+        if keep.tobytes() not in rows:
+            rows[keep.tobytes()] = len(masks)
+            masks.append(keep)
+        return rows[keep.tobytes()]
+
+    row(None)
+    found = Plan(np.zeros((0, channels), bool), {}, {}, {})
+    for name, labels in clusterings.items():
+        chosen = circuits(relevance, labels, m)
+        sets = random_sets(seed, neuron, channels, m, labels, draws)
+        found.circuits[name] = chosen
+        found.circuit_rows[name] = {c: row(chosen[c]) for c in chosen}
+        found.null_rows[name] = {c: [row(s) for s in sets[c]] for c in chosen}
+    found.keep = np.stack(masks)
+    return found
+
+
+def scores(found: Plan, clusterings: dict[str, np.ndarray], values: np.ndarray, m: int) -> dict[str, Split]:
+    """Every clustering's :class:`Split` from the neuron's activations (A, n_refs) under ``found.keep``."""
+    out = {}
+    for name, labels in clusterings.items():
+        chosen = found.circuits[name]
+        ablated = {c: values[found.circuit_rows[name][c]] for c in chosen}
+        null = {c: [values[r] for r in found.null_rows[name][c]] for c in chosen}
+        out[name] = score(labels, values[0], ablated, null, chosen, m)
+    return out
+
+
 def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, clusterings: dict[str, np.ndarray],
             m: int, draws: int, seed: int, neuron: int) -> dict[str, Split]:
     """Every clustering of one neuron at one layer, with all ablations in one call of ``ablate``.
+
+    :func:`plan`, then ``ablate``, then :func:`scores` (the stage plans several neurons before ablating).
 
     Parameters
     ----------
@@ -187,7 +258,7 @@ def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, c
         ``ablate(keep) -> (A, n_refs)``: the neuron's activation (clamped at 0) on each reference with
         the channels where ``keep`` (A, C) is False zeroed; :class:`polypure.attribution.ablation.Ablation`.
     relevance : ndarray, shape (n_refs, C)
-        The neuron's relevance at the layer.
+        The neuron's relevance at the layer (in a dictionary space: its concepts' contributions).
     clusterings : dict of str to ndarray (n_refs,)
         Labels by name (cluster method id).
     m, draws : int
@@ -199,27 +270,5 @@ def measure(ablate: Callable[[np.ndarray], np.ndarray], relevance: np.ndarray, c
     -------
     dict of str to Split
     """
-    channels = relevance.shape[1]
-    masks = [np.ones(channels, bool)]
-    plans = {}
-    for name, labels in clusterings.items():
-        chosen = circuits(relevance, labels, m)
-        sets = random_sets(seed, neuron, channels, m, labels, draws)
-        start = len(masks)
-        for c in chosen:
-            for channel_set in [chosen[c], *sets[c]]:
-                mask = np.ones(channels, bool)
-                mask[channel_set] = False
-                masks.append(mask)
-        plans[name] = (start, chosen)
-    values = ablate(np.stack(masks))
-    out = {}
-    for name, labels in clusterings.items():
-        start, chosen = plans[name]
-        ablated, null = {}, {}
-        for position, c in enumerate(chosen):
-            first = start + position * (1 + draws)
-            ablated[c] = values[first]
-            null[c] = list(values[first + 1:first + 1 + draws])
-        out[name] = score(labels, values[0], ablated, null, chosen, m)
-    return out
+    found = plan(relevance, clusterings, m, draws, seed, neuron)
+    return scores(found, clusterings, ablate(found.keep), m)

@@ -92,7 +92,8 @@ GROUND_TRUTH = ("ARI", "NMI")
 PURITY = {"clarity": "clarity", "polysemanticity": "polysem", "monosemanticity_topk": "mono-topK",
           "nearest_similarity": "redundancy"}
 #: The kind of the causal test of a clustering (:mod:`polypure.evaluation.selectivity`): the selectivity of its
-#: circuits is ``selectivity circuit``, that of random channel sets of the same size (its null) ``selectivity null``.
+#: circuits is ``selectivity circuit``, that of random sets of as many channels (concepts in a dictionary space), its
+#: null, ``selectivity null``.
 SELECTIVITY = "selectivity"
 #: What each stored selectivity kind is ``of`` in its summary label.
 SELECTIVITY_OF = {SELECTIVITY_KIND: "circuit", SELECTIVITY_NULL: "null"}

@@ -348,7 +348,10 @@ def check_compare(config, dataset) -> None:
 
 
 def check_selectivity(config) -> None:
-    """``selectivity.spaces`` may name only attribution-layer spaces of the config's targets and rule variants."""
+    """``selectivity.spaces`` may name only spaces with something to ablate: attribution layers and dictionaries.
+
+    The attribution layers of the config's targets in every rule variant, and the ids of its dictionaries.
+    """
     from polypure.config.settings import space_name
 
     wanted = config.selectivity.spaces
@@ -358,10 +361,12 @@ def check_selectivity(config) -> None:
     layers = [layer for target in rel.target_list for layer in target.attribution_layers]
     layers += [layer for planted in rel.planted_list for layer in planted.attribution_layers or []]
     known = list(dict.fromkeys(space_name(variant.id, layer) for variant in rel.variant_list for layer in layers))
+    known += [entry.id for entry in config.dictionaries]
     for i, space in enumerate(wanted):
         if space not in known:
             raise ConfigError(f"selectivity.spaces[{i}]: {space!r} is not an attribution-layer space of any target "
-                              f"(spaces with channels to ablate: {', '.join(known) or 'none'})")
+                              f"nor a dictionary (spaces with channels or concepts to ablate: "
+                              f"{', '.join(known) or 'none'})")
 
 
 def check_experiment(exp, stages: list[str] | None = None) -> None:

@@ -1,22 +1,33 @@
 """The selectivity stage: is each split real? Ablate every cluster's circuit and measure whom it silences.
 
-For every target, every attribution-layer space ``L`` (``selectivity.spaces``, by default all of them,
-every rule variant's) and every clustering stored in that space, each neuron's clusters get a circuit:
-the ``selectivity.m`` channels of ``L`` with the largest mean relevance over the cluster's references.
-Zeroing a circuit at ``L`` (:class:`polypure.attribution.ablation.Ablation`) should silence the neuron on
-its cluster's references and spare the other clusters'; the score (:mod:`polypure.evaluation.selectivity`)
-is the own minus the other relative drop, averaged over the clusters, and its null the same for random
-sets of ``m`` channels. The neuron's activation is its top-K statistic clamped at 0, or for a planted
-virtual neuron its definition (sum or max of the scaled pair).
+For every target, every space with something to ablate (``selectivity.spaces``, by default all of them) and
+every clustering stored in that space, each neuron's clusters get a circuit of ``selectivity.m`` of the
+space's dimensions, those with the largest mean value over the cluster's references:
 
-Per neuron, one forward pass (or a few, ``selectivity.batch_size``) carries its references under every
-ablation of every clustering of the space, each image forwarded once below ``L``. Results go to
+* in an attribution-layer space ``L`` (every rule variant's), ``m`` channels of ``L``, by mean relevance;
+  ablating them zeroes them at ``L`` (:class:`polypure.attribution.ablation.ChannelMasks`) for the forward
+  pass from ``L`` to the neuron;
+* in a dictionary space (:mod:`polypure.dictionaries`), ``m`` of the concepts the neuron keeps, by mean
+  contribution; ablating them subtracts their terms ``z_j D[j, :]`` from the dictionary's layer at every
+  position, ``z`` encoded from the layer's own output
+  (:class:`~polypure.attribution.ablation.ConceptSubtraction`). The dictionary's layer is the neuron's own,
+  so nothing of the network runs between the edit and the neuron (docs/method.md, Causal selectivity).
+
+The ablation should silence the neuron on its cluster's references and spare the other clusters'; the score
+(:mod:`polypure.evaluation.selectivity`) is the own minus the other relative drop, averaged over the clusters,
+and its null the same for random sets of ``m`` dimensions. The neuron's activation is its top-K statistic
+clamped at 0, or for a planted virtual neuron its definition (sum or max of the scaled pair).
+
+The ablations of every clustering of a neuron in a space are stacked, and those of consecutive neurons share
+forward passes of ``selectivity.batch_size`` rows (a pass holds at least one whole ablation of a neuron's
+references), each image forwarded once below ``L``; a dictionary's layer output and codes are computed once
+per image for a chunk of neurons. Results go to
 ``/metrics/<target>/{selectivity, selectivity_null, selectivity_drops, selectivity_circuits}/<space>/<method
-id>`` (:meth:`~polypure.store.hdf5_store.Store.write_selectivity`), one space at a time; a result stored with
-the same signature (``m``, ``null_draws``, the seed, the top-K statistic, the clustering's own signature)
-is kept. A neuron whose space is degenerate or whose clustering is no split (the checks of
-:mod:`polypure.evaluation.metrics`) gets NaN without a forward pass, as do the neurons of a layer with
-``m`` channels or fewer (the space is skipped, with a warning).
+id>`` (:meth:`~polypure.store.hdf5_store.Store.write_selectivity`; the circuits as channel or concept ids),
+one space at a time; a result stored with the same signature (``m``, ``null_draws``, the seed, the top-K
+statistic, the clustering's own signature) is kept. A neuron whose space is degenerate or whose clustering is
+no split (the checks of :mod:`polypure.evaluation.metrics`) gets NaN without a forward pass, as do the neurons
+of a space with ``m`` dimensions or fewer (the space is skipped, with a warning).
 """
 
 from __future__ import annotations
@@ -37,9 +48,13 @@ HELP = "ablate each cluster's circuit: is the split real? (selectivity.enabled)"
 log = logging.getLogger("polypure")
 
 
-def layer_spaces(store, target: str, wanted: list[str] | None) -> list[str]:
-    """The relevance spaces of a target to test: ``wanted`` ones it has (``selectivity.spaces``), else all."""
-    spaces = store.relevance_spaces(target)
+def tested_spaces(store, target: str, wanted: list[str] | None) -> list[str]:
+    """The spaces of a target to test: ``wanted`` ones it has (``selectivity.spaces``), else all.
+
+    Those with something to ablate: the relevance spaces (channels of an attribution layer) and the dictionary
+    spaces (concepts of a dictionary).
+    """
+    spaces = [*store.relevance_spaces(target), *store.dictionary_spaces(target)]
     return spaces if wanted is None else [s for s in wanted if s in spaces]
 
 
@@ -97,42 +112,152 @@ def _stale(ctx: StageContext, store, target: str, space: str, statistic: str) ->
     return todo
 
 
+class _ChannelAblations:
+    """Ablations of a relevance space: the circuit's channels of the attribution layer zeroed."""
+
+    def __init__(self, ctx: StageContext, store, target: str, space: str):
+        from polypure.attribution.ablation import Ablation
+        from polypure.config.settings import split_space
+
+        _, name = split_space(space)
+        self.ctx, self.refs = ctx, store.reference_indices(target)
+        self.ablation = Ablation(ctx.model.module, name, ctx.model.submodule(name),
+                                 ctx.model.submodule(store.target_attrs(target)["layer"]), ctx.device,
+                                 ctx.config.selectivity.batch_size)
+
+    def request(self, row: int, keep: np.ndarray, activation):
+        """One row's references with the channels where ``keep`` (A, C) is False zeroed, for :meth:`Ablation.batch`."""
+        import torch
+
+        from polypure.attribution.ablation import ChannelMasks, Request
+
+        images = torch.stack([self.ctx.dataset[int(i)][0] for i in self.refs[row]])
+        return Request(images, ChannelMasks(keep), activation)
+
+    def circuits(self, row: int, dims: np.ndarray) -> np.ndarray:
+        """A circuit's dimensions of the space are the layer's channels."""
+        return dims
+
+
+class _ConceptAblations:
+    """Ablations of a dictionary space: the circuit's concepts subtracted from the dictionary's layer.
+
+    The space's dimensions for a row are the row's kept concepts (:meth:`Store.dictionary_concepts`); a keep
+    mask over them becomes a :class:`~polypure.attribution.ablation.ConceptSubtraction`. The rows' reference
+    images are forwarded to the dictionary's layer and encoded once per chunk of rows (at most
+    :data:`~polypure.dictionaries.space.CHUNK_VALUES` values of outputs and codes held); where the layer is the
+    target's own, the activation is read from the edited outputs without another forward pass.
+    """
+
+    def __init__(self, ctx: StageContext, store, target: str, space: str, rows: list[int]):
+        import json
+
+        import torch
+
+        from polypure.attribution.ablation import Ablation
+        from polypure.config.settings import DictionarySection
+        from polypure.dictionaries.kinds import make_kind, seeded
+        from polypure.dictionaries.space import CHUNK_VALUES
+        from polypure.store import schema
+
+        attrs = store.dictionary_attrs(space)
+        dictionary, bias, state = store.dictionary_arrays(space)
+        # the settings it was trained with, as stored (the config may name it differently or not at all)
+        settings = json.loads(attrs[schema.SIGNATURE_ATTR])
+        spec = DictionarySection(id=space, **{key: value for key, value in settings.items() if key != "seed"})
+        with seeded(ctx.config.seed, ctx.device):
+            self.kind = make_kind(spec, dictionary.shape[1], ctx.device)
+        self.kind.load_encoder(dictionary, bias, state)
+        layer = attrs[schema.LAYER_ATTR]
+        self.ctx, self.layer, self.refs = ctx, layer, store.reference_indices(target)
+        self.dictionary = torch.as_tensor(dictionary, dtype=torch.float32)
+        self.concepts = store.dictionary_concepts(space, target)
+        self.ablation = Ablation(ctx.model.module, layer, ctx.model.submodule(layer),
+                                 ctx.model.submodule(store.target_attrs(target)["layer"]), ctx.device,
+                                 ctx.config.selectivity.batch_size)
+        shape = ctx.layer_shapes([layer])[layer]
+        positions = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        per_image = positions * (shape[0] + dictionary.shape[0])
+        self.chunk = max(1, CHUNK_VALUES // max(1, self.refs.shape[1] * per_image))
+        self.rows = list(rows)
+        self.samples = np.zeros(0, np.int64)
+        self.outputs = self.codes = None
+        self.loaded: set[int] = set()
+
+    def _load(self, row: int) -> None:
+        """Forward and encode the reference images of the chunk of rows starting at ``row``."""
+        from polypure.dictionaries.space import encoded_outputs
+
+        chunk = self.rows[self.rows.index(row):][:self.chunk]
+        self.samples = np.unique(self.refs[chunk])
+        self.outputs = self.codes = None
+        self.outputs, self.codes = encoded_outputs(self.kind, self.ctx.model.module, self.ctx.dataset,
+                                                   self.ctx.model.submodule(self.layer), self.samples,
+                                                   self.ctx.batch_size, self.ctx.num_workers, self.ctx.device)
+        self.loaded = set(chunk)
+
+    def request(self, row: int, keep: np.ndarray, activation):
+        """One row's references with the concepts where ``keep`` (A, T) is False removed, for :meth:`Ablation.batch`."""
+        import torch
+
+        from polypure.attribution.ablation import ConceptSubtraction, Request
+
+        if row not in self.loaded:
+            self._load(row)
+        local = torch.as_tensor(np.searchsorted(self.samples, self.refs[row]))
+        kept = torch.as_tensor(self.concepts[row])
+        edits = ConceptSubtraction(self.codes[local][:, :, kept], self.dictionary[kept], keep)
+        if self.ablation.at_target:
+            return Request(None, edits, activation, self.outputs[local])
+        return Request(torch.stack([self.ctx.dataset[int(i)][0] for i in self.refs[row]]), edits, activation)
+
+    def circuits(self, row: int, dims: np.ndarray) -> np.ndarray:
+        """A circuit's dimensions of the space are the row's kept concepts: stored as concept ids."""
+        return np.where(dims >= 0, self.concepts[row][np.maximum(dims, 0)], -1)
+
+
 def _measure_space(ctx: StageContext, store, target: str, space: str, methods: list[str], statistic: str) -> dict:
     """Per method, a Split (or None: no score) per neuron of a target, for the clusterings of one space."""
-    import torch
     from tqdm.auto import tqdm
 
-    from polypure.attribution.ablation import Ablation
-    from polypure.config.settings import split_space
     from polypure.evaluation.metrics import clustering_status, degenerate
-    from polypure.evaluation.selectivity import measure
+    from polypure.evaluation.selectivity import plan, scores
 
     section, seed = ctx.config.selectivity, ctx.config.seed
-    _, name = split_space(space)
-    neurons, refs = store.neurons(target), store.reference_indices(target)
-    relevance = store.relevance(target, space)
+    neurons = store.neurons(target)
+    features = store.features(target, space)
     labels = {method: store.cluster_labels(target, space, method) for method in methods}
     # the checks of the evaluate stage, so that a non-result is NaN here too, never a number
-    space_ok = degenerate(relevance, normalised=True) == ""
+    space_ok = degenerate(features, normalised=space in store.relevance_spaces(target)) == ""
     ok = {method: space_ok & (clustering_status(labels[method]) == "") for method in methods}
-    ablate = Ablation(ctx.model.module, name, ctx.model.submodule(name),
-                      ctx.model.submodule(store.target_attrs(target)["layer"]), ctx.device, section.batch_size)
+    rows = [row for row in range(len(neurons)) if any(ok[method][row] for method in methods)]
+    ablations = (_ConceptAblations(ctx, store, target, space, rows) if space in store.dictionary_spaces(target)
+                 else _ChannelAblations(ctx, store, target, space))
     activation_of = _activations(store, target, statistic)
     results: dict[str, list] = {method: [None] * len(neurons) for method in methods}
-    for row in tqdm(range(len(neurons)), desc=f"selectivity {target} {space}", unit="neuron",
-                    disable=not ctx.progress, leave=False):
-        chosen = {method: labels[method][row] for method in methods if ok[method][row]}
-        if not chosen:
-            continue
-        images = torch.stack([ctx.dataset[int(i)][0] for i in refs[row]])
-        activation = activation_of(neurons[row])
+    pending: list[tuple[int, dict, object, object]] = []
 
-        def ablated(keep, images=images, activation=activation):
-            return ablate(images, keep, activation)
+    def flush() -> None:
+        # the planned neurons' ablations together: their rows share forward passes of ``batch_size`` rows
+        values = ablations.ablation.batch([request for _, _, _, request in pending])
+        for (row, chosen, found, _), value in zip(pending, values):
+            for method, split in scores(found, chosen, value, section.m).items():
+                split.circuits = ablations.circuits(row, split.circuits)
+                results[method][row] = split
+            bar.update(1)
+        pending.clear()
 
-        found = measure(ablated, relevance[row], chosen, section.m, section.null_draws, seed, int(neurons[row]))
-        for method, split in found.items():
-            results[method][row] = split
+    with tqdm(total=len(rows), desc=f"selectivity {target} {space}", unit="neuron", disable=not ctx.progress,
+              leave=False) as bar:
+        for row in rows:
+            chosen = {method: labels[method][row] for method in methods if ok[method][row]}
+            found = plan(features[row], chosen, section.m, section.null_draws, seed, int(neurons[row]))
+            request = ablations.request(row, found.keep, activation_of(neurons[row]))
+            pending.append((row, chosen, found, request))
+            if sum(len(f.keep) for _, _, f, _ in pending) * features.shape[1] >= section.batch_size:
+                flush()
+        if pending:
+            flush()
     return results
 
 
@@ -149,14 +274,16 @@ def run(ctx: StageContext) -> None:
                 continue
             statistic = store.topk_statistic(target)
             done = []
-            for space in layer_spaces(store, target, section.spaces):
+            for space in tested_spaces(store, target, section.spaces):
                 todo = _stale(ctx, store, target, space, statistic)
                 if not todo:
                     continue
-                channels = store.space_shape(target, space)[2]
-                if section.m >= channels:
-                    log.warning(f"selectivity {target}: selectivity.m={section.m} is not fewer than the {channels} "
-                                f"channels of {space!r}: ablating all of them tells nothing; space not tested")
+                width = store.space_shape(target, space)[2]
+                if section.m >= width:
+                    what = ("concepts each neuron keeps in" if space in store.dictionary_spaces(target)
+                            else "channels of")
+                    log.warning(f"selectivity {target}: selectivity.m={section.m} is not fewer than the {width} "
+                                f"{what} {space!r}: ablating all of them tells nothing; space not tested")
                     continue
                 results = _measure_space(ctx, store, target, space, list(todo), statistic)
                 for method, wanted in todo.items():

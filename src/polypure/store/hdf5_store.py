@@ -747,6 +747,14 @@ class Store:
         return tuple(self.read(schema.join(path, name)) for name in (schema.NEURONS, schema.CONCEPTS,
                                                                      schema.CONTRIBUTIONS))
 
+    def dictionary_concepts(self, dictionary_id: str, target: str) -> np.ndarray:
+        """Each row's kept concepts (M, T) in a dictionary space, in the target's row order (as :meth:`features`).
+
+        Column ``t`` of a row is the concept whose contributions are the row's feature ``t``.
+        """
+        rows = self._dictionary_rows(dictionary_id, target)
+        return self.read(schema.dictionary_space_path(dictionary_id, target, schema.CONCEPTS))[rows]
+
     @writes
     def write_dictionary_space(self, dictionary_id: str, target: str, neurons: np.ndarray, concepts: np.ndarray,
                                contributions: np.ndarray, attrs: dict[str, Any]) -> None:

@@ -208,8 +208,8 @@ class Results:
               similarity with another neuron; its mean over a target is the target's redundancy) are one
               value per neuron: their ``space`` is the reference space and their ``method`` ``""``;
               ``selectivity`` (the causal test of a clustering, :mod:`polypure.evaluation.selectivity`) is
-              ``of`` ``circuit`` (each cluster's circuit ablated) or ``null`` (random channel sets of the
-              same size instead);
+              ``of`` ``circuit`` (each cluster's circuit ablated) or ``null`` (random sets of as many
+              channels, or concepts in a dictionary space, instead);
             - ``metric``: one of :data:`METRICS`; ``value``: float, NaN where there is no score;
             - ``skipped``: why there is none, from the stored checks (``constant``, ``one-hot``,
               ``all-noise``, ``one-cluster``, ``one-label``, ``unique-labels``, comma-separated; ``undefined`` for a NaN no check

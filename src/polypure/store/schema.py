@@ -24,9 +24,9 @@ Schema (paths other tools rely on; the README has the full table)::
     /crops/<target>                              (M, n_refs, 4) int64
     /metrics/<target>/<kind>/<key...>            per-neuron metrics; /metrics/summary: the summary table
     /metrics/<target>/selectivity/<space>/<method id>          (M,) float64   causal selectivity of a clustering
-    /metrics/<target>/selectivity_null/<space>/<method id>     (M,) float64   the same with random channel sets
+    /metrics/<target>/selectivity_null/<space>/<method id>     (M,) float64   the same with random sets
     /metrics/<target>/selectivity_drops/<space>/<method id>    (M, K, 4) float64   per cluster: own, other, nulls
-    /metrics/<target>/selectivity_circuits/<space>/<method id> (M, K, m) int64     per cluster: its circuit
+    /metrics/<target>/selectivity_circuits/<space>/<method id> (M, K, m) int64     per cluster: its circuit (channels or concepts)
     /comparisons/<target>                        table: paired comparisons of metrics between spaces
     /dictionaries/<id>                           attrs: kind, layer, signature, epochs_done, complete, quality
     /dictionaries/<id>/dictionary, bias          (n_concepts, C), (C,) float32: a = z D + bias

@@ -644,12 +644,12 @@ def selectivity_bars(store, target: str, neuron_row: int, out_dir, method: str =
                      formats: Iterable[str] = FORMATS, stem: str | None = None) -> list[Path]:
     """One neuron's causal test of its split: per cluster, the drop its circuit's ablation causes (selectivity stage).
 
-    A panel per tested space (an attribution layer): for each cluster of ``method``'s clustering there, the
-    mean relative drop of the neuron's activation when the cluster's circuit is zeroed, on the cluster's own
-    references (its colour) and on the other clusters' (grey); a short black line over each bar is the
-    same drop for random sets of as many channels (the null). A real split has tall own bars, low other
-    bars, and lines well below the own bars. The title holds the selectivity (own minus other, averaged
-    over the clusters) and its null.
+    A panel per tested space (an attribution layer or a dictionary): for each cluster of ``method``'s
+    clustering there, the mean relative drop of the neuron's activation when the cluster's circuit is ablated
+    (channels zeroed, or a dictionary's concepts subtracted), on the cluster's own references (its colour) and
+    on the other clusters' (grey); a short black line over each bar is the same drop for random sets of as many
+    channels or concepts (the null). A real split has tall own bars, low other bars, and lines well below the
+    own bars. The title holds the selectivity (own minus other, averaged over the clusters) and its null.
 
     Parameters
     ----------

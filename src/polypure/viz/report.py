@@ -165,7 +165,8 @@ FIGURES = (
                images=True, formats=("png",)),
     FigureSpec("selectivity_bars", "neuron", "{neuron}_selectivity",
                "is the split real? The drop of the activation when each cluster's circuit is ablated, on the "
-               "cluster's references and on the others' (black lines: random channel sets of the same size)",
+               "cluster's references and on the others' (black lines: random sets of as many channels, or concepts "
+               "in a dictionary space)",
                args=lambda s: (s.target.name, s.row), options=lambda s: {"method": s.target.method},
                when=lambda s: bool(s.target.selectivity), formats=("png",)),
 )

@@ -166,6 +166,28 @@ def neuron_page(target: Target, row: int, figs: list[dict], sections: list[dict]
                   metrics=_neuron_metrics(target, row), figures=figs, grids=sections)
 
 
+def dictionary_rows(store: Store) -> list[dict]:
+    """A row per finished dictionary of the store: its id, kind, layer, concepts and quality on held-out positions.
+
+    The quality is what the dictionary stage stored (:meth:`~polypure.store.hdf5_store.Store.dictionary_attrs`):
+    ``r2``, ``dead_share``, ``mean_active`` and ``n_heldout``; ``concepts`` is the trained ``n_concepts``.
+    """
+    import json
+
+    from polypure.store import schema
+
+    rows = []
+    for dictionary_id in store.dictionary_ids():
+        attrs = store.dictionary_attrs(dictionary_id)
+        if not attrs.get(schema.COMPLETE_ATTR):
+            continue
+        settings = json.loads(attrs.get(schema.SIGNATURE_ATTR) or "{}")
+        rows.append({"id": dictionary_id, "kind": attrs.get(schema.KIND_ATTR, "?"),
+                     "layer": attrs.get(schema.LAYER_ATTR, "?"), "concepts": settings.get("n_concepts"),
+                     **{key: attrs.get(key) for key in schema.QUALITY_ATTRS}})
+    return rows
+
+
 def _comparison_rows(rows: list[dict]) -> list[dict]:
     """The stored comparisons as the index's table shows them."""
     def spaces(r: dict) -> str:
@@ -224,4 +246,5 @@ def index_html(store: Store, store_path: Path, targets: list[Target], records: l
               "columns": _columns(t), "rows": _neuron_rows(t)} for t in targets]
     return render("index.html", title=f"polypure report: {store_path.name}", root="", sortable=True, store=about,
                   notes=notes, targets=shown, summary=_summary_groups(records, methods), truth=truth,
+                  dictionaries=dictionary_rows(store),
                   target_figures={name: figs for name, figs in target_figs.items() if figs}, compared=compared)
