@@ -287,6 +287,42 @@ def test_dictionary_selectivity_is_its_recomputation_with_numpy(selective):
     assert checked >= 16
 
 
+def test_dictionary_selectivity_in_small_chunks_of_images_is_the_same(selective, tmp_path, monkeypatch):
+    """Outputs and codes held for a few images at a time (many chunks, several passes): the same results."""
+    from polypure.dictionaries import space
+
+    path = tmp_path / "chunked.h5"
+    shutil.copy(selective, path)
+    with h5py.File(path, "a") as f:
+        for target in ("c3", PLANTED):
+            for kind in schema.SELECTIVITY_KINDS:
+                del f[schema.metrics_path(target, kind)]
+    # the SAE's outputs and codes of 10 images (64 positions x (16 channels + 24 concepts)): a row or two a chunk
+    monkeypatch.setattr(space, "CHUNK_VALUES", 10 * 64 * 40)
+    loads = []
+    original = space.encoded_outputs
+
+    def counted(*args, **kwargs):
+        loads.append(kwargs.get("outputs") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(space, "encoded_outputs", counted)
+    experiment(path, cluster={"spaces": ["sae", "nmf"], "methods": [{"name": "kmeans", "n_clusters": 2},
+                                                                   {"name": "dominant", "n_clusters": 2}]},
+               selectivity={"enabled": True, "m": SEL_M, "null_draws": SEL_DRAWS, "batch_size": 64}).selectivity()
+    assert len(loads) > 8           # many chunks (one per dictionary and target would be 4)
+    with Store(selective) as whole, Store(path) as chunked:
+        for target, space_id, method, kind in itertools.product(("c3", PLANTED), ("sae", "nmf"), ("kmeans", "dominant"),
+                                                                schema.SELECTIVITY_KINDS):
+            np.testing.assert_allclose(chunked.metric(target, kind, space_id, method),
+                                       whole.metric(target, kind, space_id, method), atol=1e-6)
+    # in one chunk, the second dictionary of the layer reuses the first one's forward pass, target by target
+    loads.clear()
+    monkeypatch.setattr(space, "CHUNK_VALUES", 2**25)
+    experiment(path, selectivity={"enabled": True, "m": SEL_M + 1, "null_draws": SEL_DRAWS}).selectivity()
+    assert loads == [False, True, False, True]
+
+
 def test_the_report_index_shows_each_dictionary_s_quality_from_the_store(selective, tmp_path):
     from polypure.viz.report import write_report
 

@@ -91,12 +91,12 @@ class ChannelMasks:
         """Edits ``start`` to ``stop``."""
         return ChannelMasks(self.keep[start:stop])
 
-    def __call__(self, rows: torch.Tensor, image_rows: torch.Tensor, edit_rows: torch.Tensor, layer: str
-                 ) -> torch.Tensor:
-        """Rows (R, C, *positions) of the layer's output, row ``r`` edited by edit ``edit_rows[r]``."""
+    def apply_(self, rows: torch.Tensor, image_rows: torch.Tensor, edit_rows: torch.Tensor, layer: str
+               ) -> torch.Tensor:
+        """Edit rows (R, C, *positions) of the layer's output in place, row ``r`` by edit ``edit_rows[r]``."""
         if rows.shape[1] != self.keep.shape[1]:
             raise PolypureError(f"layer {layer!r} has {rows.shape[1]} channels, the masks {self.keep.shape[1]}")
-        return rows * self.keep[edit_rows].to(rows.dtype).view(len(rows), -1, *([1] * (rows.ndim - 2)))
+        return rows.mul_(self.keep[edit_rows].to(rows.dtype).view(len(rows), -1, *([1] * (rows.ndim - 2))))
 
 
 class ConceptSubtraction:
@@ -133,18 +133,18 @@ class ConceptSubtraction:
         """Edits ``start`` to ``stop``."""
         return ConceptSubtraction(self.codes, self.dictionary, self.keep[start:stop])
 
-    def __call__(self, rows: torch.Tensor, image_rows: torch.Tensor, edit_rows: torch.Tensor, layer: str
-                 ) -> torch.Tensor:
-        """Rows (R, C, *positions) of the layer's output, row ``r`` edited by edit ``edit_rows[r]``."""
+    def apply_(self, rows: torch.Tensor, image_rows: torch.Tensor, edit_rows: torch.Tensor, layer: str
+               ) -> torch.Tensor:
+        """Edit rows (R, C, *positions) of the layer's output in place, row ``r`` by edit ``edit_rows[r]``."""
         positions = int(np.prod(rows.shape[2:], dtype=np.int64)) if rows.ndim > 2 else 1
         if rows.shape[1] != self.dictionary.shape[1] or positions != self.codes.shape[1]:
             raise PolypureError(f"layer {layer!r} has {rows.shape[1]} channels at {positions} positions, the "
                                 f"dictionary {self.dictionary.shape[1]} channels and the codes {self.codes.shape[1]} "
                                 "positions")
         removed = (~self.keep[edit_rows]).to(rows.dtype)
-        # (R, P, T) @ (T, C): per row and position the sum of the removed concepts' terms
-        terms = (self.codes[image_rows].to(rows.dtype) * removed[:, None, :]) @ self.dictionary.to(rows.dtype)
-        return rows - terms.transpose(1, 2).reshape(rows.shape)
+        # (C, T) @ (R, T, P): per row, channel and position the sum of the removed concepts' terms
+        terms = self.dictionary.to(rows.dtype).T @ (self.codes[image_rows].to(rows.dtype) * removed[:, None, :]).mT
+        return rows.sub_(terms.view(rows.shape))
 
 
 @dataclass
@@ -283,7 +283,7 @@ class Ablation:
         out = []
         for _, _, piece in pack:
             image_rows, edit_rows = self._rows(len(piece.edits), piece.count)
-            edited = piece.edits(piece.layer_output[image_rows], image_rows, edit_rows, self.layer)
+            edited = piece.edits.apply_(piece.layer_output[image_rows], image_rows, edit_rows, self.layer)
             out.append(piece.activation(edited).float())
         return out
 
@@ -301,12 +301,14 @@ class Ablation:
         sizes = [len(image_rows) for _, image_rows, _ in layout]
 
         def edited(output: torch.Tensor) -> torch.Tensor:
-            parts, row = [], 0
-            for piece, (offset, image_rows, edit_rows), size in zip(pieces, layout, sizes):
-                rows = output[image_rows + int(offset)] if self.share else output[row:row + size]
-                parts.append(piece.edits(rows, image_rows, edit_rows, self.layer))
-                row += size
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
+            # a copy of the layer's output with a row per (piece, edit, image), edited in place piece by piece
+            rows = output[torch.cat([image_rows + int(offset) for offset, image_rows, _ in layout])] if self.share \
+                else output.clone()
+            start = 0
+            for piece, (_, image_rows, edit_rows), size in zip(pieces, layout, sizes):
+                piece.edits.apply_(rows[start:start + size], image_rows, edit_rows, self.layer)
+                start += size
+            return rows
 
         x = images if self.share else images[torch.cat([image_rows + int(offset) for offset, image_rows, _ in layout])]
         with tap_layers({self.layer: self.module, _TARGET: self.target}, transforms={self.layer: edited}) as outputs:

@@ -105,7 +105,7 @@ def _layer_vectors(model, dataset, module, samples: np.ndarray, batch_size: int,
 
 
 def encoded_outputs(kind, model, dataset, module, samples: np.ndarray, batch_size: int = 32, num_workers: int = 0,
-                    device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                    device="cpu", outputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's output on samples and its codes at every position, each sample forwarded once.
 
     What the ablation of a dictionary's concepts edits (:class:`~polypure.attribution.ablation.ConceptSubtraction`):
@@ -119,6 +119,8 @@ def encoded_outputs(kind, model, dataset, module, samples: np.ndarray, batch_siz
         The network, the samples and the dictionary's layer.
     samples : ndarray of int
         Sample indices.
+    outputs : Tensor (U, C, *positions), optional
+        The layer's output on the samples, where already computed (for another dictionary of the layer).
 
     Returns
     -------
@@ -127,8 +129,9 @@ def encoded_outputs(kind, model, dataset, module, samples: np.ndarray, batch_siz
     codes : Tensor (U, P, n_concepts)
         Positions in the order of :func:`~polypure.dictionaries.samples.positions_of`.
     """
-    outputs = torch.cat([output for _, output in _layer_outputs(model, dataset, module, np.asarray(samples),
-                                                                batch_size, num_workers, device)])
+    if outputs is None:
+        outputs = torch.cat([output for _, output in _layer_outputs(model, dataset, module, np.asarray(samples),
+                                                                    batch_size, num_workers, device)])
     vectors = positions_of(outputs)
     count, positions, channels = vectors.shape
     # encoded all at once, in the kind's chunks: an NMF's codes cost a fixed number of sweeps per call

@@ -144,12 +144,13 @@ class _ConceptAblations:
 
     The space's dimensions for a row are the row's kept concepts (:meth:`Store.dictionary_concepts`); a keep
     mask over them becomes a :class:`~polypure.attribution.ablation.ConceptSubtraction`. The rows' reference
-    images are forwarded to the dictionary's layer and encoded once per chunk of rows (at most
-    :data:`~polypure.dictionaries.space.CHUNK_VALUES` values of outputs and codes held); where the layer is the
-    target's own, the activation is read from the edited outputs without another forward pass.
+    images are forwarded to the dictionary's layer and encoded once per chunk of consecutive rows (as many as
+    hold at most :data:`~polypure.dictionaries.space.CHUNK_VALUES` values of outputs and codes of their
+    images); where the layer is the target's own, the activation is read from the edited outputs without
+    another forward pass.
     """
 
-    def __init__(self, ctx: StageContext, store, target: str, space: str, rows: list[int]):
+    def __init__(self, ctx: StageContext, store, target: str, space: str, rows: list[int], shared: dict):
         import json
 
         import torch
@@ -177,9 +178,11 @@ class _ConceptAblations:
                                  ctx.config.selectivity.batch_size)
         shape = ctx.layer_shapes([layer])[layer]
         positions = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-        per_image = positions * (shape[0] + dictionary.shape[0])
-        self.chunk = max(1, CHUNK_VALUES // max(1, self.refs.shape[1] * per_image))
+        # images per chunk: their outputs and codes within the budget
+        self.chunk = max(1, CHUNK_VALUES // (positions * (shape[0] + dictionary.shape[0])))
         self.rows = list(rows)
+        # the layer's output on a chunk's images, kept for the next dictionary of the layer (the same chunk)
+        self.shared = shared
         self.samples = np.zeros(0, np.int64)
         self.outputs = self.codes = None
         self.loaded: set[int] = set()
@@ -188,12 +191,22 @@ class _ConceptAblations:
         """Forward and encode the reference images of the chunk of rows starting at ``row``."""
         from polypure.dictionaries.space import encoded_outputs
 
-        chunk = self.rows[self.rows.index(row):][:self.chunk]
-        self.samples = np.unique(self.refs[chunk])
+        chunk, samples = [], set()
+        for later in self.rows[self.rows.index(row):]:
+            if chunk and len(samples | set(self.refs[later].tolist())) > self.chunk:
+                break
+            chunk.append(later)
+            samples |= set(self.refs[later].tolist())
+        self.samples = np.array(sorted(samples), np.int64)
         self.outputs = self.codes = None
+        key = (self.layer, self.samples.tobytes())
+        outputs = self.shared.get(key)
+        self.shared.clear()
         self.outputs, self.codes = encoded_outputs(self.kind, self.ctx.model.module, self.ctx.dataset,
                                                    self.ctx.model.submodule(self.layer), self.samples,
-                                                   self.ctx.batch_size, self.ctx.num_workers, self.ctx.device)
+                                                   self.ctx.batch_size, self.ctx.num_workers, self.ctx.device,
+                                                   outputs=outputs)
+        self.shared[key] = self.outputs
         self.loaded = set(chunk)
 
     def request(self, row: int, keep: np.ndarray, activation):
@@ -216,8 +229,13 @@ class _ConceptAblations:
         return np.where(dims >= 0, self.concepts[row][np.maximum(dims, 0)], -1)
 
 
-def _measure_space(ctx: StageContext, store, target: str, space: str, methods: list[str], statistic: str) -> dict:
-    """Per method, a Split (or None: no score) per neuron of a target, for the clusterings of one space."""
+def _measure_space(ctx: StageContext, store, target: str, space: str, methods: list[str], statistic: str,
+                   shared: dict) -> dict:
+    """Per method, a Split (or None: no score) per neuron of a target, for the clusterings of one space.
+
+    ``shared`` keeps a dictionary layer's output on the last chunk of reference images for the next dictionary
+    space of the target.
+    """
     from tqdm.auto import tqdm
 
     from polypure.evaluation.metrics import clustering_status, degenerate
@@ -231,7 +249,7 @@ def _measure_space(ctx: StageContext, store, target: str, space: str, methods: l
     space_ok = degenerate(features, normalised=space in store.relevance_spaces(target)) == ""
     ok = {method: space_ok & (clustering_status(labels[method]) == "") for method in methods}
     rows = [row for row in range(len(neurons)) if any(ok[method][row] for method in methods)]
-    ablations = (_ConceptAblations(ctx, store, target, space, rows) if space in store.dictionary_spaces(target)
+    ablations = (_ConceptAblations(ctx, store, target, space, rows, shared) if space in store.dictionary_spaces(target)
                  else _ChannelAblations(ctx, store, target, space))
     activation_of = _activations(store, target, statistic)
     results: dict[str, list] = {method: [None] * len(neurons) for method in methods}
@@ -273,7 +291,7 @@ def run(ctx: StageContext) -> None:
                 ctx.log(f"selectivity {target}: no clusterings in the store (run the cluster stage first), skipped")
                 continue
             statistic = store.topk_statistic(target)
-            done = []
+            done, shared = [], {}
             for space in tested_spaces(store, target, section.spaces):
                 todo = _stale(ctx, store, target, space, statistic)
                 if not todo:
@@ -285,7 +303,7 @@ def run(ctx: StageContext) -> None:
                     log.warning(f"selectivity {target}: selectivity.m={section.m} is not fewer than the {width} "
                                 f"{what} {space!r}: ablating all of them tells nothing; space not tested")
                     continue
-                results = _measure_space(ctx, store, target, space, list(todo), statistic)
+                results = _measure_space(ctx, store, target, space, list(todo), statistic, shared)
                 for method, wanted in todo.items():
                     store.write_selectivity(target, space, method, _arrays(results[method], section.m), attrs={
                         "signature": wanted, "m": section.m, "null_draws": section.null_draws})
