@@ -26,7 +26,7 @@ OVERRIDES = [
     "relevance.targets=[{layer: block_3, neurons: '0:5', attribution_layers: [block_1, block_2]}]",
     "relevance.planted={pairs: 2, layer: block_3, mode: [sum, max], seed: 0}",
     "relevance.variants=[{id: default, composite: gradient}, {id: lrp, composite: epsilon_plus}]",
-    "evaluate.references=[dino]",
+    "evaluate.references=[dino]", "evaluate.batch_size=8",
     "evaluate.dino={evaluator: dinov2, model: vit_small_patch14_dinov2.lvd142m, pretrained: false, image_size: 56,"
     " resize: 64}",
     "executor.shard_size=20", "executor.neurons_per_task=2", "executor.workers=2",
@@ -58,14 +58,22 @@ def local_store(tmp_path_factory):
     return path
 
 
-def run_on_ray(local_store, tmp_path, extra=()):
+def run_on_ray(local_store, tmp_path, extra=(), inspect=None):
+    """The Ray run's store; with ``inspect``, the stages are called one by one and ``inspect(executor)`` after them."""
     # the same store path as the local run (the config is part of the store); the local file moves aside
     path = local_store.parent / "store.h5"
     kept = tmp_path / "local.h5"
     os.replace(local_store, kept)
     try:
-        Experiment(load_config("demo", [*OVERRIDES, f"store={path}", "executor.kind=ray", *extra]),
-                   progress=False).run(STAGES)
+        exp = Experiment(load_config("demo", [*OVERRIDES, f"store={path}", "executor.kind=ray", *extra]),
+                         progress=False)
+        if inspect is None:
+            exp.run(STAGES)
+        else:
+            with exp:
+                for stage in STAGES:
+                    getattr(exp, stage)()
+                inspect(exp.executor)
         os.replace(path, tmp_path / "ray.h5")
     finally:
         os.replace(kept, local_store)
@@ -95,6 +103,55 @@ def test_workers_killed_mid_task_are_retried_and_the_store_is_the_same(ray_clust
     # a top-K task, a relevance actor and an embedding actor each lost their process once
     assert killed == ["embed", "relevance", "topk"]
     assert_same_store(local_store, store)
+
+
+@pytest.mark.slow
+def test_one_pool_of_actors_serves_every_stage_and_builds_the_model_once(ray_cluster, local_store, tmp_path):
+    seen = {}
+
+    def inspect(executor):
+        seen["started"] = executor.actors_started
+        seen["stats"] = executor.worker_stats()
+
+    assert_same_store(local_store, run_on_ray(local_store, tmp_path, inspect=inspect))
+    stats = seen["stats"]
+    # the units, counted from the config: top-K passes over 96 samples (real layers, then planted) in shards of
+    # 20 rounded up to whole batches of 16; 5 real and 2 x 2 planted neurons in ranges of 2 (a chunk of 12 rows
+    # holds 2 neurons of 6 references), for each of the 2 variants
+    shards = 2 * -(-96 // aligned(20, 16))
+    ranges = 2 * (-(-5 // 2) + -(-4 // 2))
+    assert seen["started"] == 2 and len({s["pid"] for s in stats}) == 2
+    assert sum(s["calls"].get("topk", 0) for s in stats) == shards == 6
+    assert sum(s["calls"].get("relevance", 0) for s in stats) == ranges == 10
+    for worker in stats:
+        # the same process served all three stages and built the model and the data once for them
+        assert worker["builds"] == 1
+        assert set(worker["calls"]) == {"topk", "relevance", "embed"} and min(worker["calls"].values()) >= 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_stops_its_actors(ray_cluster, tmp_path, monkeypatch):
+    import ray
+
+    from polypure.pipeline import relevance_stage
+
+    pool = []
+
+    def interrupted(ctx):
+        pool.extend(ctx.executor._actors)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(relevance_stage, "run", interrupted)
+    exp = Experiment(load_config("demo", [*OVERRIDES, f"store={tmp_path / 's.h5'}", "executor.kind=ray"]),
+                     progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        exp.run(STAGES)
+    # the top-K stage started the actors; the relevance stage found them running; the interrupted run stopped them
+    assert len(pool) == 2 and exp._executor is None
+    for actor in pool:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.stats.remote(), timeout=60)
+    assert ray.is_initialized()  # a Ray the run did not start is left as it was
 
 
 def test_units_are_cut_at_batch_boundaries():

@@ -195,10 +195,21 @@ class Experiment:
         return self._executor
 
     def close(self) -> None:
-        """Release the executor's workers (and a Ray this run started); the run can go on later."""
+        """Release the executor's workers (and a Ray this run started); the run can go on later.
+
+        :meth:`run` calls it when it ends, also on an error or Ctrl-C. Stages called one by one share the
+        executor's workers until then: call it, or use the experiment as a context manager
+        (``with Experiment(...) as exp:``), which calls it on leaving.
+        """
         if self._executor is not None:
             self._executor.close()
             self._executor = None
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @contextlib.contextmanager
     def writing(self):

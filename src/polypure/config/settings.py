@@ -722,20 +722,21 @@ class ExecutorSection(_Section):
     cluster this machine belongs to), ``HOST:PORT`` or ``ray://HOST:PORT``.
     """
     workers: int = Field(2, ge=1)
-    """Relevance and embedding actors; top-K tasks in flight at once are twice this. ``--workers`` on the command line.
+    """Ray actors, started once per run, that compute the top-K shards, relevance ranges and embedding batches of every
+    stage. ``--workers`` on the command line.
     """
     gpus_per_worker: float = Field(0.0, ge=0, le=1)
-    """GPUs of each task and actor (a fraction shares a GPU); with GPUs a worker computes on ``cuda`` unless ``device:
+    """GPUs of each actor (a fraction shares a GPU); with GPUs a worker computes on ``cuda`` unless ``device:
     cpu``.
     """
     cpus_per_worker: float = Field(1.0, gt=0)
-    """CPUs of each task and actor."""
+    """CPUs of each actor."""
     shard_size: int = Field(1024, ge=1)
-    """Samples per top-K task, at most a fair share per worker (rounded up to a whole number of ``data.batch_size``
+    """Samples per top-K shard, at most a fair share per worker (rounded up to a whole number of ``data.batch_size``
     batches).
     """
     neurons_per_task: int = Field(16, ge=1)
-    """Neurons per relevance task, at most a fair share per worker (rounded up to a whole number of the stage's
+    """Neurons per relevance range, at most a fair share per worker (rounded up to a whole number of the stage's
     chunks).
     """
 

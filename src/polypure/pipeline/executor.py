@@ -1,22 +1,25 @@
 """Where a run's heavy work goes: this process (``executor.kind: local``) or the workers of a Ray cluster.
 
 The stages stay the only writers of the store. With Ray they cut their work into units
-(:mod:`polypure.pipeline.work_units`), a :class:`RayExecutor` runs the units on the cluster, and the stage merges what comes
-back as it arrives:
+(:mod:`polypure.pipeline.work_units`), a :class:`RayExecutor` runs the units on a pool of ``executor.workers``
+actors, and the stage merges what comes back as it arrives:
 
-* top-K: shards of sample indices as Ray tasks; the stage folds each shard's partial top-K into its state
-  in sample order and checkpoints after each, so an interrupted distributed pass resumes where the local
-  one would;
-* relevance: ranges of whole neurons on a pool of actors, each holding the model on its own device; the
-  stage writes each range's rows and marks them complete;
-* embeddings: chunks of the unique reference images on the same actors.
+* top-K: shards of sample indices; the stage folds each shard's partial top-K into its state in sample
+  order and checkpoints after each, so an interrupted distributed pass resumes where the local one would;
+* relevance: ranges of whole neurons; the stage writes each range's rows and marks them complete;
+* embeddings: chunks of the unique reference images.
+
+The actors are started once per executor (one per run: :meth:`polypure.Experiment.close` stops them) and
+serve every stage: each builds the model and the data once, on its own device, and keeps the evaluators
+it loads. Worker processes, their imports and their models are what a Ray run pays on top of a local one,
+so none of it is paid twice (top-K shards as Ray tasks would start processes of their own).
 
 Units are cut at the boundaries of the local computation's batches and chunks, so each row a worker
 computes runs in passes of the size the local run gives it (the size is what a row's numbers can depend on:
-:mod:`polypure.attribution.sharing`), and the store comes out the same. A task whose worker dies is
-retried (Ray's task retries), an actor that dies is restarted with its calls retried. The data and the
-weights must be readable at the same path on every worker (relative paths mean the driver's working
-directory; a worker changes into it where that folder exists).
+:mod:`polypure.attribution.sharing`), and the store comes out the same. An actor that dies is restarted
+(building its model again) and its calls are retried. The data and the weights must be readable at the
+same path on every worker (relative paths mean the driver's working directory; a worker changes into it
+where that folder exists).
 
 Example
 -------
@@ -81,7 +84,7 @@ def _unwrap(exc: Exception) -> Exception:
 
 
 class RayExecutor:
-    """Runs units of work on a Ray cluster: top-K shards as tasks, relevance and embeddings on actors.
+    """Runs units of work on a pool of Ray actors that serves every stage of a run.
 
     Parameters
     ----------
@@ -94,7 +97,9 @@ class RayExecutor:
     -----
     Connects on first use: to ``executor.address`` when given (``auto``, ``HOST:PORT`` or
     ``ray://HOST:PORT``), to a Ray already initialised in this process, or else to a local Ray started here
-    (and stopped by :meth:`close`).
+    (and stopped by :meth:`close`). The ``executor.workers`` actors are started then too, once: top-K,
+    relevance and embeddings all run on them, so a run starts its worker processes and builds its model in
+    each of them once, whatever the number of stages, targets and variants.
     """
 
     def __init__(self, config: Config, source: WorkSource | None):
@@ -105,13 +110,13 @@ class RayExecutor:
         self._started = False
         self._actors: list = []
         self._source_ref = None
+        #: Actors this executor started (a restart after a crash is Ray's, not counted here).
+        self.actors_started = 0
 
     # -- connection --------------------------------------------------------------------------------
 
     def _connect(self) -> None:
         ray = self.ray
-        if self._source_ref is not None:
-            return
         if not ray.is_initialized():
             address = self.settings.address
             try:
@@ -124,12 +129,17 @@ class RayExecutor:
             resources = ray.cluster_resources()
             log.info("executor: Ray with %g CPU(s) and %g GPU(s), %d worker(s)", resources.get("CPU", 0),
                      resources.get("GPU", 0), self.settings.workers)
-        # shipped once; tasks and actors get the reference, not a copy each
-        self._source_ref = ray.put(self.source)
 
     def close(self) -> None:
-        """Stop the actors (and Ray, where this executor started it)."""
+        """Stop the actors (and Ray, where this executor started it); safe to call twice."""
         ray = self.ray
+        if self._actors and log.isEnabledFor(logging.DEBUG):
+            try:
+                for stats in self.worker_stats():
+                    log.debug("executor: worker pid %d built its model %d time(s), served %s", stats["pid"],
+                              stats["builds"], stats["calls"])
+            except Exception:  # a worker that is gone has nothing to tell
+                pass
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
@@ -146,14 +156,26 @@ class RayExecutor:
         return "cuda" if self.settings.gpus_per_worker > 0 and self.config.device != "cpu" else "cpu"
 
     def _actor_pool(self) -> list:
+        """The actors, started on the first call (every stage after it gets the same ones)."""
         self._connect()
         if not self._actors:
             worker = self.ray.remote(_Worker).options(max_restarts=3, max_task_retries=3, **self._resources)
             # the source by value where it is small (a config): Ray keeps it with the actor for restarts, instead of
-            # depending on an object-store copy (a shipped in-memory model still goes through the store)
-            source = self.source if self.source.model is None and self.source.dataset is None else self._source_ref
+            # depending on an object-store copy; a shipped in-memory model goes through the store, once for all actors
+            source = self.source
+            if source.model is not None or source.dataset is not None:
+                self._source_ref = source = self.ray.put(self.source)  # held here while the actors may restart
             self._actors = [worker.remote(source, self._device()) for _ in range(self.settings.workers)]
+            self.actors_started += len(self._actors)
         return self._actors
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Per actor: its process id (``pid``), how often that process built the model (``builds``), its calls.
+
+        ``calls`` counts the units each kind of work (``topk``, ``relevance``, ``embed``) sent to the process.
+        An actor restarted after a crash is a new process and counts from zero.
+        """
+        return self.ray.get([actor.stats.remote() for actor in self._actors])
 
     def _gather(self, pending: dict) -> Iterator[tuple[Any, Any]]:
         """``(pending[ref], result)`` of submitted calls as they finish; a worker's own error is raised as it is.
@@ -182,22 +204,16 @@ class RayExecutor:
 
     def topk(self, layers: list[str], virtual: dict | None, shards: list[tuple[int, int]],
              done: dict[str, int], with_labels: bool) -> Iterator[tuple[int, Any]]:
-        """Each shard's :func:`polypure.pipeline.work_units.topk_shard` result, ``(shard number, result)``, as they finish."""
-        from polypure.pipeline.work_units import topk_shard
+        """Each shard's :func:`polypure.pipeline.work_units.topk_shard` result, ``(shard number, result)``, as they finish.
 
-        self._connect()
-        task = self.ray.remote(topk_shard).options(max_retries=3, **self._resources)
-        queue = list(enumerate(shards))
-        pending: dict = {}
-        # a bounded number in flight: a shard's partial top-K waits in the object store until it is merged
-        limit = 2 * self.settings.workers
-        gathered = self._gather(pending)
-        while queue or pending:
-            while queue and len(pending) < limit:
-                number, (start, stop) = queue.pop(0)
-                pending[task.remote(self._source_ref, layers, start, stop, virtual=virtual, done=done,
-                                    with_labels=with_labels, device=self._device())] = number
-            yield next(gathered)
+        Two shards per actor are in flight at a time: a shard's partial top-K waits in the object store only
+        until the stage merges it.
+        """
+        actors = self._actor_pool()
+        calls = [(number, lambda actor, start=start, stop=stop: actor.topk.remote(layers, start, stop, virtual, done,
+                                                                                  with_labels))
+                 for number, (start, stop) in enumerate(shards)]
+        yield from self._on_actors(actors, calls)
 
     def relevance(self, plan: TargetPlan, refs: np.ndarray, tasks: list[np.ndarray], rule: Rule,
                   batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -236,7 +252,10 @@ class RayExecutor:
 
 
 class _Worker:
-    """A Ray actor: the model and data built once on the actor's device, evaluators loaded on first use."""
+    """A Ray actor: the model and data built once on the actor's device, evaluators loaded on first use.
+
+    One actor serves every stage of a run, so what it builds is built once per process.
+    """
 
     def __init__(self, source: WorkSource, device: str):
         import torch
@@ -244,22 +263,41 @@ class _Worker:
         self.source = source
         self.device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
         self.evaluators: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}
         source.build(self.device)
+
+    def _count(self, kind: str) -> None:
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def topk(self, layers: list[str], start: int, stop: int, virtual: dict | None, done: dict[str, int],
+             with_labels: bool):
+        from polypure.pipeline.work_units import topk_shard
+
+        self._count("topk")
+        return topk_shard(self.source, layers, start, stop, virtual=virtual, done=done, with_labels=with_labels,
+                          device=self.device)
 
     def relevance(self, plan: TargetPlan, refs: np.ndarray, rows: np.ndarray, rule: Rule,
                   batch_size: int) -> dict[str, np.ndarray]:
         from polypure.pipeline.work_units import relevance_rows
 
+        self._count("relevance")
         return relevance_rows(self.source, plan, refs, rows, rule, batch_size=batch_size, device=self.device)
 
     def embed(self, name: str, settings: dict, indices: np.ndarray) -> np.ndarray:
         from polypure.evaluation.evaluators import make_evaluator
         from polypure.pipeline.work_units import embed_chunk
 
+        self._count("embed")
         key = repr((name, sorted(settings.items())))
         if key not in self.evaluators:
             self.evaluators[key] = make_evaluator(name, settings)
         return embed_chunk(self.source, self.evaluators[key], indices, device=self.device)
+
+    def stats(self) -> dict[str, Any]:
+        from polypure.pipeline.work_units import builds
+
+        return {"pid": os.getpid(), "builds": builds(), "calls": dict(self.calls)}
 
 
 def _forwarded_env() -> dict[str, str]:

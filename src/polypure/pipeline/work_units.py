@@ -72,13 +72,17 @@ class WorkSource:
             model = self.model if self.model is not None else build_model(self.config)
             model.module.eval().to(device)
             dataset = self.dataset if self.dataset is not None else build_data(self.config, model)
-            _BUILT.clear()
-            _BUILT.update(key=key, parts=(model, dataset))
+            _BUILT.update(key=key, parts=(model, dataset), builds=_BUILT.get("builds", 0) + 1)
         return _BUILT["parts"]
 
 
 # one source's model and data per process: a worker serves one run at a time
 _BUILT: dict = {}
+
+
+def builds() -> int:
+    """How many times this process built a source's model and data (a worker's statistics: once per run)."""
+    return _BUILT.get("builds", 0)
 
 
 def _source(source: WorkSource | Config) -> WorkSource:
