@@ -25,7 +25,7 @@ A score is only a score where there was something to split and something was spl
   the raw relevance was near that floor) is also degenerate, :data:`VANISHING`, when any of the neuron's
   references has a row whose mass is below :data:`FLOOR_MASS`: its relevance vanished below the
   normalisation floor (an EfficientNet whose gates get the plain gradient ends at 1e-27), and what is
-  stored there is rounding, not a direction. Vanishing is checked first;
+  stored there is rounding, not a direction. Vanishing is checked last (a dead neuron is ``constant``);
 * a clustering is :data:`ALL_NOISE` when every reference is labelled noise (-1), and :data:`ONE_CLUSTER`
   when the references it did not call noise all share one cluster;
 * a label set is :data:`ONE_LABEL` for the neuron when all its references carry the same value: there is
@@ -111,7 +111,7 @@ TOLERANCE = 1e-6
 CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL = "constant", "one-hot", "all-noise", "one-cluster", "one-label"
 UNIQUE_LABELS, VANISHING = "unique-labels", "vanishing"
 #: Every reason, in the order they are reported.
-REASONS = (VANISHING, CONSTANT, ONE_HOT, ALL_NOISE, ONE_CLUSTER, ONE_LABEL, UNIQUE_LABELS)
+REASONS = (CONSTANT, ONE_HOT, VANISHING, ALL_NOISE, ONE_CLUSTER, ONE_LABEL, UNIQUE_LABELS)
 #: The L1 mass below which a stored relevance row was below the normalisation floor: ``s / (s + 1e-10)`` is
 #: under one half exactly where the raw relevance ``s = sum |R|`` is under the floor 1e-10 (zero included).
 FLOOR_MASS = 0.5
@@ -176,7 +176,8 @@ def degenerate(features: np.ndarray, normalised: bool = False) -> np.ndarray:
     one_hot = (share >= 1 - TOLERANCE).all(axis=1) & (top == top[:, :1]).all(axis=1)
     out = np.where(one_hot, ONE_HOT, np.where(constant, CONSTANT, "")).astype("<U9")
     if normalised:
-        out[below_floor(x).any(axis=1)] = VANISHING
+        # a dead neuron's all-zero rows are constant, the clearer reason; vanishing is a row among live ones
+        out[below_floor(x).any(axis=1) & (out == "")] = VANISHING
     return out[0] if single else out
 
 
