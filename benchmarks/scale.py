@@ -19,7 +19,7 @@ another).
 
 Next to each stage's seconds, its CPU seconds: those of this process and of every process below it (data
 loader workers; with Ray its daemons and worker processes, which a local Ray started here has as
-descendants), measured with ``psutil``. A second view on a shared machine: other work stretches wall-clock
+descendants), sampled with ``psutil`` (:class:`TreeCPU`). A second view on a shared machine: other work stretches wall-clock
 seconds, and it inflates CPU seconds less (though threads that spin while they wait for each other count).
 With ``both``, the idle Ray processes' few CPU seconds during a local stage count to the local stage.
 """
@@ -89,25 +89,58 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def tree_cpu() -> float:
-    """CPU seconds of this process and its descendants, live or reaped by a live one (0 without psutil)."""
-    try:
-        import psutil
-    except ImportError:
-        return 0.0
-    total = 0.0
-    me = psutil.Process()
-    for process in [me, *me.children(recursive=True)]:
+class TreeCPU:
+    """CPU seconds of this process and its descendants, sampled every ``every`` seconds on a thread.
+
+    A process keeps the CPU seconds it was last seen with after it ends (Ray's worker processes come and go,
+    and a process that ends is no longer anyone's child to ask); what it used after the last sample is lost.
+    Without psutil, zero.
+    """
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
         try:
-            t = process.cpu_times()
-        except psutil.Error:  # ended meanwhile: counted by its parent once reaped
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+            import psutil
+        except ImportError:
+            psutil = None
+        self.psutil = psutil
+        self.seen: dict[tuple[int, float], float] = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        if psutil is not None:
+            self.thread.start()
+
+    def _run(self, every: float) -> None:
+        while not self.stopped.wait(every):
+            self.sample()
+
+    def sample(self) -> None:
+        if self.psutil is None:
+            return
+        me = self.psutil.Process()
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                with process.oneshot():
+                    key, t = (process.pid, process.create_time()), process.cpu_times()
+            except self.psutil.Error:  # ended meanwhile
+                continue
+            with self.lock:
+                self.seen[key] = t.user + t.system
+
+    def __call__(self) -> float:
+        """CPU seconds so far."""
+        self.sample()
+        with self.lock:
+            return sum(self.seen.values())
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 def run_stages(configs: dict[str, dict]) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
-    """Per config: seconds and CPU seconds (:func:`tree_cpu`) of start-up (config, model, data) and of every stage.
+    """Per config: seconds and CPU seconds (:class:`TreeCPU`) of start-up (config, model, data) and of every stage.
 
     With two configs (local and Ray) the runs alternate stage by stage, so that what else the machine does
     weighs on both alike; each keeps its executor from its first stage to its last.
@@ -115,6 +148,7 @@ def run_stages(configs: dict[str, dict]) -> dict[str, tuple[dict[str, float], di
     times = {kind: {} for kind in configs}
     cpu = {kind: {} for kind in configs}
     experiments = {}
+    tree_cpu = TreeCPU()
     try:
         for kind, cfg in configs.items():
             start, used = time.perf_counter(), tree_cpu()
@@ -128,6 +162,7 @@ def run_stages(configs: dict[str, dict]) -> dict[str, tuple[dict[str, float], di
                 sync(exp.device)
                 times[kind][stage], cpu[kind][stage] = time.perf_counter() - start, tree_cpu() - used
     finally:
+        tree_cpu.stop()
         for exp in experiments.values():
             exp.close()
     return {kind: (times[kind], cpu[kind]) for kind in configs}

@@ -133,13 +133,7 @@ class RayExecutor:
     def close(self) -> None:
         """Stop the actors (and Ray, where this executor started it); safe to call twice."""
         ray = self.ray
-        if self._actors and log.isEnabledFor(logging.DEBUG):
-            try:
-                for stats in self.worker_stats():
-                    log.debug("executor: worker pid %d built its model %d time(s), served %s", stats["pid"],
-                              stats["builds"], stats["calls"])
-            except Exception:  # a worker that is gone has nothing to tell
-                pass
+        # killed, not asked to finish: after an error or Ctrl-C, what an actor still computes is of no use
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
