@@ -12,6 +12,12 @@ block_3 x R references each. Three timings of the same work:
 Run: ``python benchmarks/relevance_speed.py [--neurons 8] [--refs 16] [--repeats 2]``. The printed ratios
 are the result; this machine is noisy, so each timing is the best of ``--repeats`` runs.
 
+``--cli`` times instead what a user of the command line gets, in fresh processes
+(:func:`cli`): ``polypure run CONFIG --stages relevance`` against the floor as a program of its own (imports,
+model, decoding, a floor that pays for its cold kernels), the stage alone (the command minus the same
+command with nothing to do) against that floor, and where the time of each goes: start-up, cold kernels,
+passes, commits, the floor at other batch sizes. Goal: stage / floor <= 1.1.
+
 ``--sharing`` times instead what sharing forward passes gains (:mod:`polypure.attribution.sharing`), on the
 demo config's relevance stage (its three targets) and on ``benchmarks/scale.py --size small``'s (ResNet-34,
 16 neurons x 16 references of 256 images): per target the share of (neuron, reference) pairs whose forward row
@@ -36,6 +42,7 @@ import torch
 import torchvision
 from crp.attribution import CondAttribution
 from crp.concepts import ChannelConcept
+from fresh_process import resnet_floor  # this folder, on the path of a script run from it
 from zennit.core import Composite
 
 from polypure import Experiment
@@ -47,30 +54,6 @@ LAYERS = ["layer1", "layer2", "layer3"]
 def bare_pass(m, images, refs, neurons, batch):
     """The floor: per batch of (neuron, reference) rows a bare forward to layer4 and one autograd.grad."""
     resnet_floor(m, images, refs, neurons, batch, "block_3", 3)
-
-
-def resnet_floor(net, images, refs, neurons, batch, target, depth):
-    """The per-pair floor on a torchvision-style ResNet, as :func:`bare_pass`.
-
-    Per batch of rows a bare forward from the input to ``target`` (``block_3`` or ``logits``), cut at
-    block_0, and one autograd.grad to the first ``depth`` blocks.
-    """
-    rows = torch.as_tensor(refs.reshape(-1))
-    row_neurons = torch.as_tensor(np.repeat(neurons, refs.shape[1]))
-    for start in range(0, len(rows), batch):
-        x = images[rows[start:start + batch]]
-        k = row_neurons[start:start + batch]
-        with torch.no_grad():
-            h = net.relu(net.bn1(net.conv1(x)))
-            h = net.maxpool(h) if hasattr(net, "maxpool") else h
-        blocks = [net.layer1(h).requires_grad_(True)]
-        for layer in (net.layer2, net.layer3, net.layer4):
-            blocks.append(layer(blocks[-1]))
-        out = blocks[-1] if target == "block_3" else net.fc(torch.flatten(net.avgpool(blocks[-1]), 1))
-        grad = torch.zeros_like(out)
-        index = torch.arange(len(x))
-        grad[index, k] = out.detach()[index, k].clamp(min=0)
-        torch.autograd.grad(out, blocks[:depth], grad)
 
 
 def best_of(repeats, fn):
@@ -89,7 +72,8 @@ def main():
     parser.add_argument("--images", type=int, default=48, help="dataset size (neurons share references)")
     parser.add_argument("--batch", type=int, default=64, help="rows per backward pass")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cli", action="store_true", help="also time the stage through the command line")
+    parser.add_argument("--cli", action="store_true",
+                        help="time the stage through the command line against the floor, in fresh processes instead")
     parser.add_argument("--sharing", action="store_true",
                         help="time shared forward passes on the demo and scale.py's small size instead")
     parser.add_argument("--threads", type=int, default=None,
@@ -99,6 +83,9 @@ def main():
         torch.set_num_threads(args.threads)
     if args.sharing:
         sharing(args.repeats)
+        return
+    if args.cli:
+        cli(args)
         return
     torch.manual_seed(0)
     model = torchvision.models.resnet34().eval()
@@ -147,23 +134,31 @@ def main():
           "(target >= 3x)")
     print(f"floor (forward + 1 grad) : {t_floor:7.2f} s   -> polypure / floor = {t_ours / t_floor:.2f} "
           "(target <= 1.1)")
-    if args.cli:
-        def floor_for(data, cli_refs, cli_neurons):
-            decoded = torch.stack([data[i][0] for i in range(len(data))])
-            return best_of(args.repeats, lambda: bare_pass(floor_model, decoded, cli_refs, cli_neurons, args.batch))
-
-        cli(args, floor_for)
 
 
-def cli(args, floor_seconds_for):
-    """The relevance stage through the command line, start-up subtracted, against the floor on its images."""
+def cli(args) -> None:
+    """The relevance stage through the command line against the per-pair floor, each in fresh processes.
+
+    On ``--images`` JPEG files (``scale.py``'s), top-K by the command line first. Per repeat, interleaved:
+    ``polypure run CONFIG --stages relevance`` with the relevance deleted; the same command with nothing left
+    to do (its start-up: imports, model, data, checks, the store's working copy); the floor as a program of its
+    own (:mod:`fresh_process`: imports, ResNet-34, decoding, one floor with cold kernels); the floor again with
+    a warm repeat and other batch sizes; the command once more with timers around its parts. Each figure is
+    the best of ``--repeats``.
+    """
+    import json
     import subprocess
     import sys
 
     import yaml
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
     from scale import make_images
+
+    from polypure.config.settings import config_from_dict
+    from polypure.data.datasets import build_dataset
+    from polypure.models.factory import build_model
 
     tmp = Path(tempfile.mkdtemp(prefix="polypure-cli-"))
     make_images(tmp / "images", args.images)
@@ -177,47 +172,72 @@ def cli(args, floor_seconds_for):
                             "attribution_layers": ["block_0", "block_1", "block_2"], "batch_size": args.batch},
               "report": {"enabled": False}}
     (tmp / "cli.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "polypure", "run", str(tmp / "cli.yaml"), "-q"]
-    subprocess.run([*command, "--stages", "topk"], check=True)
+    command = ["-m", "polypure", "run", str(tmp / "cli.yaml"), "-q", "--stages", "relevance"]
+    subprocess.run([sys.executable, *command[:-1], "topk"], check=True)
+    with h5py.File(tmp / "cli.h5", "r") as f:
+        refs = f["topk/block_3/indices"][()][neurons, :args.refs]
+    dataset = build_dataset(config_from_dict(config).data, build_model(config_from_dict(config)))
+    job = {"files": [str(f) for f in dataset.files], "refs": refs.tolist(), "neurons": neurons, "size": 224,
+           "mean": dataset.mean.flatten().tolist(), "std": dataset.std.flatten().tolist(), "seed": 0,
+           "batch": args.batch, "batches": [b for b in (32, 16) if b != args.batch]}
+    (tmp / "floor.json").write_text(json.dumps(job))
+    (tmp / "extra.json").write_text(json.dumps({**job, "extra": True}))
+    helper = str(here / "fresh_process.py")
 
-    def timed():
+    def wall(argv) -> tuple[float, str]:
         start = time.perf_counter()
-        subprocess.run([*command, "--stages", "relevance"], check=True)
-        return time.perf_counter() - start
+        done = subprocess.run([sys.executable, *argv], check=True, capture_output=True, text=True)
+        return time.perf_counter() - start, done.stdout
 
-    fresh, skip = [], []
-    for _ in range(args.repeats):
+    def drop_relevance():
         with h5py.File(tmp / "cli.h5", "a") as f:
             if "relevance" in f:
                 del f["relevance"]
-        fresh.append(timed())
-        skip.append(timed())
-    with h5py.File(tmp / "cli.h5", "r") as f:
-        refs = f["topk/block_3/indices"][()][neurons, :args.refs]
-    from polypure.config.settings import config_from_dict
-    from polypure.data.datasets import build_dataset
-    from polypure.models.factory import build_model
 
-    built = config_from_dict(config)
-    dataset = build_dataset(built.data, build_model(built))
-    floor = floor_seconds_for(dataset, refs, neurons)
-    # the CLI's stage runs in a fresh process: its first passes also pay for oneDNN building its kernels for
-    # every new shape. A floor in a fresh process pays the same; its first pass is timed
-    np.save(tmp / "refs.npy", refs)
-    script = (f"import sys, time, numpy as np, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-              "from relevance_speed import bare_pass; from polypure.config.settings import load_config; "
-              "from polypure.data.datasets import build_dataset; from polypure.models.factory import build_model; "
-              f"c = load_config({str(tmp / 'cli.yaml')!r}); m = build_model(c); d = build_dataset(c.data, m); "
-              "x = torch.stack([d[i][0] for i in range(len(d))]); m.module.requires_grad_(False); "
-              f"t = time.perf_counter(); bare_pass(m.module, x, np.load({str(tmp / 'refs.npy')!r}), {neurons}, "
-              f"{args.batch}); print(time.perf_counter() - t)")
-    cold = min(float(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                                    text=True).stdout.split()[-1]) for _ in range(args.repeats))
-    stage = min(fresh) - min(skip)
-    print(f"CLI: relevance run {min(fresh):.2f} s, start-up (the same command, nothing to do) {min(skip):.2f} s")
-    print(f"CLI relevance stage (start-up subtracted): {stage:7.2f} s; floor on the same images {floor:.2f} s "
-          f"warm, {cold:.2f} s in a fresh process -> {stage / floor:.2f} of the warm floor, {stage / cold:.2f} of "
-          "the fresh one (goal <= 1.1, below 1.0 where neurons share references)")
+    runs: dict[str, list] = {"run": [], "idle": [], "floor": [], "floor_parts": [], "extra": [], "cli_parts": []}
+    for _ in range(args.repeats):
+        drop_relevance()
+        runs["run"].append(wall(command)[0])
+        runs["idle"].append(wall(command)[0])
+        seconds, printed = wall([helper, "floor", str(tmp / "floor.json")])
+        runs["floor"].append(seconds)
+        runs["floor_parts"].append(json.loads(printed))
+        runs["extra"].append(json.loads(wall([helper, "floor", str(tmp / "extra.json")])[1]))
+        drop_relevance()
+        runs["cli_parts"].append(json.loads(wall([helper, "cli", *command[2:]])[1]))
+
+    def best(key, part=None, of=lambda v: v):
+        return min(of(r[part]) if part else r for r in runs[key])
+
+    run, idle, floor_process = best("run"), best("idle"), best("floor")
+    stage, cold = run - idle, best("floor_parts", "cold")
+    print(f"\nCLI, fresh processes, {args.neurons} neurons x {args.refs} references of {args.images} JPEG images, "
+          f"{args.batch} rows per pass, best of {args.repeats}:")
+    print(f"  polypure run --stages relevance     {run:7.2f} s   (the same command with nothing to do: {idle:.2f} s)")
+    print(f"  floor as a program of its own       {floor_process:7.2f} s   -> command / floor program = "
+          f"{run / floor_process:.2f}")
+    print(f"  relevance stage (run - nothing)     {stage:7.2f} s   floor with cold kernels {cold:.2f} s -> "
+          f"stage / floor = {stage / cold:.2f} (goal <= 1.1)")
+    sum_of = sum
+    parts = {key: best("cli_parts", key, of=sum_of) if isinstance(runs["cli_parts"][0].get(key), list)
+             else best("cli_parts", key) for key in runs["cli_parts"][0]}
+    first = best("cli_parts", "passes", of=lambda v: v[0])
+    commits = min(runs["cli_parts"], key=lambda r: sum(r.get("commits", [])))
+    print("  where the command's time goes (timers in a fresh process):")
+    print(f"    start-up: imports {parts['imports']:.2f} s, model {parts['build_model']:.2f} s, data "
+          f"{parts['build_dataset']:.2f} s, checks {parts['validate'] - parts['build_model'] - parts['build_dataset']:.2f}"
+          f" s (one forward of one sample, clusterers, ...), the store's working copy {parts['session_open']:.2f} s")
+    print(f"    stage {parts['stage']:.2f} s: compute {parts['compute']:.2f} s in {len(runs['cli_parts'][0]['passes'])} "
+          f"passes (the first {first:.2f} s), {len(commits.get('commits', []))} commit(s) "
+          f"{sum(commits.get('commits', [])):.2f} s")
+    print(f"    floor program: imports {best('floor_parts', 'imports'):.2f} s, model {best('floor_parts', 'build'):.2f} s,"
+          f" decoding {best('floor_parts', 'decode'):.2f} s, floor {cold:.2f} s")
+    warm = best("extra", "warm")
+    print(f"  cold kernels: the floor's first run {best('extra', 'cold'):.2f} s, its repeat in the same process "
+          f"{warm:.2f} s ({best('extra', 'cold') - warm:+.2f} s)")
+    sizes = ", ".join(f"{size} rows {best('extra', 'batches', of=lambda v, s=size: v[s]):.2f} s"
+                      for size in runs["extra"][0]["batches"])
+    print(f"  batch size: the warm floor at {args.batch} rows {warm:.2f} s; {sizes}")
 
 
 def _timed(fn) -> tuple[float, float]:
