@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polypure.allocator import keep_freed_memory
 from polypure.attribution.precision import resolve_device
 from polypure.config.settings import Config, config_from_dict, load_config
 from polypure.data.datasets import MEMORY_DATA_KEYS, PolypureDataset, WrappedDataset, build_dataset
@@ -86,6 +87,8 @@ class Experiment:
     def __init__(self, config: Config | dict | str | Path | None = None, *, model=None, dataset=None,
                  mean=None, std=None, to_pixels=None, store: str | Path | None = None, overwrite: bool = False,
                  progress: bool = True, overrides: list[str] | None = None, **sections: Any):
+        # large batches reuse freed memory instead of the kernel's fresh, zeroed pages (polypure.allocator)
+        keep_freed_memory()
         in_memory = model is not None or dataset is not None
         dataset = _wrap_dataset(dataset, model, mean, std, to_pixels)
         if isinstance(config, Config):

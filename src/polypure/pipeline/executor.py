@@ -254,6 +254,9 @@ class _Worker:
     def __init__(self, source: WorkSource, device: str):
         import torch
 
+        from polypure.allocator import keep_freed_memory
+
+        keep_freed_memory()
         self.source = source
         self.device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
         self.evaluators: dict[str, Any] = {}
@@ -295,10 +298,11 @@ class _Worker:
 
 
 def _forwarded_env() -> dict[str, str]:
-    """Environment variables a local Ray's workers get from the driver (the crash test's hook)."""
+    """Environment variables a local Ray's workers get from the driver (the crash test's hook, the allocator's switch)."""
+    from polypure.allocator import ENVIRONMENT
     from polypure.pipeline.work_units import KILL_ONCE_ENV
 
-    return {key: os.environ[key] for key in (KILL_ONCE_ENV,) if key in os.environ}
+    return {key: os.environ[key] for key in (KILL_ONCE_ENV, ENVIRONMENT) if key in os.environ}
 
 
 def check_available(kind: str) -> None:
