@@ -3,7 +3,8 @@
 Only the standard library is imported at the top, so that a process's imports are what it measures.
 
 ``python fresh_process.py floor JOB.json`` is the floor as a program of its own would run it: import
-PyTorch and torchvision, build ResNet-34, decode the referenced images from their files (PIL, normalised as
+PyTorch and torchvision, keep freed memory as every polypure process does (:mod:`polypure.allocator`), build
+ResNet-34, decode the referenced images from their files (PIL, normalised as
 polypure's data does), then one :func:`resnet_floor` over every (neuron, reference) row. With ``"extra":
 true`` in the job it then repeats the floor (warm kernels) and runs it at the other batch sizes of
 ``"batches"``. It prints one JSON line of seconds: ``imports``, ``build``, ``decode``, ``cold`` (the first
@@ -60,6 +61,10 @@ def floor(job_path: str) -> dict:
     """The floor of a job file (see the module's docstring), timed part by part."""
     job = json.loads(open(job_path).read())
     out = {}
+    # the allocator setting every polypure process has (polypure.allocator): the ratio is then polypure's work against
+    # the bare computation, not glibc's defaults against polypure's
+    from polypure.allocator import keep_freed_memory
+    keep_freed_memory()
     t = time.perf_counter()
     import numpy as np
     import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -35,8 +36,21 @@ STAGES = ["topk", "relevance", "embed"]
 
 
 def assert_same_store(expected, actual) -> None:
-    """Every dataset and attribute equal, time stamps aside (the crash harness's comparison)."""
-    assert differences(expected, actual) == []
+    """Every dataset and attribute equal, time stamps aside (the crash harness's comparison); embeddings to the last bits.
+
+    A Ray actor computes with the threads of its ``cpus_per_worker`` (1 here), this process with 2, and the DINOv2
+    forward's reductions round differently with another thread count (the local run with 1 thread gives the
+    workers' embeddings bit for bit). Top-K and relevance do not depend on it: they stay bit for bit.
+    """
+    differ = differences(expected, actual)
+    embeddings = [name for name in differ if name.startswith("embeddings/")]
+    assert [name for name in differ if name not in embeddings] == []
+    with h5py.File(expected, "r") as a, h5py.File(actual, "r") as b:
+        for name in embeddings:
+            assert name in a and name in b and isinstance(a[name], h5py.Dataset), name
+            attrs = [{k: np.asarray(v).tolist() for k, v in f[name].attrs.items() if k != "created"} for f in (a, b)]
+            assert attrs[0] == attrs[1], name
+            np.testing.assert_allclose(b[name][()], a[name][()], rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +163,13 @@ def test_an_interrupted_run_stops_its_actors(ray_cluster, tmp_path, monkeypatch)
     # the top-K stage started the actors; the relevance stage found them running; the interrupted run stopped them
     assert len(pool) == 2 and exp._executor is None
     for actor in pool:
+        # ray.kill is asynchronous: a call that reaches the actor before its end may still be answered; it must
+        # end within a minute, and not come back (no restart)
+        deadline = time.monotonic() + 60
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.stats.remote(), timeout=60)
+            while time.monotonic() < deadline:
+                ray.get(actor.stats.remote(), timeout=60)
+                time.sleep(0.5)
     assert ray.is_initialized()  # a Ray the run did not start is left as it was
 
 
