@@ -5,21 +5,23 @@ threshold (at most 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap
 next block of that size is new memory again, which the kernel must fault in and zero page by page. polypure's
 engines allocate such blocks in every batch (an ablation pass of 512 rows of EfficientNet-Lite0's
 ``block_4`` holds tensors of 45 to 270 MB), and on a 2-core CPU the kernel's work came to as much as the
-computation: the selectivity ablation of 4 neurons at ``block_4`` took 31.5 s wall, 29.3 s user and 31.8 s
-system time with glibc's defaults, and 15.0 s wall, 29.3 s user and 0.0 s system time with mmap left out
-and freed memory kept (measured by ``benchmarks/allocator_speed.py``).
+computation: the selectivity ablation of 4 neurons at ``block_4`` took 32.6 s wall, 29.3 s user and 33.8 s
+system time with glibc's defaults, and 14.8 s wall, 29.1 s user and 0.1 s system time with mmap left out
+and freed memory kept (``benchmarks/allocator_speed.py``).
 
 :func:`keep_freed_memory` makes that change for the process with glibc's ``mallopt``: no block from
 ``mmap`` (``M_MMAP_MAX = 0``; threads' own arenas still fall back to it where they must) and freed memory
 kept on the heap until 2 GiB of it lies unused at its top (``M_TRIM_THRESHOLD``). The process's resident
-memory then stays near its peak until it ends, which a batch run does not mind. :class:`~polypure.Experiment`
+memory then stays near its peak until it ends, which a batch run does not mind; since PyTorch asks for aligned
+blocks, a freed block is reused for one of the same size only once it has merged with a free neighbour, so the
+heap holds a few blocks more than the peak needs (``tests/test_allocator.py``: at most 8 blocks of 64 MiB). :class:`~polypure.Experiment`
 calls it once per process, and so do Ray's workers; ``POLYPURE_KEEP_FREED_MEMORY=0`` in the environment
 leaves the allocator as it is. Where the C library is not glibc (macOS, musl) nothing changes.
 
 Example
 -------
 >>> from polypure.allocator import keep_freed_memory
->>> keep_freed_memory() in (True, False)
+>>> keep_freed_memory() is keep_freed_memory()     # decided once per process
 True
 """
 
