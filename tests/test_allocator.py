@@ -51,8 +51,10 @@ def test_freed_blocks_are_reused_without_page_faults():
     # block of exactly the same size cannot hold until it merges with a neighbour): no page faults in the end,
     # and the resident memory stops growing (here at most 8 blocks above the first)
     assert all(f < pages // 20 for f in kept["faults"][-4:]), kept["faults"]
-    assert kept["resident"][-1] == kept["resident"][-4], kept["resident"]
+    # (within 1 MiB: the interpreter's own small allocations may take a page or two)
+    assert abs(kept["resident"][-1] - kept["resident"][-4]) < 2**20, kept["resident"]
     assert kept["resident"][-1] - kept["resident"][0] <= 9 * 64 * 2**20, kept["resident"]
+
 
 def test_off_switch_leaves_the_allocator_alone():
     assert _child("0")["kept"] is False

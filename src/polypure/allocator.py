@@ -14,9 +14,9 @@ and freed memory kept (``benchmarks/allocator_speed.py``).
 kept on the heap until 2 GiB of it lies unused at its top (``M_TRIM_THRESHOLD``). The process's resident
 memory then stays near its peak until it ends, which a batch run does not mind; since PyTorch asks for aligned
 blocks, a freed block is reused for one of the same size only once it has merged with a free neighbour, so the
-heap holds a few blocks more than the peak needs (``tests/test_allocator.py``: at most 8 blocks of 64 MiB). :class:`~polypure.Experiment`
-calls it once per process, and so do Ray's workers; ``POLYPURE_KEEP_FREED_MEMORY=0`` in the environment
-leaves the allocator as it is. Where the C library is not glibc (macOS, musl) nothing changes.
+heap holds a few blocks more than the peak needs (``tests/test_allocator.py``: at most 8 blocks of 64 MiB).
+:class:`~polypure.Experiment` calls it once per process, and so do Ray's workers; ``POLYPURE_KEEP_FREED_MEMORY=0``
+in the environment leaves the allocator as it is. Where the C library is not glibc (macOS, musl) nothing changes.
 
 Example
 -------
